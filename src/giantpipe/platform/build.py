@@ -1,0 +1,103 @@
+"""Turn a composed config into the objects Lightning needs: data, task, loggers, trainer.
+
+Each builder gets only its own slice of the config. Model families register here: the family
+names the data module and the task that go with a model.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import hydra
+import lightning.pytorch as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from giantpipe.platform.summary import ThroughputMonitor
+
+
+def model_factory(model_cfg: DictConfig, **overrides):
+    """A zero-argument callable building the model (called under the meta device by the task)."""
+    kwargs = {k: v for k, v in OmegaConf.to_container(model_cfg, resolve=True).items() if k not in ("_target_", "family")}
+    kwargs.update(overrides)
+    return functools.partial(hydra.utils.get_class(model_cfg._target_), **kwargs)
+
+
+def build_language_model(cfg: DictConfig):
+    from giantpipe.platform.data.text import TextDataModule
+    from giantpipe.platform.tasks.language_model import LanguageModelTask
+
+    data = TextDataModule(cfg.data, batch_size=cfg.data.batch_size, seed=cfg.seed)
+    data.prepare()
+    if cfg.data.seq_len > cfg.model.max_len:
+        raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_len={cfg.model.max_len}")
+    bytes_per_token = {s: data.stats[f"{k}_bytes_per_token"] for s, k in
+                       (("train", "train"), ("val", "validation"), ("test", "test"))}
+    task = LanguageModelTask(
+        model_factory(cfg.model, vocab_size=data.vocab_size),
+        optim=cfg.optim,
+        seed=cfg.seed,
+        bytes_per_token=bytes_per_token,
+        label_smoothing=cfg.loss.label_smoothing,
+    )
+    extras = {"data/unigram_bpb": data.stats["unigram_bpb"]}
+    return data, task, extras
+
+
+FAMILIES = {"language_model": build_language_model}
+
+
+def build_task(cfg: DictConfig):
+    """(datamodule, task, extra summary metrics) for the configured model family."""
+    return FAMILIES[cfg.model.family](cfg)
+
+
+def build_loggers(cfg: DictConfig, sweep_group: str | None) -> list:
+    loggers = []
+    for name, node in (cfg.get("logger") or {}).items():
+        if node is None:
+            continue
+        kwargs = {}
+        if name == "wandb":
+            os.environ.setdefault("WANDB_MODE", "offline")  # online only when the user asks for it
+            if sweep_group and node.get("group") is None:
+                kwargs["group"] = sweep_group
+        logger = hydra.utils.instantiate(node, **kwargs)
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        loggers.append(logger)
+    return loggers
+
+
+def build_callbacks(cfg: DictConfig) -> tuple[list, ThroughputMonitor]:
+    callbacks = [hydra.utils.instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node]
+    if not cfg.trainer.enable_progress_bar:
+        callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.ProgressBar)]
+    monitor = ThroughputMonitor()
+    return callbacks + [monitor], monitor
+
+
+def build_strategy(cfg: DictConfig):
+    if cfg.strategy.name == "single":
+        return "auto"
+    from giantpipe.strategies.lightning_strategy import PipelineStrategy
+
+    return PipelineStrategy(cfg.strategy)
+
+
+def build_trainer(cfg: DictConfig, loggers: list, callbacks: list) -> pl.Trainer:
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if trainer_cfg["precision"] == "auto":
+        trainer_cfg["precision"] = "bf16-mixed" if torch.cuda.is_available() else "32-true"
+    if not loggers:
+        trainer_cfg["logger"] = False
+    return pl.Trainer(
+        **trainer_cfg,
+        logger=loggers or False,
+        callbacks=callbacks,
+        strategy=build_strategy(cfg),
+        use_distributed_sampler=False,  # our GlobalBatchSampler shards by data-parallel replica
+        default_root_dir=str(Path(cfg.output_dir)),
+        enable_checkpointing=any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks),
+    )

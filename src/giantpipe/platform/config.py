@@ -1,0 +1,206 @@
+"""Structured-config schemas (one dataclass per config group option) and cross-field checks.
+
+Each YAML option in `conf/<group>/` starts from its schema here (`defaults: [<name>_schema]`),
+so a misspelt key or a wrong type fails while Hydra composes, before anything runs. Checks that
+involve several groups live in `validate`, which raises `ConfigError` with a sentence that says
+what to change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class ConfigError(ValueError):
+    """A configuration that composes but cannot run; the message says the fix."""
+
+
+# ---------------------------------------------------------------- model
+@dataclass
+class GiantNetConfig:
+    """Decoder-only Transformer LM (DESIGN §7 'giant net')."""
+
+    _target_: str = "giantpipe.models.giant_net.GiantNet"
+    family: str = "language_model"
+    vocab_size: int = 256  # overwritten from the data's tokenizer
+    d_model: int = 128
+    n_layers: int = 4  # Transformer blocks; the layer list adds an embedding and a head
+    n_heads: int = 4
+    d_ff: int = 512
+    max_len: int = 256
+    dropout: float = 0.1
+
+
+# ---------------------------------------------------------------- data
+@dataclass
+class TextDataConfig:
+    """Text for the language model: stdlib source (embedded), a HF dataset, or local files."""
+
+    family: str = "language_model"
+    source: str = "stdlib"  # stdlib | hf | files
+    name: str | None = None  # HF dataset name (source=hf)
+    config_name: str | None = None
+    hf_split: str = "train"
+    text_field: str = "text"
+    paths: list[str] = field(default_factory=list)  # source=files: text files or globs
+    max_bytes: int = 4_000_000  # source=stdlib: how much source text to read
+    tokenizer: str = "bytes"  # bytes | bpe
+    vocab_size: int = 4096  # tokenizer=bpe
+    seq_len: int = 128
+    batch_size: int = 32  # global batch (all replicas together)
+    val_fraction: float = 0.03
+    test_fraction: float = 0.03
+    num_workers: int = 0
+    cache_dir: str = "${oc.env:GIANTPIPE_CACHE,${oc.env:HOME}/.cache/giantpipe}"
+
+
+# ---------------------------------------------------------------- loss
+@dataclass
+class CrossEntropyConfig:
+    name: str = "cross_entropy"
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class MWERConfig:
+    """Minimum word error rate over N-best lists (Prabhavalkar et al. 2018)."""
+
+    name: str = "mwer"
+    nbest: int = 4
+    ce_weight: float = 0.01
+    label_smoothing: float = 0.0
+
+
+# ---------------------------------------------------------------- strategy
+@dataclass
+class SingleStrategyConfig:
+    name: str = "single"
+
+
+@dataclass
+class PipelineStrategyConfig:
+    """GPipe: `stages` composite layers x `replicas` data-parallel copies of each."""
+
+    name: str = "pipeline"
+    stages: int = 2
+    replicas: int = 1
+    micro_batches: int = 4
+    schedule: str = "gpipe"  # gpipe | 1f1b
+    checkpoint: str = "except_last"  # always | except_last | never (re-materialization)
+    balance: Any = "params"  # list of layer counts per stage, or params | time | memory
+    placement: Any = None  # optional list of rank lists, one per stage
+    timeout_s: float = 300.0
+    deferred_batch_norm: bool = False
+
+
+# ---------------------------------------------------------------- trainer / optimizer
+@dataclass
+class TrainerConfig:
+    """The subset of `lightning.Trainer` arguments giantpipe exposes."""
+
+    accelerator: str = "auto"
+    devices: int = 1
+    num_nodes: int = 1
+    precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU
+    max_steps: int = 600
+    max_epochs: int = -1
+    val_check_interval: Any = 200
+    limit_val_batches: Any = 20
+    limit_test_batches: Any = 40
+    log_every_n_steps: int = 10
+    gradient_clip_val: float | None = 1.0
+    accumulate_grad_batches: int = 1
+    deterministic: bool = False
+    enable_progress_bar: bool = True
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    warmup_steps: int = 50
+    schedule: str = "cosine"  # cosine | constant | inverse_sqrt
+    min_lr_ratio: float = 0.1
+
+
+GROUP_SCHEMAS = {
+    "model": {"giant_net": GiantNetConfig},
+    "data": {"stdlib_text": TextDataConfig},
+    "loss": {"cross_entropy": CrossEntropyConfig, "mwer": MWERConfig},
+    "strategy": {"single": SingleStrategyConfig, "pipeline": PipelineStrategyConfig},
+    "trainer": {"default": TrainerConfig},
+    "optim": {"adamw": OptimConfig},
+}
+
+
+def register_schemas() -> None:
+    cs = ConfigStore.instance()
+    for group, options in GROUP_SCHEMAS.items():
+        for name, node in options.items():
+            cs.store(group=group, name=f"{name}_schema", node=node)
+
+
+# ---------------------------------------------------------------- cross-field checks
+SEQ2SEQ_FAMILIES = {"translation", "speech"}
+
+
+def validate(cfg) -> None:
+    """Checks that span groups; raise ConfigError naming the keys and the fix."""
+    model, data, loss, strategy, trainer = cfg.model, cfg.data, cfg.loss, cfg.strategy, cfg.trainer
+    if model.family != data.family:
+        raise ConfigError(
+            f"model={cfg_choice(cfg, 'model')} needs {model.family} data but data={cfg_choice(cfg, 'data')} "
+            f"is {data.family} data; pick a matching data= option"
+        )
+    if loss.name == "mwer" and model.family not in SEQ2SEQ_FAMILIES:
+        raise ConfigError(
+            f"loss=mwer needs a sequence-to-sequence model with N-best decoding (gnmt or las), "
+            f"not model={cfg_choice(cfg, 'model')}; use loss=cross_entropy"
+        )
+    if strategy.name == "single":
+        if trainer.devices != 1 or trainer.num_nodes != 1:
+            raise ConfigError(
+                f"strategy=single runs on one device but trainer.devices={trainer.devices} "
+                f"trainer.num_nodes={trainer.num_nodes}; use strategy=pipeline for more devices"
+            )
+        return
+    world = trainer.devices * trainer.num_nodes
+    if strategy.stages < 1 or strategy.replicas < 1 or strategy.micro_batches < 1:
+        raise ConfigError("strategy.stages, strategy.replicas and strategy.micro_batches must be >= 1")
+    if strategy.stages * strategy.replicas != world:
+        raise ConfigError(
+            f"strategy.stages={strategy.stages} x strategy.replicas={strategy.replicas} = "
+            f"{strategy.stages * strategy.replicas} processes, but trainer.devices x trainer.num_nodes = {world}; "
+            f"set trainer.devices={strategy.stages * strategy.replicas // trainer.num_nodes} or change the stages"
+        )
+    per_replica = data.batch_size // strategy.replicas
+    if data.batch_size % strategy.replicas:
+        raise ConfigError(
+            f"data.batch_size={data.batch_size} does not split evenly over strategy.replicas={strategy.replicas}"
+        )
+    if strategy.micro_batches > per_replica:
+        raise ConfigError(
+            f"strategy.micro_batches={strategy.micro_batches} is larger than the per-replica batch of "
+            f"{per_replica}; lower micro_batches or raise data.batch_size"
+        )
+    if strategy.schedule not in ("gpipe", "1f1b"):
+        raise ConfigError(f"strategy.schedule={strategy.schedule!r}: choose gpipe or 1f1b")
+    if strategy.checkpoint not in ("always", "except_last", "never"):
+        raise ConfigError(f"strategy.checkpoint={strategy.checkpoint!r}: choose always, except_last or never")
+
+
+def cfg_choice(cfg, group: str) -> str:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return str(HydraConfig.get().runtime.choices.get(group))
+    except ValueError:
+        return str(cfg.get("choices", {}).get(group, "?"))
+
+
+__all__ = ["ConfigError", "register_schemas", "validate", "MISSING"]

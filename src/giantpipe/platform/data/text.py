@@ -1,0 +1,219 @@
+"""Language-model data: text from the Python standard library (embedded default), a Hugging
+Face dataset, or local text files; byte-level or trained BPE tokens; fixed-length windows.
+
+The stdlib's own source is real text present on every machine (DESIGN §6), so the default job
+needs no download. Splits are deterministic: each document goes to train/val/test by a hash of
+its name, so adding files never reshuffles the others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import sysconfig
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from giantpipe.platform.data.sampling import GlobalBatchSampler, ResumableLoader, replica_of
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "validation", "test")
+
+
+def stdlib_documents(max_bytes: int) -> list[dict]:
+    """The stdlib's .py files (tests and vendored packages excluded), sorted, up to `max_bytes`."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "idlelib", "site-packages", "lib2to3", "ensurepip", "__pycache__"}
+    docs, total = [], 0
+    for path in sorted(root.rglob("*.py")):
+        if skip & set(path.relative_to(root).parts):
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        docs.append({"name": str(path.relative_to(root)), "text": text})
+        total += len(text.encode())
+        if total >= max_bytes:
+            break
+    return docs
+
+
+def split_of(name: str, val_fraction: float, test_fraction: float) -> str:
+    u = int(hashlib.sha1(name.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return "validation" if u < val_fraction else "test" if u < val_fraction + test_fraction else "train"
+
+
+def load_documents(cfg) -> dict[str, list[str]]:
+    """Texts per split from the configured source (`stdlib`, `hf` or `files`)."""
+    import datasets
+
+    if cfg.source == "stdlib":
+        ds = datasets.Dataset.from_list(stdlib_documents(cfg.max_bytes))
+        names, texts = ds["name"], ds["text"]
+    elif cfg.source == "files":
+        missing = [p for p in cfg.paths if not any(Path().glob(p)) and not Path(p).exists()]
+        if not cfg.paths or missing:
+            raise FileNotFoundError(
+                f"data.paths {missing or '[]'}: no such files; give existing text files, e.g. data.paths=[notes.txt]"
+            )
+        files = sorted({str(f) for p in cfg.paths for f in (Path().glob(p) if not Path(p).exists() else [Path(p)])})
+        ds = datasets.load_dataset("text", data_files=files, split="train", sample_by="document")
+        names, texts = [f"{i}" for i in range(len(ds))], ds["text"]
+    elif cfg.source == "hf":
+        ds = datasets.load_dataset(cfg.name, cfg.config_name, split=cfg.hf_split)
+        names, texts = [f"{i}" for i in range(len(ds))], ds[cfg.text_field]
+    else:
+        raise ValueError(f"data.source={cfg.source!r}: choose stdlib, hf or files")
+    out = {s: [] for s in SPLITS}
+    empty = 0
+    for name, text in zip(names, texts):
+        if not text or not text.strip():
+            empty += 1
+            continue
+        out[split_of(name, cfg.val_fraction, cfg.test_fraction)].append(text)
+    if empty:
+        log.info("skipped %d empty documents", empty)
+    if not out["train"] or not out["validation"]:
+        raise ValueError("the text source gave no train or validation documents; add more text")
+    return out
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: vocabulary 256, one byte per token."""
+
+    vocab_size = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
+class BPETokenizer:
+    """Byte-level BPE trained on the train split with Hugging Face `tokenizers`."""
+
+    def __init__(self, texts: list[str], vocab_size: int, path: Path):
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        if path.exists():
+            self.tok = Tokenizer.from_file(str(path))
+        else:
+            self.tok = Tokenizer(models.BPE())
+            self.tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+            self.tok.decoder = decoders.ByteLevel()
+            trainer = trainers.BpeTrainer(
+                vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+            )
+            self.tok.train_from_iterator(texts, trainer)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.tok.save(str(path))
+        self.vocab_size = self.tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text).ids
+
+    def decode(self, ids) -> str:
+        return self.tok.decode([int(i) for i in ids])
+
+
+class WindowDataset(Dataset):
+    """Non-overlapping windows of `seq_len + 1` tokens: inputs and next-token targets."""
+
+    def __init__(self, ids: np.ndarray, seq_len: int):
+        self.ids, self.seq_len = ids, seq_len
+
+    def __len__(self) -> int:
+        return (len(self.ids) - 1) // self.seq_len
+
+    def __getitem__(self, i: int) -> dict:
+        chunk = torch.from_numpy(self.ids[i * self.seq_len : (i + 1) * self.seq_len + 1].astype(np.int64))
+        return {"tokens": chunk[:-1], "targets": chunk[1:]}
+
+
+def unigram_entropy_bits(ids: np.ndarray, vocab_size: int) -> float:
+    counts = np.bincount(ids, minlength=vocab_size).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+class TextDataModule(pl.LightningDataModule):
+    """Tokenized windows per split, cached on disk by a key of the settings that shape them."""
+
+    def __init__(self, cfg, batch_size: int, seed: int):
+        super().__init__()
+        self.cfg, self.batch_size, self.seed = cfg, batch_size, seed
+        self.splits: dict[str, np.ndarray] = {}
+        self.tokenizer = None
+        self.stats: dict[str, float] = {}
+
+    def prepare(self) -> None:
+        """Load, tokenize and cache; idempotent, and safe to call before the trainer exists."""
+        if self.splits:
+            return
+        cache = Path(self.cfg.cache_dir).expanduser() / "text" / self._key()
+        if not (cache / "meta.json").exists():
+            self._build(cache)
+        meta = json.loads((cache / "meta.json").read_text())
+        self.tokenizer = ByteTokenizer() if self.cfg.tokenizer == "bytes" else BPETokenizer([], 0, cache / "bpe.json")
+        self.splits = {s: np.load(cache / f"{s}.npy") for s in SPLITS}
+        self.stats = meta
+
+    def _key(self) -> str:
+        fields = ("source", "name", "config_name", "paths", "max_bytes", "tokenizer", "vocab_size",
+                  "val_fraction", "test_fraction")
+        blob = json.dumps({f: str(self.cfg.get(f)) for f in fields}, sort_keys=True)
+        return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+    def _build(self, cache: Path) -> None:
+        docs = load_documents(self.cfg)
+        if self.cfg.tokenizer == "bytes":
+            tok = ByteTokenizer()
+        else:
+            tok = BPETokenizer(docs["train"], self.cfg.vocab_size, cache / "bpe.json")
+        cache.mkdir(parents=True, exist_ok=True)
+        meta = {"vocab_size": tok.vocab_size}
+        for split in SPLITS:
+            text = "\n\n".join(docs[split])
+            ids = np.asarray(tok.encode(text), dtype=np.int32)
+            np.save(cache / f"{split}.npy", ids)
+            meta[f"{split}_tokens"] = int(len(ids))
+            meta[f"{split}_bytes_per_token"] = len(text.encode()) / max(len(ids), 1)
+        train = np.load(cache / "train.npy")
+        meta["unigram_bits_per_token"] = unigram_entropy_bits(train, tok.vocab_size)
+        meta["unigram_bpb"] = meta["unigram_bits_per_token"] / meta["train_bytes_per_token"]
+        (cache / "meta.json").write_text(json.dumps(meta, indent=2))
+
+    @property
+    def vocab_size(self) -> int:
+        self.prepare()
+        return self.tokenizer.vocab_size
+
+    def bits_per_byte(self, loss_nats: float, split: str = "validation") -> float:
+        """Convert a mean per-token loss in nats into bits per byte of the split's text."""
+        return loss_nats / math.log(2) / self.stats[f"{split}_bytes_per_token"]
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare()
+
+    def _loader(self, split: str, shuffle: bool) -> ResumableLoader:
+        dataset = WindowDataset(self.splits[split], self.cfg.seq_len)
+        replicas, replica = replica_of(self.trainer)
+        sampler = GlobalBatchSampler(
+            len(dataset), self.batch_size, seed=self.seed, shuffle=shuffle,
+            drop_last=shuffle, num_replicas=replicas, replica=replica,
+        )
+        return ResumableLoader(dataset, sampler, num_workers=self.cfg.num_workers)
+
+    def train_dataloader(self):
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self):
+        return self._loader("validation", shuffle=False)
+
+    def test_dataloader(self):
+        return self._loader("test", shuffle=False)

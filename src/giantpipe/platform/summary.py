@@ -1,0 +1,60 @@
+"""Run summaries: throughput measured by a callback, and `summary.json` in the run directory."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+
+class ThroughputMonitor(pl.Callback):
+    """Training wall time and samples/tokens per second (validation time excluded)."""
+
+    def __init__(self):
+        self.train_time = 0.0
+        self.last_val_step = -1
+        self._t0 = None
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.last_val_step = trainer.global_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self._t0 is not None:
+            self.train_time += time.perf_counter() - self._t0
+            self._t0 = None
+
+    def rates(self, pl_module) -> dict[str, float]:
+        if self.train_time <= 0:
+            return {}
+        out = {"samples_per_s": pl_module.samples_seen / self.train_time}
+        if pl_module.tokens_seen:
+            out["tokens_per_s"] = pl_module.tokens_seen / self.train_time
+        return out
+
+
+def to_number(value):
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    return float(value) if isinstance(value, (int, float)) else value
+
+
+def write_summary(path: Path, choices: dict, metrics: dict, steps: int, wall_time_s: float, rates: dict) -> dict:
+    summary = {
+        "choices": choices,
+        "metrics": {k: to_number(v) for k, v in sorted(metrics.items())},
+        "steps": steps,
+        "wall_time_s": wall_time_s,
+        **rates,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(path)
+    return summary

@@ -1,0 +1,1 @@
+"""LightningModules, one per model family; identical code for every strategy."""

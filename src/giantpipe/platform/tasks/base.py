@@ -1,0 +1,117 @@
+"""The task base: Lightning hooks written once, the forward/backward delegated to a runner.
+
+A task never asks which strategy runs it. `self.runner` computes a step's loss: by default
+`LocalRunner` (the whole model in this process; Lightning does the backward), and the pipeline
+strategy swaps in its own runner, which runs the micro-batch schedule across processes.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from giantpipe.models.contract import Batch, LayeredModel, SumLoss, materialize
+
+
+class LocalRunner:
+    """The whole layer list in this process: loss = sum-loss / normalizer, as the pipeline does."""
+
+    def __init__(self, model: LayeredModel, loss_fn: SumLoss):
+        self.model, self.loss_fn = model, loss_fn
+
+    def train_loss(self, batch: Batch) -> Tensor:
+        return self.loss_fn(self.model(batch), batch) / self.loss_fn.normalizer(batch)
+
+    @torch.no_grad()
+    def eval_loss(self, batch: Batch) -> Tensor:
+        return self.train_loss(batch)
+
+
+class Task(pl.LightningModule):
+    """Shared training machinery: meta-device model, per-layer seeded init, AdamW + warmup."""
+
+    def __init__(self, model_factory, loss_fn: SumLoss, optim, seed: int):
+        super().__init__()
+        self.optim_cfg, self.seed, self.loss_fn = optim, seed, loss_fn
+        with torch.device("meta"):
+            self.model: LayeredModel = model_factory()
+        self.runner = None
+        self.samples_seen = 0
+        self.tokens_seen = 0
+
+    # ----------------------------------------------------------- model placement
+    def configure_model(self) -> None:
+        """Materialize every layer unless a strategy already placed its own share."""
+        if self.runner is None:
+            materialize(self.model, range(len(self.model.layers)), self.device, self.seed)
+            self.runner = LocalRunner(self.model, self.loss_fn)
+
+    def local_parameters(self):
+        """Parameters this process holds (a pipeline stage leaves the others on meta)."""
+        return [p for p in self.parameters() if not p.is_meta]
+
+    def load_weights(self, path: str) -> None:
+        """Start from a checkpoint's weights (fresh optimizer and step count), e.g. a CE model for MWER."""
+        if not Path(path).exists():
+            raise FileNotFoundError(f"init_from={path}: no such checkpoint file")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        self._pending_weights = state.get("state_dict", state)
+
+    def on_fit_start(self) -> None:
+        pending = getattr(self, "_pending_weights", None)
+        if pending is not None:
+            local = {k for k, v in self.state_dict().items() if not v.is_meta}
+            missing = local - set(pending)
+            if missing:
+                raise ValueError(f"init_from checkpoint lacks {len(missing)} weights, e.g. {sorted(missing)[:3]}")
+            self.load_state_dict({k: v for k, v in pending.items() if k in local}, strict=False)
+            self._pending_weights = None
+
+    # ----------------------------------------------------------- optimization
+    def configure_optimizers(self):
+        cfg = self.optim_cfg
+        decay = [p for p in self.local_parameters() if p.ndim >= 2]
+        no_decay = [p for p in self.local_parameters() if p.ndim < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr,
+            betas=tuple(cfg.betas),
+        )
+        total = max(self.trainer.max_steps, 1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----------------------------------------------------------- steps
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        loss = self.runner.train_loss(batch)
+        self.count_batch(batch)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=self.batch_items(batch))
+        return loss
+
+    def count_batch(self, batch: Batch) -> None:
+        self.samples_seen += self.batch_items(batch)
+        self.tokens_seen += self.batch_tokens(batch)
+
+    @staticmethod
+    def batch_items(batch: Batch) -> int:
+        return next(iter(batch.values())).shape[0]
+
+    def batch_tokens(self, batch: Batch) -> int:
+        return 0
+
+
+def lr_factor(step: int, total: int, cfg) -> float:
+    """Linear warmup, then cosine decay to `min_lr_ratio`, constant, or inverse square root."""
+    warmup = max(cfg.warmup_steps, 1)
+    if step < warmup:
+        return (step + 1) / warmup
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "inverse_sqrt":
+        return math.sqrt(warmup / (step + 1))
+    progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

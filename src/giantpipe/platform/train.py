@@ -1,0 +1,85 @@
+"""`giantpipe-train`: the Hydra app over conf/train.yaml -- compose, check, fit, test, summarize."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import lightning.pytorch as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from giantpipe.platform import preflight
+from giantpipe.platform.build import build_callbacks, build_loggers, build_task, build_trainer
+from giantpipe.platform.config import ConfigError, register_schemas, validate
+from giantpipe.platform.report import print_results
+from giantpipe.platform.summary import write_summary
+
+log = logging.getLogger("giantpipe")
+HELP_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--version", "--shell-completion", "-sc"}
+
+
+def run(cfg: DictConfig) -> dict:
+    """Fit, validate and test one configuration; return the summary written to summary.json."""
+    validate(cfg)
+    started = time.perf_counter()
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    sweep_group = Path(hydra_cfg.sweep.dir).name if multirun else None
+
+    data, task, extras = build_task(cfg)
+    loggers = build_loggers(cfg, sweep_group)
+    callbacks, throughput = build_callbacks(cfg)
+    trainer = build_trainer(cfg, loggers, callbacks)
+    if cfg.init_from:
+        task.load_weights(cfg.init_from)
+
+    trainer.fit(task, datamodule=data, ckpt_path=cfg.ckpt_path)
+    metrics = dict(trainer.callback_metrics)
+    if throughput.last_val_step != trainer.global_step and trainer.limit_val_batches:
+        metrics.update(trainer.validate(task, datamodule=data, verbose=False)[0])
+    if cfg.run_test and trainer.limit_test_batches:
+        metrics.update(trainer.test(task, datamodule=data, verbose=False)[0])
+    metrics.update(extras)
+    summary = {}
+    if trainer.is_global_zero:
+        choices = {g: c for g, c in hydra_cfg.runtime.choices.items() if not g.startswith("hydra")}
+        summary = write_summary(
+            Path(cfg.output_dir) / "summary.json",
+            choices=choices,
+            metrics=metrics,
+            steps=trainer.global_step,
+            wall_time_s=time.perf_counter() - started,
+            rates=throughput.rates(task),
+        )
+        print_results(summary, Path(cfg.output_dir))
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path=str(preflight.CONF_DIR), config_name="train")
+def hydra_app(cfg: DictConfig) -> float | None:
+    summary = run(cfg)
+    return summary.get("metrics", {}).get("val/loss")
+
+
+def main() -> None:
+    """Check the whole command line first (one clear message, exit 2), then hand over to Hydra."""
+    register_schemas()
+    args = sys.argv[1:]
+    if not HELP_FLAGS & set(args):
+        overrides = [a for a in args if not a.startswith("-") and "=" in a]
+        try:
+            preflight.check(overrides)
+        except ConfigError as err:
+            print(f"giantpipe-train: error: {err}", file=sys.stderr)
+            sys.exit(2)
+    hydra_app()
+
+
+if __name__ == "__main__":
+    main()
