@@ -38,6 +38,10 @@ class LayeredModel(nn.Module):
         """Split a batch into micro-batches along dim 0 (models with padding may also trim)."""
         return split_batch(batch, chunks)
 
+    def merge(self, carries: list[Carry]) -> Carry:
+        """Join micro-batches' output carries into the batch's: the inverse of `split`."""
+        return merge_carries(carries)
+
     def run_layers(self, carry: Carry, indices: Iterable[int] | None = None) -> Carry:
         for i in range(len(self.layers)) if indices is None else indices:
             carry = self.layers[i](carry)
@@ -113,3 +117,24 @@ def split_batch(batch: Batch, chunks: int) -> list[Batch]:
 
 def batch_size(batch: Batch) -> int:
     return next(iter(batch.values())).shape[0]
+
+
+def merge_carries(carries: list[Carry]) -> Carry:
+    """Concatenate carries along dim 0; tensors whose other dims differ (micro-batches trimmed
+    to their own lengths) are first padded with zeros at the end of each dim to the largest."""
+    if len(carries) == 1:
+        return dict(carries[0])
+    merged = {}
+    for key in carries[0]:
+        parts = [c[key] for c in carries]
+        tail = tuple(max(sizes) for sizes in zip(*(p.shape[1:] for p in parts), strict=True))
+        if all(p.shape[1:] == tail for p in parts):
+            merged[key] = torch.cat(parts)
+            continue
+        out = parts[0].new_zeros((sum(p.shape[0] for p in parts), *tail))
+        row = 0
+        for p in parts:
+            out[(slice(row, row + p.shape[0]), *(slice(0, n) for n in p.shape[1:]))] = p
+            row += p.shape[0]
+        merged[key] = out
+    return merged

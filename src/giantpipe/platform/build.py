@@ -15,6 +15,7 @@ import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from giantpipe.platform.config import ConfigError
 from giantpipe.platform.summary import ThroughputMonitor
 
 
@@ -32,7 +33,7 @@ def build_language_model(cfg: DictConfig):
     data = TextDataModule(cfg.data, batch_size=cfg.data.batch_size, seed=cfg.seed)
     data.prepare()
     if cfg.data.seq_len > cfg.model.max_len:
-        raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_len={cfg.model.max_len}")
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_len={cfg.model.max_len}")
     bytes_per_token = {s: data.stats[f"{k}_bytes_per_token"] for s, k in
                        (("train", "train"), ("val", "validation"), ("test", "test"))}
     task = LanguageModelTask(

@@ -106,7 +106,7 @@ class TrainerConfig:
     devices: int = 1
     num_nodes: int = 1
     precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU
-    max_steps: int = 600
+    max_steps: int = 400
     max_epochs: int = -1
     val_check_interval: Any = 200
     limit_val_batches: Any = 20

@@ -11,7 +11,7 @@ import hydra
 import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from giantpipe.platform import preflight
 from giantpipe.platform.build import build_callbacks, build_loggers, build_task, build_trainer
@@ -63,7 +63,12 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path=str(preflight.CONF_DIR), config_name="train")
 def hydra_app(cfg: DictConfig) -> float | None:
-    summary = run(cfg)
+    try:
+        summary = run(cfg)
+    except ConfigError as err:  # bad input found once data or devices are known: one line, no traceback
+        log.error("%s", err)
+        print(f"giantpipe-train: error: {err}", file=sys.stderr)
+        sys.exit(2)
     return summary.get("metrics", {}).get("val/loss")
 
 

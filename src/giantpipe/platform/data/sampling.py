@@ -64,11 +64,14 @@ class GlobalBatchSampler(Sampler[list[int]]):
 class ResumableLoader(DataLoader):
     """A DataLoader over a `GlobalBatchSampler` that Lightning can checkpoint mid-epoch.
 
-    Lightning prefetches one batch ahead of the step it runs, so the batches *consumed* by the
-    loop are those yielded minus the one in flight.
+    Lightning asks for `state_dict` after the step that consumed the last yielded batch, so the
+    count of yielded batches is the count of consumed ones (checked by the resume test).
     """
 
     def __init__(self, dataset: Dataset, batch_sampler: GlobalBatchSampler, **kwargs):
+        # A private generator: creating an iterator must not draw from the global RNG, or a
+        # resumed run's dropout masks would drift from the uninterrupted run's.
+        kwargs.setdefault("generator", torch.Generator().manual_seed(batch_sampler.seed))
         super().__init__(dataset, batch_sampler=batch_sampler, **kwargs)
         self._yielded = 0
 
@@ -79,8 +82,7 @@ class ResumableLoader(DataLoader):
             yield batch
 
     def state_dict(self) -> dict:
-        consumed = self._yielded - 1 if self._yielded < len(self.batch_sampler) else self._yielded
-        return {"epoch": self.batch_sampler.epoch, "consumed": max(consumed, 0)}
+        return {"epoch": self.batch_sampler.epoch, "consumed": self._yielded}
 
     def load_state_dict(self, state: dict) -> None:
         if state["epoch"] == self.batch_sampler.epoch and state["consumed"] < len(self.batch_sampler):

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from giantpipe.platform.config import ConfigError
 from giantpipe.platform.data.sampling import GlobalBatchSampler, ResumableLoader, replica_of
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def load_documents(cfg) -> dict[str, list[str]]:
     elif cfg.source == "files":
         missing = [p for p in cfg.paths if not any(Path().glob(p)) and not Path(p).exists()]
         if not cfg.paths or missing:
-            raise FileNotFoundError(
+            raise ConfigError(
                 f"data.paths {missing or '[]'}: no such files; give existing text files, e.g. data.paths=[notes.txt]"
             )
         files = sorted({str(f) for p in cfg.paths for f in (Path().glob(p) if not Path(p).exists() else [Path(p)])})
@@ -67,18 +68,33 @@ def load_documents(cfg) -> dict[str, list[str]]:
         ds = datasets.load_dataset(cfg.name, cfg.config_name, split=cfg.hf_split)
         names, texts = [f"{i}" for i in range(len(ds))], ds[cfg.text_field]
     else:
-        raise ValueError(f"data.source={cfg.source!r}: choose stdlib, hf or files")
+        raise ConfigError(f"data.source={cfg.source!r}: choose stdlib, hf or files")
     out = {s: [] for s in SPLITS}
     empty = 0
     for name, text in zip(names, texts):
         if not text or not text.strip():
             empty += 1
             continue
-        out[split_of(name, cfg.val_fraction, cfg.test_fraction)].append(text)
+        for k, block in enumerate(blocks(text)):
+            out[split_of(f"{name}#{k}", cfg.val_fraction, cfg.test_fraction)].append(block)
     if empty:
         log.info("skipped %d empty documents", empty)
-    if not out["train"] or not out["validation"]:
-        raise ValueError("the text source gave no train or validation documents; add more text")
+    if not all(out.values()):
+        raise ConfigError(
+            f"the text source gave {', '.join(f'{len(v)} {k}' for k, v in out.items())} blocks; "
+            "every split needs text: add more (data.max_bytes, data.paths) or raise data.val_fraction"
+        )
+    return out
+
+
+def blocks(text: str, size: int = 4096) -> list[str]:
+    """Cut a document into ~`size`-character blocks at line ends: the unit of the split."""
+    out, start = [], 0
+    while start < len(text):
+        end = text.find("\n", start + size)
+        end = len(text) if end < 0 else end + 1
+        out.append(text[start:end])
+        start = end
     return out
 
 

@@ -8,13 +8,16 @@ strategy swaps in its own runner, which runs the micro-batch schedule across pro
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from torch import Tensor
 
 from giantpipe.models.contract import Batch, LayeredModel, SumLoss, materialize
+from giantpipe.platform.config import ConfigError
 
 
 class LocalRunner:
@@ -57,7 +60,7 @@ class Task(pl.LightningModule):
     def load_weights(self, path: str) -> None:
         """Start from a checkpoint's weights (fresh optimizer and step count), e.g. a CE model for MWER."""
         if not Path(path).exists():
-            raise FileNotFoundError(f"init_from={path}: no such checkpoint file")
+            raise ConfigError(f"init_from={path}: no such checkpoint file")
         state = torch.load(path, map_location="cpu", weights_only=False)
         self._pending_weights = state.get("state_dict", state)
 
@@ -70,6 +73,21 @@ class Task(pl.LightningModule):
                 raise ValueError(f"init_from checkpoint lacks {len(missing)} weights, e.g. {sorted(missing)[:3]}")
             self.load_state_dict({k: v for k, v in pending.items() if k in local}, strict=False)
             self._pending_weights = None
+
+    # ----------------------------------------------------------- exact resume
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Save the RNG streams too, so a resumed run draws the same dropout masks."""
+        checkpoint["rng_states"] = rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "rng_states" in checkpoint:
+            self._rng_to_restore = checkpoint["rng_states"]
+
+    def on_train_start(self) -> None:
+        states = getattr(self, "_rng_to_restore", None)
+        if states is not None:
+            set_rng_states(states)
+            self._rng_to_restore = None
 
     # ----------------------------------------------------------- optimization
     def configure_optimizers(self):
@@ -115,3 +133,22 @@ def lr_factor(step: int, total: int, cfg) -> float:
         return math.sqrt(warmup / (step + 1))
     progress = min((step - warmup) / max(total - warmup, 1), 1.0)
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def rng_states() -> dict:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "cached": float(cached)}
+    states = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    n = states["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])

@@ -1,0 +1,44 @@
+"""Shared fixtures: an offline environment, a shared data cache and a CLI runner for tiny runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = [sys.executable, "-m", "giantpipe.platform.train"]
+
+# Small enough to train in seconds on 2 CPU cores.
+TINY = [
+    "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_ff=64", "model.max_len=32",
+    "data.seq_len=32", "data.batch_size=8", "data.max_bytes=300000",
+    "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
+    "optim.warmup_steps=2",
+]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def offline_env(tmp_path_factory):
+    cache = os.environ.get("GIANTPIPE_CACHE") or str(tmp_path_factory.mktemp("cache"))
+    os.environ.update(GIANTPIPE_CACHE=cache, WANDB_MODE="offline", WANDB_SILENT="true",
+                      HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    yield
+
+
+def run_train(args: list[str], cwd: Path, timeout: int = 240, check: bool = True) -> subprocess.CompletedProcess:
+    """Run `giantpipe-train` in a subprocess (the real entry point) with its outputs under `cwd`."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(TRAIN + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"giantpipe-train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def read_summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())

@@ -1,0 +1,63 @@
+"""The real entry point on tiny configs: train/validate/test, summaries, multirun, loggers, resume."""
+
+import csv
+import time
+
+from conftest import TINY, read_summary, run_train
+
+
+def per_step_losses(run_dir) -> dict[int, float]:
+    rows = csv.DictReader((run_dir / "csv" / "metrics.csv").open())
+    return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
+
+
+def test_bad_key_and_bad_choice_fail_fast_with_the_valid_options(tmp_path):
+    for args, words in ((["model.nme=3"], ["model.nme", "n_layers"]), (["model=gnmtt"], ["model=gnmtt", "giant_net"])):
+        started = time.perf_counter()
+        proc = run_train(args, tmp_path, check=False)
+        assert proc.returncode == 2
+        assert all(w in proc.stderr for w in words), proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert time.perf_counter() - started < 30
+
+
+def test_tiny_run_trains_validates_tests_and_summarizes(tmp_path):
+    run_dir = tmp_path / "run"
+    run_train(TINY + [f"hydra.run.dir={run_dir}"], tmp_path)
+    summary = read_summary(run_dir)
+    assert summary["choices"]["model"] == "giant_net" and summary["choices"]["strategy"] == "single"
+    assert summary["steps"] == 6
+    for name in ("train/loss", "val/loss", "val/bpb", "test/loss", "test/bpb", "data/unigram_bpb"):
+        assert name in summary["metrics"], name
+    assert summary["samples_per_s"] > 0 and summary["tokens_per_s"] > 0
+    assert (run_dir / "checkpoints" / "last.ckpt").exists()
+    assert len(per_step_losses(run_dir)) == 6
+
+
+def test_multirun_writes_one_summary_per_job(tmp_path):
+    sweep = tmp_path / "sweep"
+    run_train(["-m", "seed=1,2", f"hydra.sweep.dir={sweep}", *TINY, "trainer.max_steps=2", "callbacks=none"], tmp_path)
+    first, second = read_summary(sweep / "0"), read_summary(sweep / "1")
+    assert first["steps"] == second["steps"] == 2
+    assert first["metrics"]["train/loss"] != second["metrics"]["train/loss"]
+
+
+def test_wandb_offline_run_keeps_the_resolved_config(tmp_path):
+    run_dir = tmp_path / "run"
+    run_train(TINY + ["trainer.max_steps=2", "logger=wandb", "callbacks=none", f"hydra.run.dir={run_dir}"], tmp_path)
+    runs = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1, list(run_dir.rglob("*"))[:20]
+    record = runs[0].read_bytes()  # the offline run's protobuf log holds the config as JSON
+    assert b'"seq_len":32' in record.replace(b" ", b"") and b"${" not in record
+
+
+def test_resume_continues_with_the_same_next_losses(tmp_path):
+    full = tmp_path / "full"
+    keep_all = ["callbacks.model_checkpoint.save_top_k=-1"]
+    run_train(TINY + keep_all + [f"hydra.run.dir={full}"], tmp_path)
+    resumed = tmp_path / "resumed"
+    run_train(TINY + [f"hydra.run.dir={resumed}", f"ckpt_path={full / 'checkpoints' / 'step3.ckpt'}"], tmp_path)
+    expected, got = per_step_losses(full), per_step_losses(resumed)
+    assert sorted(got) == [3, 4, 5]  # Lightning's step column counts from 0: steps 4..6
+    for step in got:
+        assert abs(got[step] - expected[step]) < 1e-6, (step, got[step], expected[step])
