@@ -1,6 +1,9 @@
 """The real entry point on tiny configs: train/validate/test, summaries, multirun, loggers, resume."""
 
 import csv
+import json
+import subprocess
+import sys
 import time
 
 from conftest import TINY, read_summary, run_train
@@ -32,6 +35,13 @@ def test_tiny_run_trains_validates_tests_and_summarizes(tmp_path):
     assert summary["samples_per_s"] > 0 and summary["tokens_per_s"] > 0
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
     assert len(per_step_losses(run_dir)) == 6
+    # giantpipe-eval on the final checkpoint reproduces the run's own test metrics
+    out = tmp_path / "eval.json"
+    evaluate = [sys.executable, "-m", "giantpipe.platform.evaluate", str(run_dir / "checkpoints" / "last.ckpt"),
+                "--split", "test", "--out", str(out)]
+    subprocess.run(evaluate, check=True, capture_output=True, cwd=tmp_path, timeout=120)
+    metrics = json.loads(out.read_text())
+    assert abs(metrics["test/loss"] - summary["metrics"]["test/loss"]) < 1e-5
 
 
 def test_multirun_writes_one_summary_per_job(tmp_path):
@@ -40,6 +50,15 @@ def test_multirun_writes_one_summary_per_job(tmp_path):
     first, second = read_summary(sweep / "0"), read_summary(sweep / "1")
     assert first["steps"] == second["steps"] == 2
     assert first["metrics"]["train/loss"] != second["metrics"]["train/loss"]
+
+
+def test_optuna_search_runs_trials_and_reports_the_best(tmp_path):
+    sweep = tmp_path / "opt"
+    run_train(["hparams_search=giant_net_optuna", "hydra.sweeper.n_trials=2", *TINY, "trainer.max_steps=2",
+               "callbacks=none", f"hydra.sweep.dir={sweep}"], tmp_path)
+    results = (sweep / "optimization_results.yaml").read_text()
+    assert "best_params" in results and "optim.lr" in results
+    assert read_summary(sweep / "1")["steps"] == 2
 
 
 def test_wandb_offline_run_keeps_the_resolved_config(tmp_path):
