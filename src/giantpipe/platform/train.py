@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -11,11 +12,12 @@ import hydra
 import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from giantpipe.platform import preflight
 from giantpipe.platform.build import build_callbacks, build_loggers, build_task, build_trainer
 from giantpipe.platform.config import ConfigError, register_schemas, validate
+from giantpipe.platform.launch import launched_externally, spawn
 from giantpipe.platform.report import print_results
 from giantpipe.platform.summary import write_summary
 
@@ -23,17 +25,18 @@ log = logging.getLogger("giantpipe")
 HELP_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--version", "--shell-completion", "-sc"}
 
 
-def run(cfg: DictConfig) -> dict:
-    """Fit, validate and test one configuration; return the summary written to summary.json."""
+def run(cfg: DictConfig, job: dict) -> dict:
+    """Fit, validate and test one configuration; return the summary written to summary.json.
+
+    `job` carries what only the Hydra process knows (group choices, sweep group), so that
+    spawned workers can run this too.
+    """
     validate(cfg)
     started = time.perf_counter()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    hydra_cfg = HydraConfig.get()
-    multirun = hydra_cfg.mode == RunMode.MULTIRUN
-    sweep_group = Path(hydra_cfg.sweep.dir).name if multirun else None
 
     data, task, extras = build_task(cfg)
-    loggers = build_loggers(cfg, sweep_group)
+    loggers = build_loggers(cfg, job["sweep_group"])
     callbacks, throughput = build_callbacks(cfg)
     trainer = build_trainer(cfg, loggers, callbacks)
     if cfg.init_from:
@@ -48,10 +51,9 @@ def run(cfg: DictConfig) -> dict:
     metrics.update(extras)
     summary = {}
     if trainer.is_global_zero:
-        choices = {g: c for g, c in hydra_cfg.runtime.choices.items() if not g.startswith("hydra")}
         summary = write_summary(
             Path(cfg.output_dir) / "summary.json",
-            choices=choices,
+            choices=job["choices"],
             metrics=metrics,
             steps=trainer.global_step,
             wall_time_s=time.perf_counter() - started,
@@ -61,10 +63,37 @@ def run(cfg: DictConfig) -> dict:
     return summary
 
 
+def job_info() -> dict:
+    hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    return {
+        "choices": {g: c for g, c in hydra_cfg.runtime.choices.items() if not g.startswith("hydra")},
+        "sweep_group": Path(hydra_cfg.sweep.dir).name if multirun else None,
+    }
+
+
+def run_job(cfg: DictConfig) -> dict:
+    """Run in this process (one device, or already launched by torchrun/SLURM), or spawn workers."""
+    world = cfg.trainer.devices * cfg.trainer.num_nodes
+    job = job_info()
+    if cfg.strategy.name == "single" or launched_externally() or cfg.trainer.num_nodes > 1:
+        return run(cfg, job)
+    OmegaConf.resolve(cfg)  # workers have no HydraConfig to resolve ${hydra:...} with
+    build_task(cfg)  # fail on bad data before starting processes, and fill the data cache once
+
+    def describe(rank: int) -> str:
+        stages = cfg.strategy.stages
+        return f"pipeline stage {rank % stages} (rank {rank}, replica {rank // stages})"
+
+    spawn(run, (cfg, job), world, describe)
+    path = Path(cfg.output_dir) / "summary.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 @hydra.main(version_base="1.3", config_path=str(preflight.CONF_DIR), config_name="train")
 def hydra_app(cfg: DictConfig) -> float | None:
     try:
-        summary = run(cfg)
+        summary = run_job(cfg)
     except ConfigError as err:  # bad input found once data or devices are known: one line, no traceback
         log.error("%s", err)
         print(f"giantpipe-train: error: {err}", file=sys.stderr)

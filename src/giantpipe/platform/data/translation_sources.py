@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from giantpipe.platform.data.verbalization import CORPUS_VERSION, generate_pairs
+from giantpipe.platform.data.verbalization_corpus import CORPUS_VERSION, generate_pairs
 
 Pair = tuple[str, str]
 SPLITS = ("train", "validation", "test")

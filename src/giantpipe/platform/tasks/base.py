@@ -48,8 +48,13 @@ class Task(pl.LightningModule):
 
     # ----------------------------------------------------------- model placement
     def configure_model(self) -> None:
-        """Materialize every layer unless a strategy already placed its own share."""
-        if self.runner is None:
+        """Materialize the model: all of it here, or only this stage's share under a pipeline."""
+        if self.runner is not None:
+            return
+        place_task = getattr(self.trainer.strategy, "place_task", None)
+        if place_task is not None:
+            self.runner = place_task(self)
+        else:
             materialize(self.model, range(len(self.model.layers)), self.device, self.seed)
             self.runner = LocalRunner(self.model, self.loss_fn)
 

@@ -1,0 +1,388 @@
+"""The pipeline engine: one process runs one stage (composite layer) of one replica.
+
+    train_step(batch)
+      split the batch into M micro-batches           (model.split; every stage has the batch)
+      for each action of this stage's schedule:
+        F i: carry <- first_carry(mb_i) or recv from the previous stage
+             out <- local layers (re-materialized in backward if checkpointed)
+             last stage: loss_i = loss_fn(out, mb_i) / normalizer(whole batch); else send out
+        B i: last stage: backward(loss_i); else backward(out_i, recv'd output gradients)
+             send the input gradients to the previous stage
+      all-reduce (sum) gradients over the stage's replicas; all-reduce the loss over the world
+
+The loss of each replica is divided by the normalizer of the *global* batch (summed over
+replicas), so summing replicas' gradients gives exactly the gradients of the global batch,
+even when replicas hold different numbers of tokens; with equal normalizers this is the usual
+average. Gradients accumulate into `.grad` like `loss.backward()`: zero them between steps.
+
+Re-materialization (torchgpipe's names): `always` checkpoints every micro-batch, `except_last`
+all but the last (whose backward comes first in GPipe, so keeping it costs nothing extra),
+`never` none. Recomputation is torch.utils.checkpoint (non-reentrant, preserve_rng_state):
+the forward's CPU and device RNG states are stashed and restored for the recompute, so
+dropout masks are the same, and BatchNorm running statistics are restored after it so they
+are updated once per micro-batch.
+
+A stage that dies leaves its neighbours blocked in a receive or a collective; they raise
+once the process group's timeout passes (gloo) or the NCCL watchdog fires. A step that
+raised leaves the pipeline out of step: end the run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.checkpoint import checkpoint, noop_context_fn
+
+from giantpipe.models.contract import Batch, Carry, LayeredModel, SumLoss, batch_size, materialize
+from giantpipe.strategies.comm import Link, wants_grad
+from giantpipe.strategies.partition import stage_ranges, validate_balance
+from giantpipe.strategies.schedule import Action, Phase, forward_only_stage, stage_actions
+from giantpipe.strategies.topology import PipelineGroups, Topology
+
+CHECKPOINT_MODES = ("always", "except_last", "never")
+BUCKET_BYTES = 25 * 2**20
+
+
+@dataclass
+class _Step:
+    """What one mini-batch's actions share: its micro-batches, the stash between F and B."""
+
+    micro_batches: list[Batch] | None
+    training: bool
+    normalizer: float | None = None  # set on the last stage when a loss is computed
+    keep_outputs: bool = False
+    stash: dict[int, tuple[list[Tensor], object]] = field(default_factory=dict)
+    loss: Tensor | None = None
+    outputs: list[Carry] = field(default_factory=list)
+
+
+class PipelineEngine:
+    """Runs this process's stage of a pipelined model: train, evaluate, or forward a batch.
+
+    `model` may be built on the meta device (then `seed` initializes this stage's layers,
+    exactly as a whole-model `materialize` would) or fully built; either way the engine takes
+    it over, materializes only this stage's layers on `device` and leaves the others on meta.
+    Every rank of the world builds an engine together (subgroups are created collectively).
+    """
+
+    def __init__(
+        self,
+        model: LayeredModel,
+        loss_fn: SumLoss,
+        balance: Sequence[int],
+        *,
+        micro_batches: int,
+        topology: Topology | None = None,
+        schedule: str = "gpipe",
+        checkpoint: str = "except_last",
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+        groups: PipelineGroups | None = None,
+    ) -> None:
+        distributed = dist.is_available() and dist.is_initialized()
+        rank = dist.get_rank() if distributed else 0
+        world_size = dist.get_world_size() if distributed else 1
+        balance = validate_balance(balance, len(model.layers))
+        _check_parameters(model, balance)
+        if not distributed and (len(balance) > 1 or (topology and topology.world_size > 1)):
+            raise ValueError(
+                "a pipeline of several processes needs torch.distributed: initialize the "
+                "process group (one process per stage and replica) before building the engine"
+            )
+        topology = topology or Topology.for_world(len(balance), world_size)
+        topology.check_world_size(world_size)
+        if topology.num_stages != len(balance):
+            raise ValueError(
+                f"balance {balance} has {len(balance)} stages but the topology has "
+                f"{topology.num_stages}: give one layer count per stage"
+            )
+        if checkpoint not in CHECKPOINT_MODES:
+            raise ValueError(
+                f"unknown checkpoint mode {checkpoint!r}; choose one of {CHECKPOINT_MODES}"
+            )
+        if micro_batches < 1:
+            raise ValueError(f"micro_batches must be at least 1, got {micro_batches}")
+
+        stage = topology.stage_of(rank)
+        self._train_actions = stage_actions(schedule, stage, topology.num_stages, micro_batches)
+        self._forward_actions = forward_only_stage(stage, topology.num_stages, micro_batches)
+
+        self.topology = topology
+        self.rank, self.world_size = rank, world_size
+        self.stage, self.replica = topology.coords(rank)
+        self.num_stages = topology.num_stages
+        self.is_first, self.is_last = self.stage == 0, self.stage == self.num_stages - 1
+        self.micro_batches = micro_batches
+        self.checkpoint = checkpoint
+        self.device = torch.device(device)
+        self.loss_fn = loss_fn
+        self.layer_indices = stage_ranges(balance)[self.stage]
+        self.module = _place_layers(model, self.layer_indices, self.device, seed)
+
+        self.groups = groups or (topology.create_groups(rank) if distributed else PipelineGroups())
+        prev_rank, next_rank = topology.prev_rank(rank), topology.next_rank(rank)
+        self._prev = Link(prev_rank, self.device) if prev_rank is not None else None
+        self._next = Link(next_rank, self.device) if next_rank is not None else None
+        self._batchnorms = [
+            m
+            for i in self.layer_indices
+            for m in model.layers[i].modules()
+            if isinstance(m, _BatchNorm)
+        ]
+
+    # -- the local composite layer ------------------------------------------------------------
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """This stage's parameters, named as in the whole model (`layers.3.weight`)."""
+        for i in self.layer_indices:
+            for name, p in self.module.layers[i].named_parameters():
+                yield f"layers.{i}.{name}", p
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        for _, p in self.named_parameters():
+            yield p
+
+    # -- steps ------------------------------------------------------------------------------------
+
+    def train_step(self, batch: Batch, *, sync_gradients: bool = True) -> Tensor:
+        """Forward and backward one mini-batch through the pipeline; return its loss (detached,
+        the same on every rank). With `sync_gradients=False` the replicas' gradients are not
+        all-reduced (gradient accumulation: call `all_reduce_gradients` at the end)."""
+        step = self._start(batch, training=True, loss=True)
+        for action in self._train_actions:
+            self._run_action(action, step)
+        self._wait_sends()
+        if sync_gradients:
+            self.all_reduce_gradients()
+        return self._reduce_loss(step)
+
+    @torch.no_grad()
+    def eval_step(self, batch: Batch) -> Tensor:
+        """The mini-batch loss without gradients, the same on every rank. The caller chooses
+        train()/eval() mode of the model (Lightning does)."""
+        step = self._start(batch, training=False, loss=True)
+        for action in self._forward_actions:
+            self._run_action(action, step)
+        self._wait_sends()
+        return self._reduce_loss(step)
+
+    @torch.no_grad()
+    def forward(self, batch: Batch) -> Carry | None:
+        """The last stage's output carry for the batch (micro-batches joined by `model.merge`);
+        None on the other stages."""
+        step = self._start(batch, training=False, loss=False)
+        step.keep_outputs = True
+        for action in self._forward_actions:
+            self._run_action(action, step)
+        self._wait_sends()
+        return self.module.merge(step.outputs) if self.is_last else None
+
+    def all_reduce_gradients(self) -> None:
+        """Sum this stage's gradients over its replicas (each replica's loss already carries the
+        global normalizer). Parameters without a gradient count as zero."""
+        group = self.groups.stage
+        if group is None:
+            return
+        params = [p for p in self.parameters() if p.requires_grad]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        for grads in _buckets([p.grad for p in params], BUCKET_BYTES):
+            flat = torch._utils._flatten_dense_tensors(grads)
+            dist.all_reduce(flat, group=group)
+            for grad, synced in zip(
+                grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True
+            ):
+                grad.copy_(synced)
+
+    # -- one action -------------------------------------------------------------------------------
+
+    def _run_action(self, action: Action, step: _Step) -> None:
+        """Every forward and backward goes through here (the place for per-action timing)."""
+        if action.phase is Phase.FORWARD:
+            self._forward(action.micro_batch, step)
+        else:
+            self._backward(action.micro_batch, step)
+
+    def _forward(self, i: int, step: _Step) -> None:
+        if self.is_first:
+            assert step.micro_batches is not None
+            carry = self.module.first_carry(step.micro_batches[i])
+        else:
+            assert self._prev is not None
+            carry = self._prev.recv_carry()
+        inputs = [t for t in carry.values() if wants_grad(t)]
+        if step.training and self._recompute(i):
+            out = checkpoint(
+                self._run_layers,
+                carry,
+                use_reentrant=False,
+                preserve_rng_state=True,
+                context_fn=self._context_fn(),
+            )
+        else:
+            out = self._run_layers(carry)
+        if not self.is_last:
+            assert self._next is not None
+            sent = self._next.send_carry(out)
+            if step.training:
+                step.stash[i] = (inputs, sent)
+            return
+        if step.keep_outputs:
+            step.outputs.append(out)
+        if step.normalizer is not None:
+            assert step.micro_batches is not None
+            loss = self.loss_fn(out, step.micro_batches[i]) / step.normalizer
+            step.loss = loss.detach() if step.loss is None else step.loss + loss.detach()
+            if step.training:
+                step.stash[i] = (inputs, loss)
+
+    def _backward(self, i: int, step: _Step) -> None:
+        inputs, roots = step.stash.pop(i)
+        if self.is_last:
+            assert isinstance(roots, Tensor)
+            if roots.requires_grad:
+                torch.autograd.backward(roots)
+        else:
+            assert self._next is not None and isinstance(roots, list)
+            grads = self._next.recv_grads(roots)
+            if roots:
+                torch.autograd.backward(roots, grads)
+        if self._prev is not None:
+            self._prev.send_grads(
+                [t.grad if t.grad is not None else torch.zeros_like(t) for t in inputs]
+            )
+
+    def _run_layers(self, carry: Carry) -> Carry:
+        # a copy, so a layer that assigns into its carry cannot change what a recompute sees
+        return self.module.run_layers(dict(carry), self.layer_indices)
+
+    def _recompute(self, i: int) -> bool:
+        if self.checkpoint == "always":
+            return True
+        return self.checkpoint == "except_last" and i < self.micro_batches - 1
+
+    def _context_fn(self):
+        if not self._batchnorms:
+            return noop_context_fn
+        return lambda: (nullcontext(), _kept_buffers(self._batchnorms))
+
+    # -- step set-up and results ------------------------------------------------------------------
+
+    def _start(self, batch: Batch, *, training: bool, loss: bool) -> _Step:
+        size = batch_size(batch)
+        if size < self.micro_batches:
+            raise ValueError(
+                f"a batch of {size} cannot be split into {self.micro_batches} micro-batches: "
+                f"use a batch of at least {self.micro_batches} or fewer micro-batches"
+            )
+        micro_batches = None
+        if self.is_first or self.is_last:
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            micro_batches = self.module.split(batch, self.micro_batches)
+            if len(micro_batches) != self.micro_batches:
+                raise ValueError(
+                    f"model.split returned {len(micro_batches)} micro-batches, expected "
+                    f"{self.micro_batches}"
+                )
+        step = _Step(micro_batches, training)
+        if loss and self.is_last:
+            step.normalizer = self._global_normalizer(batch)
+        return step
+
+    def _global_normalizer(self, batch: Batch) -> float:
+        normalizer = float(self.loss_fn.normalizer(batch))
+        if self.groups.stage is not None:
+            total = torch.tensor([normalizer], dtype=torch.float64, device=self.device)
+            dist.all_reduce(total, group=self.groups.stage)
+            normalizer = total.item()
+        if normalizer <= 0:
+            raise ValueError(
+                f"the loss normalizer of the batch is {normalizer}; it must be positive"
+            )
+        return normalizer
+
+    def _reduce_loss(self, step: _Step) -> Tensor:
+        loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        if step.loss is not None:
+            loss += step.loss.double()
+        if self.world_size > 1:
+            dist.all_reduce(loss)
+        return loss.float()
+
+    def _wait_sends(self) -> None:
+        for link in (self._prev, self._next):
+            if link is not None:
+                link.wait()
+
+
+def _check_parameters(model: LayeredModel, balance: list[int]) -> None:
+    """Every parameter must live in a layer, and a shared (tied) one inside a single stage."""
+    outside = [name for name, _ in model.named_parameters() if not name.startswith("layers.")]
+    if outside:
+        raise ValueError(
+            f"parameters outside model.layers cannot be placed on a stage: {outside[:5]}; "
+            f"move them into the layer that uses them"
+        )
+    stage_of_param: dict[int, tuple[int, int]] = {}
+    for stage, layers in enumerate(stage_ranges(balance)):
+        for i in layers:
+            for p in model.layers[i].parameters():
+                first = stage_of_param.setdefault(id(p), (stage, i))
+                if first[0] != stage:
+                    raise ValueError(
+                        f"layers {first[1]} and {i} share a parameter but sit on stages {first[0]} "
+                        f"and {stage}; choose a balance that keeps them on one stage, or untie them"
+                    )
+
+
+def _on_meta(module: nn.Module) -> bool:
+    return any(t.is_meta for t in [*module.parameters(), *module.buffers()])
+
+
+def _place_layers(
+    model: LayeredModel, local: range, device: torch.device, seed: int
+) -> LayeredModel:
+    """Materialize (or move) this stage's layers on `device`; every other layer goes to meta."""
+    for i, layer in enumerate(model.layers):
+        if i in local:
+            if _on_meta(layer):
+                materialize(model, [i], device, seed)
+            else:
+                layer.to(device)
+        elif not _on_meta(layer):
+            layer.to("meta")
+    return model
+
+
+def _buckets(tensors: list[Tensor], max_bytes: int) -> Iterator[list[Tensor]]:
+    """Consecutive runs of same-dtype tensors of at most `max_bytes` (one tensor at least)."""
+    bucket: list[Tensor] = []
+    size = 0
+    for t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if bucket and (t.dtype != bucket[0].dtype or size + nbytes > max_bytes):
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(t)
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+@contextmanager
+def _kept_buffers(modules: list[nn.Module]):
+    """Restore the modules' buffers on exit: a recompute must not update running statistics twice."""
+    saved = [(b, b.clone()) for m in modules for b in m.buffers(recurse=False)]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)

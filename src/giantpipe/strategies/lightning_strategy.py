@@ -1,0 +1,250 @@
+"""The pipeline as a Lightning strategy: Lightning keeps the loop, the engine owns the step.
+
+Lightning's automatic optimization runs `training_step`, then `zero_grad`, then `backward`.
+The pipeline computes a mini-batch's forward *and* backward inside `training_step` (1F1B
+interleaves them, so they cannot be split), so the runner parks the gradients before
+Lightning zeroes them and `backward` hands them back. Optimizer and scheduler steps,
+gradient clipping (global norm across stages), logging and checkpoint callbacks stay
+Lightning's.
+
+Built on `DDPStrategy` for process-group setup and cluster environments, with three
+deliberate differences: no DDP wrapper (replicas all-reduce inside each stage's group), no
+`_sync_module_states` (it would copy rank 0's stage over every other stage), and one
+checkpoint shard per stage (the default saves rank 0 only and loses the other stages).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import Tensor
+
+from giantpipe.strategies.engine import PipelineEngine
+from giantpipe.strategies.partition import (
+    auto_balance,
+    partition_table,
+    stage_ranges,
+    validate_balance,
+)
+from giantpipe.strategies.topology import Topology
+
+log = logging.getLogger(__name__)
+
+
+class PipelineRunner:
+    """The task's runner under the pipeline: each step runs the engine's schedule."""
+
+    def __init__(self, engine: PipelineEngine):
+        self.engine = engine
+        self.parked: list[Tensor | None] | None = None
+
+    def train_loss(self, batch) -> Tensor:
+        params = list(self.engine.parameters())
+        for p in params:  # the previous step's gradients are still there: Lightning zeroes later
+            p.grad = None
+        loss = self.engine.train_step(batch)
+        self.parked = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        return loss
+
+    def eval_loss(self, batch) -> Tensor:
+        return self.engine.eval_step(batch)
+
+    def restore_gradients(self, scale: float) -> None:
+        if self.parked is None:
+            return
+        for p, g in zip(self.engine.parameters(), self.parked):
+            if g is None:
+                continue
+            g = g * scale if scale != 1.0 else g
+            p.grad = g if p.grad is None else p.grad + g
+        self.parked = None
+
+
+class PipelineStrategy(DDPStrategy):
+    """GPipe across `stages x replicas` processes (gloo on CPU, NCCL on GPU)."""
+
+    strategy_name = "giantpipe_pipeline"
+
+    def __init__(self, cfg, **kwargs):
+        super().__init__(timeout=timedelta(seconds=cfg.timeout_s), **kwargs)
+        self.cfg = cfg
+        self.runner: PipelineRunner | None = None
+
+    # ------------------------------------------------------------------ placement
+    @property
+    def topology(self) -> Topology:
+        placement = [list(r) for r in self.cfg.placement] if self.cfg.placement else None
+        return Topology(self.cfg.stages, self.cfg.replicas, placement)
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict:
+        """All stages of one replica read the same batches; replicas split each global batch."""
+        return {"num_replicas": self.cfg.replicas, "rank": self.topology.replica_of(self.global_rank)}
+
+    def place_task(self, task) -> PipelineRunner:
+        """Build this rank's stage of `task.model` (called from the task's `configure_model`)."""
+        if self.runner is not None:
+            return self.runner
+        balance = self.resolve_balance(task)
+        engine = PipelineEngine(
+            task.model,
+            task.loss_fn,
+            balance,
+            micro_batches=self.cfg.micro_batches,
+            topology=self.topology,
+            schedule=self.cfg.schedule,
+            checkpoint=self.cfg.checkpoint,
+            device=self.root_device,
+            seed=task.seed,
+        )
+        if self.global_rank == 0:
+            ranks = [self.topology.stage_ranks(s) for s in range(self.cfg.stages)]
+            from rich.console import Console
+
+            Console().print(partition_table(task.model, balance, ranks=ranks))
+        self.runner = PipelineRunner(engine)
+        return self.runner
+
+    def resolve_balance(self, task) -> list[int]:
+        balance = self.cfg.balance
+        num_layers = len(task.model.layers)
+        if self.cfg.stages > num_layers:
+            raise ValueError(
+                f"strategy.stages={self.cfg.stages} is more than the model's {num_layers} layers; "
+                f"use at most {num_layers} stages"
+            )
+        if isinstance(balance, str):
+            sample = None
+            if balance in ("time", "memory"):
+                sample = next(iter(task.trainer.datamodule.train_dataloader()))
+            balance = auto_balance(task.model, self.cfg.stages, by=balance, sample=sample, seed=task.seed)
+        return validate_balance(list(balance), num_layers, self.cfg.stages)
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def model_to_device(self) -> None:
+        """The engine already placed this stage's layers; the rest stay on meta."""
+
+    def configure_ddp(self) -> None:
+        """No DDP wrapper: replicas of a stage all-reduce in the engine's stage group."""
+
+    def setup(self, trainer) -> None:
+        self.accelerator.setup(trainer)
+        self.precision_plugin.convert_module(self.model)
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        self.precision_plugin.clip_grad_by_norm = self.clip_grad_by_global_norm
+        if trainer.state.fn == TrainerFn.FITTING:
+            _optimizers_to_device(self.optimizers, self.root_device)
+
+    def clip_grad_by_global_norm(self, optimizer, clip_val: float) -> None:
+        """Clip by the norm over *all* stages, as `strategy=single` clips the whole model."""
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        norm = global_grad_norm(params, self.cfg.replicas)
+        scale = float(clip_val) / (float(norm) + 1e-6)
+        if scale < 1.0:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+
+    def teardown(self) -> None:
+        """As Lightning's, minus moving the module to CPU: other stages' layers are on meta."""
+        self.cluster_environment.teardown()
+        self.precision_plugin.teardown()
+        self.accelerator.teardown()
+        self.checkpoint_io.teardown()
+
+    def backward(self, closure_loss: Tensor, optimizer, *args, **kwargs) -> Tensor:
+        """Hand back the gradients the pipeline computed in training_step."""
+        accumulate = self.lightning_module.trainer.accumulate_grad_batches
+        self.runner.restore_gradients(1.0 / accumulate)
+        return closure_loss
+
+    def _get_process_group_backend(self) -> str:
+        return "nccl" if self.root_device.type == "cuda" else "gloo"
+
+    # ------------------------------------------------------------------ checkpoints: one shard per stage
+    def shard_path(self, filepath: str | Path, stage: int) -> Path:
+        return Path(f"{filepath}.stage{stage}-of-{self.cfg.stages}")
+
+    def lightning_module_state_dict(self) -> dict:
+        return {k: v for k, v in self.lightning_module.state_dict().items() if not v.is_meta}
+
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
+        """Replica 0 of each stage writes its shard; rank 0 then writes the manifest at `filepath`.
+
+        Shards go to a temporary name and are renamed, and the manifest comes last, so a
+        crash mid-save never leaves a manifest that points at a half-written shard.
+        """
+        stage, replica = self.topology.coords(self.global_rank)
+        if replica == 0:
+            shard = {k: checkpoint.pop(k) for k in ("state_dict", "optimizer_states") if k in checkpoint}
+            shard["rng_states"] = checkpoint.pop("rng_states", None)
+            atomic_save(shard, self.shard_path(filepath, stage))
+        self.barrier("giantpipe_shards_saved")
+        if self.global_rank == 0:
+            checkpoint["giantpipe_shards"] = {"stages": self.cfg.stages,
+                                              "files": [self.shard_path(filepath, s).name for s in range(self.cfg.stages)]}
+            atomic_save(checkpoint, Path(filepath))
+
+    def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        manifest = checkpoint.get("giantpipe_shards")
+        if manifest is None:  # an ordinary (consolidated) checkpoint: take this stage's weights
+            return checkpoint
+        if manifest["stages"] != self.cfg.stages:
+            raise ValueError(
+                f"{checkpoint_path} has {manifest['stages']} stages but strategy.stages={self.cfg.stages}; "
+                f"consolidate it with giantpipe-export and load that"
+            )
+        stage = self.topology.stage_of(self.global_rank)
+        shard_file = Path(checkpoint_path).parent / manifest["files"][stage]
+        if not shard_file.exists():
+            raise FileNotFoundError(f"checkpoint shard {shard_file} of stage {stage} is missing")
+        checkpoint.update(torch.load(shard_file, map_location="cpu", weights_only=False))
+        return checkpoint
+
+    def load_model_state_dict(self, checkpoint, strict: bool = True) -> None:
+        local = self.lightning_module_state_dict()
+        missing = [k for k in local if k not in checkpoint["state_dict"]]
+        if missing:
+            raise ValueError(f"the checkpoint lacks {len(missing)} weights of this stage, e.g. {missing[:3]}")
+        self.lightning_module.load_state_dict({k: checkpoint["state_dict"][k] for k in local}, strict=False)
+
+    def remove_checkpoint(self, filepath) -> None:
+        if self.global_rank == 0:
+            for stage in range(self.cfg.stages):
+                self.shard_path(filepath, stage).unlink(missing_ok=True)
+            Path(filepath).unlink(missing_ok=True)
+
+
+def atomic_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def global_grad_norm(parameters, replicas: int = 1) -> Tensor:
+    """The L2 gradient norm over all stages (each rank holds only its stage's gradients;
+    replicas hold identical, already all-reduced copies, so they are counted once)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    squares = torch.zeros((), dtype=torch.float64)
+    if grads:
+        squares = torch.stack([g.detach().double().pow(2).sum() for g in grads]).sum().cpu()
+    if dist.is_initialized():
+        dist.all_reduce(squares)
+    return (squares / replicas).sqrt()
+
+
+__all__ = ["PipelineStrategy", "PipelineRunner", "stage_ranges", "global_grad_norm"]

@@ -1,0 +1,242 @@
+"""Cutting L layers into N contiguous composite layers (stages), and choosing where to cut.
+
+A balance is a list of layer counts, one per stage: `[3, 2, 3]` puts layers 0-2 on stage 0,
+3-4 on stage 1 and 5-7 on stage 2. It is either given, or chosen to minimize the slowest
+stage's cost, where the per-layer cost is the parameter count (`model.layer_cost`), the
+measured forward+backward time, or the measured parameter + activation bytes.
+
+Measuring never needs the whole model in memory: layers still on the meta device are
+materialized one at a time (with the same per-layer seeds as training) and dropped again.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+from giantpipe.models.contract import Batch, Carry, LayeredModel, materialize
+
+BALANCE_MODES = ("params", "time", "memory")
+
+
+def validate_balance(
+    balance: Sequence[int], num_layers: int, num_stages: int | None = None
+) -> list[int]:
+    """Check an explicit balance against the model; return it as a list of ints."""
+    balance = list(balance)
+    if not balance:
+        raise ValueError("balance is empty: give one layer count per stage, e.g. [2, 2]")
+    if num_stages is not None and len(balance) != num_stages:
+        raise ValueError(
+            f"balance {balance} has {len(balance)} entries but the pipeline has {num_stages} "
+            f"stages: give one layer count per stage"
+        )
+    if len(balance) > num_layers:
+        raise ValueError(
+            f"cannot split {num_layers} layers into {len(balance)} stages: use at most "
+            f"{num_layers} stages"
+        )
+    if any(not isinstance(n, int) or n < 1 for n in balance):
+        raise ValueError(
+            f"balance {balance} has an empty stage: every stage needs at least one layer"
+        )
+    if sum(balance) != num_layers:
+        raise ValueError(
+            f"balance {balance} covers {sum(balance)} layers but the model has {num_layers}: "
+            f"make the counts sum to {num_layers}, or use automatic balance"
+        )
+    return balance
+
+
+def stage_ranges(balance: Sequence[int]) -> list[range]:
+    """The layer indices of each stage."""
+    ranges, start = [], 0
+    for count in balance:
+        ranges.append(range(start, start + count))
+        start += count
+    return ranges
+
+
+def balance_by_cost(costs: Sequence[float], num_stages: int) -> list[int]:
+    """The contiguous partition of `costs` into `num_stages` non-empty parts with the smallest
+    maximum part sum (linear-partition dynamic programme, O(N·L²))."""
+    num_layers = len(costs)
+    if not 1 <= num_stages <= num_layers:
+        raise ValueError(
+            f"cannot split {num_layers} layers into {num_stages} stages: use 1..{num_layers}"
+        )
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + float(c))
+    inf = float("inf")
+    # best[k][j]: smallest max-stage cost of the first j layers in k stages; cut[k][j]: start of the last
+    best = [[inf] * (num_layers + 1) for _ in range(num_stages + 1)]
+    cut = [[0] * (num_layers + 1) for _ in range(num_stages + 1)]
+    best[0][0] = 0.0
+    for k in range(1, num_stages + 1):
+        for j in range(k, num_layers - (num_stages - k) + 1):
+            for i in range(k - 1, j):
+                value = max(best[k - 1][i], prefix[j] - prefix[i])
+                if value < best[k][j]:
+                    best[k][j], cut[k][j] = value, i
+    balance, j = [], num_layers
+    for k in range(num_stages, 0, -1):
+        i = cut[k][j]
+        balance.append(j - i)
+        j = i
+    return balance[::-1]
+
+
+def param_costs(model: LayeredModel) -> list[float]:
+    return [model.layer_cost(i) for i in range(len(model.layers))]
+
+
+def measure_costs(
+    model: LayeredModel,
+    sample: Batch,
+    by: str,
+    *,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    repeats: int = 3,
+) -> list[float]:
+    """Per-layer cost on a sample (micro-)batch: `time` in seconds (median of `repeats`
+    forward+backward runs) or `memory` in bytes (parameters + tensors saved for backward)."""
+    if by not in ("time", "memory"):
+        raise ValueError(f"measure_costs measures 'time' or 'memory', not {by!r}")
+    carry = _to_device(model.first_carry(_to_device(sample, device)), device)
+    costs = []
+    for i in range(len(model.layers)):
+        with _materialized(model, i, device, seed):
+            if by == "time":
+                costs.append(_layer_time(model, i, carry, repeats))
+            else:
+                costs.append(_layer_memory(model, i, carry))
+            with torch.no_grad():
+                carry = model.run_layers(carry, [i])
+    return costs
+
+
+def auto_balance(
+    model: LayeredModel,
+    num_stages: int,
+    by: str = "params",
+    sample: Batch | None = None,
+    **measure_kwargs,
+) -> list[int]:
+    """Balance minimizing the slowest stage, by `params`, measured `time` or `memory`."""
+    if by not in BALANCE_MODES:
+        raise ValueError(f"unknown balance mode {by!r}; choose one of {BALANCE_MODES}")
+    if by == "params":
+        costs = param_costs(model)
+    elif sample is None:
+        raise ValueError(f"balance by {by} measures the layers on a sample batch: pass sample=")
+    else:
+        costs = measure_costs(model, sample, by, **measure_kwargs)
+    return balance_by_cost(costs, num_stages)
+
+
+def partition_table(
+    model: LayeredModel,
+    balance: Sequence[int],
+    costs: Sequence[float] | None = None,
+    ranks: Sequence[Sequence[int]] | None = None,
+    *,
+    plain: bool = False,
+):
+    """The partition as a table (stage, layers, params, cost, ranks): a rich Table, or text."""
+    costs = list(costs) if costs is not None else param_costs(model)
+    header = ["stage", "layers", "params", "cost", "ranks"]
+    rows = []
+    for s, layers in enumerate(stage_ranges(balance)):
+        params = sum(p.numel() for i in layers for p in model.layers[i].parameters())
+        span = f"{layers.start}" if len(layers) == 1 else f"{layers.start}-{layers[-1]}"
+        cost = sum(costs[i] for i in layers)
+        where = ",".join(map(str, ranks[s])) if ranks is not None else "-"
+        rows.append([str(s), span, f"{params:,}", f"{cost:.4g}", where])
+    if plain:
+        widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
+        return "\n".join(
+            "  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in [header, *rows]
+        )
+    from rich.table import Table
+
+    table = Table(title=f"partition of {len(model.layers)} layers into {len(balance)} stages")
+    for name in header:
+        table.add_column(name, justify="right")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+# -- measuring --------------------------------------------------------------------------------
+
+
+def _to_device(tensors: dict[str, Tensor], device) -> dict[str, Tensor]:
+    return {k: v.to(device) for k, v in tensors.items()}
+
+
+@contextmanager
+def _materialized(model: LayeredModel, index: int, device, seed: int):
+    """Layer `index` on `device` for the duration; back on meta afterwards if it came from there."""
+    layer = model.layers[index]
+    on_meta = any(t.is_meta for t in [*layer.parameters(), *layer.buffers()])
+    if on_meta:
+        materialize(model, [index], device, seed)
+    try:
+        yield layer
+    finally:
+        if on_meta:
+            layer.to("meta")
+
+
+def _leaf_inputs(carry: Carry) -> Carry:
+    return {k: v.detach().requires_grad_(v.is_floating_point()) for k, v in carry.items()}
+
+
+def _backward_outputs(out: Carry) -> None:
+    outs = [v for v in out.values() if v.requires_grad]
+    if outs:
+        torch.autograd.backward(outs, [torch.ones_like(v) for v in outs])
+
+
+def _layer_time(model: LayeredModel, index: int, carry: Carry, repeats: int) -> float:
+    sync: Callable[[], None] = lambda: None  # noqa: E731
+    device = next(iter(carry.values())).device
+    if device.type == "cuda":
+        sync = torch.cuda.synchronize
+    times = []
+    for _ in range(repeats + 1):  # the first run warms up
+        inputs = _leaf_inputs(carry)
+        sync()
+        start = time.perf_counter()
+        _backward_outputs(model.run_layers(inputs, [index]))
+        sync()
+        times.append(time.perf_counter() - start)
+    model.layers[index].zero_grad(set_to_none=True)
+    return statistics.median(times[1:])
+
+
+def _layer_memory(model: LayeredModel, index: int, carry: Carry) -> float:
+    layer = model.layers[index]
+    param_bytes = sum(p.numel() * p.element_size() for p in layer.parameters())
+    saved: dict[tuple[int, int], int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        saved[(storage.data_ptr(), t.device.index or 0)] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model.run_layers(_leaf_inputs(carry), [index])
+    parameter_storages = {
+        (p.untyped_storage().data_ptr(), p.device.index or 0) for p in layer.parameters()
+    }
+    activation_bytes = sum(n for key, n in saved.items() if key not in parameter_storages)
+    del out
+    return float(param_bytes + activation_bytes)
