@@ -50,8 +50,6 @@ class Attention(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        if self.linear_k.weight.is_meta:
-            return
         for p in self.parameters():
             nn.init.uniform_(p, -self.init_weight, self.init_weight)
         if self.kind == "normalized_bahdanau":

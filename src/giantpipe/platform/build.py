@@ -15,6 +15,7 @@ import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from giantpipe.platform.callbacks import FinalCheckpoint
 from giantpipe.platform.config import ConfigError
 from giantpipe.platform.summary import ThroughputMonitor
 
@@ -76,7 +77,8 @@ def build_callbacks(cfg: DictConfig) -> tuple[list, ThroughputMonitor]:
     if not cfg.trainer.enable_progress_bar:
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.ProgressBar)]
     monitor = ThroughputMonitor()
-    return callbacks + [monitor], monitor
+    finals = [FinalCheckpoint(c) for c in callbacks if isinstance(c, pl.callbacks.ModelCheckpoint) and c.save_last]
+    return callbacks + finals + [monitor], monitor
 
 
 def build_strategy(cfg: DictConfig):
@@ -91,8 +93,6 @@ def build_trainer(cfg: DictConfig, loggers: list, callbacks: list) -> pl.Trainer
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     if trainer_cfg["precision"] == "auto":
         trainer_cfg["precision"] = "bf16-mixed" if torch.cuda.is_available() else "32-true"
-    if not loggers:
-        trainer_cfg["logger"] = False
     return pl.Trainer(
         **trainer_cfg,
         logger=loggers or False,

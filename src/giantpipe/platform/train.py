@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import hydra
@@ -22,6 +23,11 @@ from giantpipe.platform.report import print_results
 from giantpipe.platform.summary import write_summary
 
 log = logging.getLogger("giantpipe")
+# Known noise: every rank's loss is already global under the pipeline (no sync_dist needed),
+# and a Lightning-internal deprecation.
+for _pattern in (".*sync_dist=True.*", ".*LeafSpec.*", ".*litlogger.*"):
+    warnings.filterwarnings("ignore", message=_pattern)
+
 HELP_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--version", "--shell-completion", "-sc"}
 
 

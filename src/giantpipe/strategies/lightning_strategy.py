@@ -16,7 +16,6 @@ checkpoint shard per stage (the default saves rank 0 only and loses the other st
 from __future__ import annotations
 
 import logging
-import os
 from datetime import timedelta
 from pathlib import Path
 
@@ -28,11 +27,19 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
 from giantpipe.strategies.engine import PipelineEngine
+from giantpipe.strategies.faults import maybe_inject
 from giantpipe.strategies.partition import (
     auto_balance,
     partition_table,
     stage_ranges,
     validate_balance,
+)
+from giantpipe.strategies.stage_checkpoint import (
+    atomic_save,
+    load_shard,
+    manifest_entry,
+    shard_path,
+    split_shard,
 )
 from giantpipe.strategies.topology import Topology
 
@@ -45,11 +52,14 @@ class PipelineRunner:
     def __init__(self, engine: PipelineEngine):
         self.engine = engine
         self.parked: list[Tensor | None] | None = None
+        self.steps = 0
 
     def train_loss(self, batch) -> Tensor:
         params = list(self.engine.parameters())
         for p in params:  # the previous step's gradients are still there: Lightning zeroes later
             p.grad = None
+        maybe_inject(self.engine.stage, self.steps)
+        self.steps += 1
         loss = self.engine.train_step(batch)
         self.parked = [p.grad for p in params]
         for p in params:
@@ -174,44 +184,33 @@ class PipelineStrategy(DDPStrategy):
         return "nccl" if self.root_device.type == "cuda" else "gloo"
 
     # ------------------------------------------------------------------ checkpoints: one shard per stage
-    def shard_path(self, filepath: str | Path, stage: int) -> Path:
-        return Path(f"{filepath}.stage{stage}-of-{self.cfg.stages}")
-
     def lightning_module_state_dict(self) -> dict:
         return {k: v for k, v in self.lightning_module.state_dict().items() if not v.is_meta}
 
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
-        """Replica 0 of each stage writes its shard; rank 0 then writes the manifest at `filepath`.
-
-        Shards go to a temporary name and are renamed, and the manifest comes last, so a
-        crash mid-save never leaves a manifest that points at a half-written shard.
-        """
+        """Replica 0 of each stage writes its shard; rank 0 then writes the manifest (stage_checkpoint)."""
         stage, replica = self.topology.coords(self.global_rank)
+        shard = split_shard(checkpoint)
         if replica == 0:
-            shard = {k: checkpoint.pop(k) for k in ("state_dict", "optimizer_states") if k in checkpoint}
-            shard["rng_states"] = checkpoint.pop("rng_states", None)
-            atomic_save(shard, self.shard_path(filepath, stage))
+            atomic_save(shard, shard_path(filepath, stage, self.cfg.stages))
         self.barrier("giantpipe_shards_saved")
         if self.global_rank == 0:
-            checkpoint["giantpipe_shards"] = {"stages": self.cfg.stages,
-                                              "files": [self.shard_path(filepath, s).name for s in range(self.cfg.stages)]}
+            checkpoint["giantpipe_shards"] = manifest_entry(filepath, self.cfg.stages)
             atomic_save(checkpoint, Path(filepath))
 
     def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
+        if not Path(checkpoint_path).exists():
+            raise FileNotFoundError(f"checkpoint {checkpoint_path} does not exist")
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
         manifest = checkpoint.get("giantpipe_shards")
-        if manifest is None:  # an ordinary (consolidated) checkpoint: take this stage's weights
+        if manifest is None:  # a consolidated checkpoint: each stage takes its own weights
             return checkpoint
         if manifest["stages"] != self.cfg.stages:
             raise ValueError(
-                f"{checkpoint_path} has {manifest['stages']} stages but strategy.stages={self.cfg.stages}; "
-                f"consolidate it with giantpipe-export and load that"
+                f"{checkpoint_path} was saved with {manifest['stages']} stages but strategy.stages={self.cfg.stages}; "
+                f"consolidate it with giantpipe-export and pass the result as init_from"
             )
-        stage = self.topology.stage_of(self.global_rank)
-        shard_file = Path(checkpoint_path).parent / manifest["files"][stage]
-        if not shard_file.exists():
-            raise FileNotFoundError(f"checkpoint shard {shard_file} of stage {stage} is missing")
-        checkpoint.update(torch.load(shard_file, map_location="cpu", weights_only=False))
+        checkpoint.update(load_shard(checkpoint_path, manifest, self.topology.stage_of(self.global_rank)))
         return checkpoint
 
     def load_model_state_dict(self, checkpoint, strict: bool = True) -> None:
@@ -224,15 +223,8 @@ class PipelineStrategy(DDPStrategy):
     def remove_checkpoint(self, filepath) -> None:
         if self.global_rank == 0:
             for stage in range(self.cfg.stages):
-                self.shard_path(filepath, stage).unlink(missing_ok=True)
+                shard_path(filepath, stage, self.cfg.stages).unlink(missing_ok=True)
             Path(filepath).unlink(missing_ok=True)
-
-
-def atomic_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    tmp.replace(path)
 
 
 def global_grad_norm(parameters, replicas: int = 1) -> Tensor:

@@ -1,0 +1,252 @@
+"""Listen, Attend and Spell (Chan et al. 2016) as a list of composite-layer-ready layers.
+
+    [listener 1 (BLSTM), listener 2..L (pyramidal BLSTM), speller embedding,
+     speller 1 + attention, speller 2..K, projection]
+
+A pyramidal layer concatenates adjacent frames before its BLSTM, so time halves per level
+(T -> ceil(T/2), lengths too) and the speller attends over T / 2^levels listener states. The
+speller layers are GNMT's decoder layers (`gnmt.py`: the bottom one queries the attention,
+the upper ones read [y; context]); the projection reads [y; context] like LAS's
+CharacterDistribution. Carry keys, layer by layer (B batch, T frames, U target length):
+
+    listener k       {x (B,T,D), src_len (B,), tgt_in}  -> {x (B,T',2H), src_len, tgt_in}
+    (the last listener layer writes `memory` (B,S,2H) and `src_mask` (B,S) instead of `x`)
+    speller embed    tgt_in (B,U)                       -> y (B,U,E)
+    speller 1        {y, memory, src_mask, src_len}     -> {y (B,U,H), context (B,U,2H)}
+    speller k        {y, context}                       -> {y, context}
+    projection       {y, context}                       -> {logits (B,U,V)}
+
+Batches hold `features` (B,T,n_mels), `feat_len` (B,), `tgt_in` (B,U) = bos + y and, for the
+loss and `split`, `tgt_out` (B,U) = y + eos and optionally `tgt_len` (B,). Several targets per
+utterance, `tgt_in` (B,R,U) (MWER's N-best lists, see `mwer.py`), run the listener once per
+utterance: the speller embedding flattens them to B*R rows and repeats `memory` to match, and
+the logits come out as (B*R,U,V). The speller steps one token at a time (`step_layers`) with
+per-layer state, so a speller spread over pipeline stages decodes stage by stage, as GNMT's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from giantpipe.models.contract import Batch, Carry, LayeredModel, split_batch
+from giantpipe.models.gnmt import (
+    AttentionDecoderLayer,
+    BidirectionalEncoderLayer,
+    DecoderLayer,
+    Embedding,
+    GNMTStepDecoder,
+    State,
+)
+
+_REPEATED_PER_TARGET = ("memory", "src_mask", "src_len")
+
+
+def pyramid_reduce(x_btd: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+    """Concatenate frames 2t and 2t+1: (B,T,D) -> (B,ceil(T/2),2D); lengths -> ceil(len/2).
+
+    Frames past each length are zeroed first, so an odd-length utterance pairs its last
+    frame with zeros whatever the batch's padding holds.
+    """
+    b, t, d = x_btd.shape
+    mask = torch.arange(t, device=x_btd.device) < lengths.to(x_btd.device).unsqueeze(1)
+    x_btd = x_btd * mask.unsqueeze(-1).to(x_btd.dtype)
+    if t % 2:
+        x_btd = torch.cat([x_btd, x_btd.new_zeros(b, 1, d)], dim=1)
+    return x_btd.reshape(b, (t + 1) // 2, 2 * d), (lengths + 1) // 2
+
+
+class ListenerLayer(BidirectionalEncoderLayer):
+    """A BLSTM over the packed frames; `pyramidal` halves time first; `last` emits the memory."""
+
+    def __init__(self, input_size: int, hidden_size: int, dropout: float, pyramidal: bool,
+                 last: bool, init_weight: float = 0.1) -> None:
+        super().__init__(input_size * (2 if pyramidal else 1), hidden_size, dropout,
+                         "memory" if last else "x", init_weight)
+        self.pyramidal, self.last = pyramidal, last
+
+    def forward(self, carry: Carry) -> Carry:
+        carry = dict(carry)
+        if self.pyramidal:
+            carry["x"], carry["src_len"] = pyramid_reduce(carry["x"], carry["src_len"])
+        carry = super().forward(carry)
+        if self.last:
+            frames = torch.arange(carry["memory"].size(1), device=carry["memory"].device)
+            carry["src_mask"] = frames.unsqueeze(0) < carry["src_len"].unsqueeze(1)
+        return carry
+
+
+class SpellerEmbedding(Embedding):
+    """`tgt_in` -> `y`; a (B,R,U) `tgt_in` becomes B*R rows, with the listener outputs repeated."""
+
+    def __init__(self, vocab_size: int, dim: int, pad_id: int, init_weight: float = 0.1) -> None:
+        super().__init__(vocab_size, dim, pad_id, "tgt_in", "y", init_weight)
+
+    def forward(self, carry: Carry) -> Carry:
+        carry = dict(carry)
+        if carry["tgt_in"].dim() == 3:
+            per_item = carry["tgt_in"].size(1)
+            carry["tgt_in"] = carry["tgt_in"].flatten(0, 1)
+            for key in _REPEATED_PER_TARGET:
+                if key in carry:
+                    carry[key] = carry[key].repeat_interleave(per_item, dim=0)
+        return super().forward(carry)
+
+
+class SpellerProjection(nn.Module):
+    """[y; context] -> grapheme logits (LAS's CharacterDistribution, one linear layer)."""
+
+    def __init__(self, hidden_size: int, memory_size: int, vocab_size: int,
+                 init_weight: float = 0.1) -> None:
+        super().__init__()
+        self.linear = nn.Linear(hidden_size + memory_size, vocab_size)
+        self.init_weight = init_weight
+
+    def reset_parameters(self) -> None:
+        for p in self.linear.parameters():
+            nn.init.uniform_(p, -self.init_weight, self.init_weight)
+
+    def forward(self, carry: Carry) -> Carry:
+        carry = dict(carry)
+        carry["logits"] = self.linear(torch.cat([carry.pop("y"), carry.pop("context")], dim=-1))
+        return carry
+
+    def init_step_state(self, encoded: Carry, beam_size: int) -> State:
+        return {}
+
+    def step(self, carry: Carry, state: State) -> tuple[Carry, State]:
+        return self(carry), state
+
+
+class LAS(LayeredModel):
+    """Listener of (pyramidal) BLSTMs, attention, LSTM speller over graphemes.
+
+    `pyramid_levels` of the listener layers after the first halve time (reduction
+    2**pyramid_levels); the listener's memory is 2 * `listener_hidden` wide.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        n_mels: int = 80,
+        listener_hidden: int = 256,
+        listener_layers: int = 4,
+        pyramid_levels: int = 3,
+        speller_hidden: int = 512,
+        speller_layers: int = 2,
+        embedding_size: int | None = None,
+        dropout: float = 0.1,
+        attention: str = "normalized_bahdanau",
+        pad_id: int = 0,
+        init_weight: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if listener_layers < 1 or speller_layers < 1:
+            raise ValueError(f"LAS needs at least one listener and one speller layer, got "
+                             f"listener_layers={listener_layers}, speller_layers={speller_layers}")
+        if not 0 <= pyramid_levels < listener_layers:
+            raise ValueError(f"pyramid_levels must be in [0, listener_layers - 1] (the first "
+                             f"layer reads whole frames), got {pyramid_levels} with "
+                             f"listener_layers={listener_layers}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        h, w, memory = listener_hidden, init_weight, 2 * listener_hidden
+        self.pad_id, self.reduction = pad_id, 2 ** pyramid_levels
+
+        layers: list[nn.Module] = []
+        names = []
+        for k in range(listener_layers):
+            pyramidal = 1 <= k <= pyramid_levels
+            layers.append(ListenerLayer(n_mels if k == 0 else memory, h, dropout, pyramidal,
+                                        last=k == listener_layers - 1, init_weight=w))
+            names.append(f"listener_{k + 1}" + ("_pyramid" if pyramidal else ""))
+        self.encoder_indices = range(0, len(layers))
+        e = embedding_size or speller_hidden
+        layers.append(SpellerEmbedding(vocab_size, e, pad_id, w))
+        layers.append(AttentionDecoderLayer(e, speller_hidden, memory, dropout, attention, w))
+        names += ["speller_embedding", "speller_1_attention"]
+        for k in range(2, speller_layers + 1):
+            layers.append(DecoderLayer(speller_hidden, memory, dropout, residual=k >= 3,
+                                       init_weight=w))
+            names.append(f"speller_{k}")
+        layers.append(SpellerProjection(speller_hidden, memory, vocab_size, w))
+        names.append("projection")
+        self.decoder_indices = range(len(self.encoder_indices), len(layers))
+        self.layers = nn.ModuleList(layers)
+        self.layer_names = names
+        for i in range(len(layers)):
+            self.init_layer(i)
+
+    def first_carry(self, batch: Batch) -> Carry:
+        carry = {"x": batch["features"], "src_len": batch["feat_len"]}
+        if "tgt_in" in batch:
+            carry["tgt_in"] = batch["tgt_in"]
+        return carry
+
+    def split(self, batch: Batch, chunks: int) -> list[Batch]:
+        return [trim_speech_padding(mb, self.pad_id) for mb in split_batch(batch, chunks)]
+
+    def init_layer(self, index: int) -> None:
+        self.layers[index].reset_parameters()
+
+    @property
+    def emit_attention(self) -> bool:
+        return self.layers[self.decoder_indices[1]].emit_attention
+
+    @emit_attention.setter
+    def emit_attention(self, value: bool) -> None:
+        """Also put the attention weights (B,U,S) in the carry as `attn` (alignment plots)."""
+        self.layers[self.decoder_indices[1]].emit_attention = value
+
+    # --- inference -------------------------------------------------------------------------
+    def encode(self, batch: Batch) -> Carry:
+        """Run the listener once: {memory (B,S,2H), src_mask (B,S), src_len (B,)}."""
+        return self.run_layers({"x": batch["features"], "src_len": batch["feat_len"]},
+                               self.encoder_indices)
+
+    def init_step_states(self, encoded: Carry, beam_size: int = 1,
+                         indices=None) -> dict[int, State]:
+        """Fresh recurrent state per speller layer, every utterance repeated `beam_size` times."""
+        indices = self.decoder_indices if indices is None else indices
+        return {i: self.layers[i].init_step_state(encoded, beam_size) for i in indices}
+
+    def step_layers(self, carry: Carry, states: dict[int, State],
+                    indices=None) -> tuple[Carry, dict[int, State]]:
+        """Advance speller layers `indices` (default: all) by one token; a stage steps its own.
+
+        The step carry is {tgt_in (N,1)} before the embedding, {logits (N,1,V), attn (N,1,S)}
+        after the projection.
+        """
+        states = dict(states)
+        for i in sorted(states) if indices is None else indices:
+            carry, states[i] = self.layers[i].step(carry, states[i])
+        return carry, states
+
+    @staticmethod
+    def reorder_step_states(states: dict[int, State], index: Tensor) -> dict[int, State]:
+        """Select rows (beams) of every state tensor; all of them are batch-first."""
+        return {i: {k: v.index_select(0, index) for k, v in s.items()} for i, s in states.items()}
+
+    def step_decoder(self) -> GNMTStepDecoder:
+        """The beam-search protocol over the whole speller (GNMT's adapter is model-agnostic)."""
+        return GNMTStepDecoder(self)
+
+
+def trim_speech_padding(batch: Batch, pad_id: int = 0) -> Batch:
+    """Cut a (micro-)batch's `features` to its longest utterance and its `tgt_*` (last dim, for
+    (B,U) and (B,R,U) targets alike) to its longest target."""
+    frames = int(batch["feat_len"].max())
+    if "tgt_out" in batch:  # y + eos, never pad inside
+        tgt_len = int((batch["tgt_out"] != pad_id).sum(-1).max())
+    elif "tgt_len" in batch:
+        tgt_len = int(batch["tgt_len"].max())
+    else:
+        tgt_len = None
+    out = {}
+    for k, v in batch.items():
+        if k == "features":
+            v = v[:, :frames]
+        elif k.startswith("tgt") and v.dim() >= 2 and tgt_len is not None:
+            v = v[..., :tgt_len]
+        out[k] = v
+    return out

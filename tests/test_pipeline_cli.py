@@ -1,0 +1,89 @@
+"""The pipeline through the real entry point: same losses as one device, sweeps, export, faults."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import TINY, read_summary, run_train
+from giantpipe.platform.launch import free_port
+
+PIPE2 = ["strategy=pipeline", "strategy.stages=2", "trainer.devices=2"]
+
+
+def losses(run_dir) -> dict[int, float]:
+    rows = csv.DictReader((run_dir / "csv" / "metrics.csv").open())
+    return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("single")
+    run_train(TINY + ["model.dropout=0", "trainer.max_steps=20", "logger=csv", f"hydra.run.dir={base / 'run'}"], base)
+    return base / "run"
+
+
+def test_two_stage_pipeline_logs_the_same_losses_as_one_device(tmp_path, single_run):
+    run_dir = tmp_path / "pipe"
+    args = TINY + PIPE2 + ["model.dropout=0", "strategy.micro_batches=4", "trainer.max_steps=20", "logger=csv",
+                           f"hydra.run.dir={run_dir}"]
+    proc = run_train(args, tmp_path)
+    assert "partition of 4 layers into 2 stages" in proc.stdout
+    expected, got = losses(single_run), losses(run_dir)
+    assert len(got) == 20 and sorted(got) == sorted(expected)
+    for step in got:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-5), step
+    summary = read_summary(run_dir)
+    assert summary["choices"]["strategy"] == "pipeline" and summary["steps"] == 20
+    assert summary["metrics"]["test/loss"] == pytest.approx(read_summary(single_run)["metrics"]["test/loss"], rel=1e-4)
+
+    # one shard per stage, consolidated by giantpipe-export, evaluated on one device
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    assert (run_dir / "checkpoints" / "last.ckpt.stage1-of-2").exists()
+    subprocess.run([sys.executable, "-m", "giantpipe.platform.export", str(ckpt)],
+                   check=True, capture_output=True, timeout=120)
+    merged = run_dir / "checkpoints" / "last.consolidated.ckpt"
+    evaluated = tmp_path / "eval.json"
+    subprocess.run([sys.executable, "-m", "giantpipe.platform.evaluate", str(merged), "--out", str(evaluated)],
+                   check=True, capture_output=True, timeout=120, cwd=tmp_path)
+    assert json.loads(evaluated.read_text())["test/loss"] == pytest.approx(summary["metrics"]["test/loss"], rel=1e-5)
+
+
+def test_torchrun_launch_gives_the_same_losses(tmp_path, single_run):
+    run_dir = tmp_path / "tr"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           "-m", "giantpipe.platform.train", *TINY, *PIPE2, "model.dropout=0", "trainer.max_steps=20",
+           "logger=csv", "callbacks=none", f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    expected, got = losses(single_run), losses(run_dir)
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-5), step
+
+
+def test_multirun_over_micro_batches_writes_a_summary_per_job(tmp_path):
+    sweep = tmp_path / "sweep"
+    run_train(["-m", "strategy.micro_batches=1,2,4", *TINY, *PIPE2, "trainer.max_steps=3", "callbacks=none",
+               "logger=none", f"hydra.sweep.dir={sweep}"], tmp_path, timeout=400)
+    for job in range(3):
+        summary = read_summary(sweep / str(job))
+        assert summary["steps"] == 3 and summary["choices"]["strategy"] == "pipeline"
+
+
+@pytest.mark.parametrize("kind", ["kill", "raise"])
+def test_a_failing_stage_ends_the_run_naming_the_stage(tmp_path, kind):
+    os.environ["GIANTPIPE_FAULT"] = f"stage=1,step=2,kind={kind}"
+    try:
+        started = time.perf_counter()
+        proc = run_train(TINY + PIPE2 + ["strategy.timeout_s=20", "callbacks=none", f"hydra.run.dir={tmp_path}/r"],
+                         tmp_path, check=False, timeout=200)
+    finally:
+        del os.environ["GIANTPIPE_FAULT"]
+    assert proc.returncode != 0
+    assert "pipeline stage 1" in proc.stderr, proc.stderr[-3000:]
+    assert time.perf_counter() - started < 150
