@@ -87,3 +87,21 @@ def test_a_failing_stage_ends_the_run_naming_the_stage(tmp_path, kind):
     assert proc.returncode != 0
     assert "pipeline stage 1" in proc.stderr, proc.stderr[-3000:]
     assert time.perf_counter() - started < 150
+
+
+def test_deferred_batch_norm_keeps_the_mini_batch_running_statistics(tmp_path):
+    tiny = [a for a in TINY if not a.startswith("model.")]
+    conv = ["model=giant_conv", "model.d_model=16", "model.n_layers=2", "model.max_len=32", "model.dropout=0",
+            "trainer.max_steps=1", "logger=none", "run_test=false", "trainer.limit_val_batches=0"]
+    run_train(tiny + conv + [f"hydra.run.dir={tmp_path}/single"], tmp_path)
+    run_train(tiny + conv + PIPE2 + ["strategy.micro_batches=4", "strategy.deferred_batch_norm=true",
+                                     f"hydra.run.dir={tmp_path}/pipe"], tmp_path)
+    subprocess.run([sys.executable, "-m", "giantpipe.platform.export", f"{tmp_path}/pipe/checkpoints/last.ckpt"],
+                   check=True, capture_output=True, timeout=120)
+    import torch
+
+    single = torch.load(f"{tmp_path}/single/checkpoints/last.ckpt", weights_only=False)["state_dict"]
+    piped = torch.load(f"{tmp_path}/pipe/checkpoints/last.consolidated.ckpt", weights_only=False)["state_dict"]
+    for stat in ("running_mean", "running_var"):
+        key = f"model.layers.1.norm.{stat}"  # the first BatchNorm sees the same inputs in both runs
+        torch.testing.assert_close(piped[key], single[key], rtol=1e-5, atol=1e-6)

@@ -22,9 +22,17 @@ from giantpipe.platform.summary import ThroughputMonitor
 
 def model_factory(model_cfg: DictConfig, **overrides):
     """A zero-argument callable building the model (called under the meta device by the task)."""
-    kwargs = {k: v for k, v in OmegaConf.to_container(model_cfg, resolve=True).items() if k not in ("_target_", "family")}
+    # `family` and `decode` (beam search settings) are read by the platform, not the constructor
+    kwargs = {k: v for k, v in OmegaConf.to_container(model_cfg, resolve=True).items()
+              if k not in ("_target_", "family", "decode")}
     kwargs.update(overrides)
     return functools.partial(hydra.utils.get_class(model_cfg._target_), **kwargs)
+
+
+def layer_count(model_cfg: DictConfig) -> int:
+    """How many layers the model's layer list has (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        return len(model_factory(model_cfg)().layers)
 
 
 def build_language_model(cfg: DictConfig):
@@ -72,10 +80,12 @@ def build_loggers(cfg: DictConfig, sweep_group: str | None) -> list:
     return loggers
 
 
-def build_callbacks(cfg: DictConfig) -> tuple[list, ThroughputMonitor]:
+def build_callbacks(cfg: DictConfig, has_logger: bool = True) -> tuple[list, ThroughputMonitor]:
     callbacks = [hydra.utils.instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node]
     if not cfg.trainer.enable_progress_bar:
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.ProgressBar)]
+    if not has_logger:  # the LR monitor has nowhere to write
+        callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
     monitor = ThroughputMonitor()
     finals = [FinalCheckpoint(c) for c in callbacks if isinstance(c, pl.callbacks.ModelCheckpoint) and c.save_last]
     return callbacks + finals + [monitor], monitor

@@ -35,6 +35,53 @@ class GiantNetConfig:
     dropout: float = 0.1
 
 
+@dataclass
+class GiantConvConfig:
+    """Causal convolution LM with BatchNorm: exercises micro-batch statistics."""
+
+    _target_: str = "giantpipe.models.giant_conv.GiantConvNet"
+    family: str = "language_model"
+    vocab_size: int = 256
+    d_model: int = 128
+    n_layers: int = 6
+    kernel_size: int = 5
+    max_len: int = 256
+    dropout: float = 0.1
+
+
+@dataclass
+class DecodeConfig:
+    """Beam search for validation/test BLEU and giantpipe-eval, scored as in GNMT (DESIGN §7):
+    log P / lp + cp with lp = ((5 + |Y|) / 6) ** alpha and cp = beta * sum_i log min(sum_j p_ij, 1)."""
+
+    beam_size: int = 5  # 1 is greedy decoding
+    alpha: float = 0.6  # length-penalty exponent (NVIDIA GNMT v2: len_norm_factor 0.6)
+    beta: float = 0.1  # coverage-penalty weight (NVIDIA GNMT v2: cov_penalty_factor 0.1)
+    max_len: int | None = 150  # hard cap on output tokens, EOS included
+    max_len_a: float | None = 2.0  # and per sentence at most floor(a * source length + b)
+    max_len_b: float = 10.0
+    num_samples: int = 8  # sample translations logged (as a table) per evaluation
+
+
+@dataclass
+class GNMTConfig:
+    """GNMT v2 (DESIGN §7): bidirectional first encoder layer, residuals from layer 3,
+    attention queried by the bottom decoder layer and fed to the upper ones."""
+
+    _target_: str = "giantpipe.models.gnmt.GNMT"
+    family: str = "translation"
+    src_vocab_size: int = 1000  # overwritten from the data's wordpieces
+    tgt_vocab_size: int = 1000  # overwritten from the data's wordpieces
+    hidden_size: int = 256  # LSTM width (each direction of encoder layer 1)
+    num_encoder_layers: int = 4  # counting the bidirectional first layer
+    num_decoder_layers: int = 4  # counting the attention layer
+    embedding_size: int | None = None  # defaults to hidden_size
+    dropout: float = 0.2  # on the input of every LSTM layer
+    attention: str = "normalized_bahdanau"  # normalized_bahdanau | bahdanau | dot
+    init_weight: float = 0.1  # parameters start uniform in (-w, w)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+
+
 # ---------------------------------------------------------------- data
 @dataclass
 class TextDataConfig:
@@ -54,6 +101,38 @@ class TextDataConfig:
     batch_size: int = 32  # global batch (all replicas together)
     val_fraction: float = 0.03
     test_fraction: float = 0.03
+    num_workers: int = 0
+    cache_dir: str = "${oc.env:GIANTPIPE_CACHE,${oc.env:HOME}/.cache/giantpipe}"
+
+
+@dataclass
+class TranslationDataConfig:
+    """Sentence pairs: the embedded En->De verbalization corpus, local files or a HF dataset."""
+
+    family: str = "translation"
+    source: str = "default"  # default | files | hf
+    src_lang: str = "en"
+    tgt_lang: str = "de"
+    # source=files: one json/jsonl/tsv file or a [source.txt, target.txt] pair, cut into
+    # splits by val_size/test_size; or split_paths {train: [...], validation: [...], test: [...]}
+    paths: list[str] = field(default_factory=list)
+    split_paths: dict[str, list[str]] = field(default_factory=dict)
+    hf_name: str | None = None  # source=hf, e.g. wmt16
+    hf_config: str | None = None  # e.g. de-en
+    hf_splits: dict[str, str] = field(
+        default_factory=lambda: {"train": "train", "validation": "validation", "test": "test"}
+    )
+    size: int = 40_000  # source=default: pairs generated
+    val_size: int = 1000  # distinct source sentences cut off for validation (when cutting)
+    test_size: int = 1000
+    max_words: int | None = 250  # pairs with longer sentences are skipped (and counted)
+    tokenizer: str = "bpe"  # bpe | unigram | wordpiece, trained on the train split
+    vocab_size: int = 1000
+    shared_vocab: bool = True  # one vocabulary for both languages
+    max_tokens: int | None = 128  # training pairs longer than this (in wordpieces) are skipped
+    eval_max_tokens: int | None = None  # the same for validation/test (None keeps all)
+    batch_size: int = 64  # global batch (all replicas together)
+    pool_batches: int = 50  # length bucketing: sort within pools of this many batches
     num_workers: int = 0
     cache_dir: str = "${oc.env:GIANTPIPE_CACHE,${oc.env:HOME}/.cache/giantpipe}"
 
@@ -129,8 +208,8 @@ class OptimConfig:
 
 
 GROUP_SCHEMAS = {
-    "model": {"giant_net": GiantNetConfig},
-    "data": {"stdlib_text": TextDataConfig},
+    "model": {"giant_net": GiantNetConfig, "giant_conv": GiantConvConfig, "gnmt": GNMTConfig},
+    "data": {"stdlib_text": TextDataConfig, "translation": TranslationDataConfig},
     "loss": {"cross_entropy": CrossEntropyConfig, "mwer": MWERConfig},
     "strategy": {"single": SingleStrategyConfig, "pipeline": PipelineStrategyConfig},
     "trainer": {"default": TrainerConfig},
@@ -188,10 +267,39 @@ def validate(cfg) -> None:
             f"strategy.micro_batches={strategy.micro_batches} is larger than the per-replica batch of "
             f"{per_replica}; lower micro_batches or raise data.batch_size"
         )
+    check_partition(cfg)
     if strategy.schedule not in ("gpipe", "1f1b"):
         raise ConfigError(f"strategy.schedule={strategy.schedule!r}: choose gpipe or 1f1b")
     if strategy.checkpoint not in ("always", "except_last", "never"):
         raise ConfigError(f"strategy.checkpoint={strategy.checkpoint!r}: choose always, except_last or never")
+
+
+def check_partition(cfg) -> None:
+    """Stage count and explicit balance against the model's layer count (built on meta: free)."""
+    from giantpipe.platform.build import layer_count
+
+    strategy = cfg.strategy
+    layers = layer_count(cfg.model)
+    if strategy.stages > layers:
+        raise ConfigError(
+            f"strategy.stages={strategy.stages} is more than the {layers} layers of model={cfg_choice(cfg, 'model')}; "
+            f"use at most {layers} stages or a deeper model"
+        )
+    balance = strategy.balance
+    if isinstance(balance, str):
+        if balance not in ("params", "time", "memory"):
+            raise ConfigError(f"strategy.balance={balance!r}: give a list of layer counts, or params, time or memory")
+        return
+    balance = list(balance)
+    if len(balance) != strategy.stages or sum(balance) != layers or min(balance) < 1:
+        raise ConfigError(
+            f"strategy.balance={balance} must give each of the {strategy.stages} stages at least one layer and sum to "
+            f"the model's {layers} layers, e.g. strategy.balance={even_balance(layers, strategy.stages)}"
+        )
+
+
+def even_balance(layers: int, stages: int) -> list[int]:
+    return [layers // stages + (1 if s < layers % stages else 0) for s in range(stages)]
 
 
 def cfg_choice(cfg, group: str) -> str:

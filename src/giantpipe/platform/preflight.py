@@ -80,7 +80,8 @@ def explain(err: Exception, overrides: list[str]) -> str:
     if key:
         full_key = key.group(1)
         parent_path, _, leaf = full_key.rpartition(".")
-        rest = [o for o in overrides if not o.lstrip("+~").startswith(full_key + "=")]
+        groups = {p.name for p in conf_dir().iterdir() if p.is_dir()}
+        rest = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in groups]  # group choices only
         try:
             node = compose_train(rest)
             parent = OmegaConf.select(node, parent_path) if parent_path else node

@@ -43,7 +43,7 @@ def run(cfg: DictConfig, job: dict) -> dict:
 
     data, task, extras = build_task(cfg)
     loggers = build_loggers(cfg, job["sweep_group"])
-    callbacks, throughput = build_callbacks(cfg)
+    callbacks, throughput = build_callbacks(cfg, has_logger=bool(loggers))
     trainer = build_trainer(cfg, loggers, callbacks)
     if cfg.init_from:
         task.load_weights(cfg.init_from)

@@ -26,6 +26,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
+from giantpipe.strategies.batchnorm import DeferredBatchNorm
 from giantpipe.strategies.engine import PipelineEngine
 from giantpipe.strategies.faults import maybe_inject
 from giantpipe.strategies.partition import (
@@ -106,6 +107,8 @@ class PipelineStrategy(DDPStrategy):
         if self.runner is not None:
             return self.runner
         balance = self.resolve_balance(task)
+        if self.cfg.deferred_batch_norm:
+            DeferredBatchNorm.convert(task.model, self.cfg.micro_batches)
         engine = PipelineEngine(
             task.model,
             task.loss_fn,
