@@ -23,14 +23,16 @@ def losses(run_dir) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def single_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("single")
-    run_train(TINY + ["model.dropout=0", "trainer.max_steps=20", "logger=csv", f"hydra.run.dir={base / 'run'}"], base)
+    # clipping always active: the pipeline must clip by the global norm across stages, as here
+    run_train(TINY + ["model.dropout=0", "trainer.max_steps=20", "logger=csv", "trainer.gradient_clip_val=0.05",
+                      f"hydra.run.dir={base / 'run'}"], base)
     return base / "run"
 
 
 def test_two_stage_pipeline_logs_the_same_losses_as_one_device(tmp_path, single_run):
     run_dir = tmp_path / "pipe"
     args = TINY + PIPE2 + ["model.dropout=0", "strategy.micro_batches=4", "trainer.max_steps=20", "logger=csv",
-                           f"hydra.run.dir={run_dir}"]
+                           "trainer.gradient_clip_val=0.05", f"hydra.run.dir={run_dir}"]
     proc = run_train(args, tmp_path)
     assert "partition of 4 layers into 2 stages" in proc.stdout
     expected, got = losses(single_run), losses(run_dir)
@@ -57,10 +59,31 @@ def test_torchrun_launch_gives_the_same_losses(tmp_path, single_run):
     run_dir = tmp_path / "tr"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            "-m", "giantpipe.platform.train", *TINY, *PIPE2, "model.dropout=0", "trainer.max_steps=20",
-           "logger=csv", "callbacks=none", f"hydra.run.dir={run_dir}"]
+           "trainer.gradient_clip_val=0.05", "logger=csv", "callbacks=none", f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    expected, got = losses(single_run), losses(run_dir)
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-5), step
+
+
+def test_two_node_torchrun_on_localhost_gives_the_same_losses(tmp_path, single_run):
+    run_dir, port = tmp_path / "nodes", free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def node(rank: int) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={rank}",
+               "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
+               "-m", "giantpipe.platform.train", *TINY, "strategy=pipeline", "strategy.stages=2",
+               "trainer.devices=1", "trainer.num_nodes=2", "model.dropout=0", "trainer.max_steps=20",
+               "trainer.gradient_clip_val=0.05",
+               "logger=csv", "callbacks=none", f"hydra.run.dir={run_dir}"]
+        return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    nodes = [node(0), node(1)]
+    outputs = [p.communicate(timeout=300) for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
     expected, got = losses(single_run), losses(run_dir)
     for step in expected:
         assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-5), step
@@ -105,3 +128,40 @@ def test_deferred_batch_norm_keeps_the_mini_batch_running_statistics(tmp_path):
     for stat in ("running_mean", "running_var"):
         key = f"model.layers.1.norm.{stat}"  # the first BatchNorm sees the same inputs in both runs
         torch.testing.assert_close(piped[key], single[key], rtol=1e-5, atol=1e-6)
+
+
+def test_pipelined_run_resumes_from_its_stage_shards_with_the_same_losses(tmp_path):
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    args = TINY + PIPE2 + ["strategy.micro_batches=2", "logger=csv"]
+    run_train(args + ["callbacks.model_checkpoint.save_top_k=-1", f"hydra.run.dir={full}"], tmp_path)
+    run_train(args + [f"hydra.run.dir={resumed}", f"ckpt_path={full}/checkpoints/step3.ckpt"], tmp_path)
+    expected, got = losses(full), losses(resumed)
+    assert sorted(got) == [3, 4, 5]
+    for step in got:  # dropout on: each stage's RNG stream comes back from its shard
+        assert got[step] == pytest.approx(expected[step], abs=1e-6), step
+
+
+def test_a_missing_stage_shard_is_named_at_load(tmp_path):
+    run_dir = tmp_path / "run"
+    run_train(TINY + PIPE2 + ["trainer.max_steps=3", "logger=none", f"hydra.run.dir={run_dir}"], tmp_path)
+    (run_dir / "checkpoints" / "last.ckpt.stage1-of-2").unlink()
+    proc = run_train(TINY + PIPE2 + ["logger=none", f"ckpt_path={run_dir}/checkpoints/last.ckpt",
+                                     f"hydra.run.dir={tmp_path}/again"], tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "last.ckpt.stage1-of-2" in proc.stderr and "stage 1" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_four_stage_checkpoint_reloads_as_two_and_one_stages_with_identical_outputs(tmp_path):
+    four = tmp_path / "four"
+    args = TINY + ["strategy=pipeline", "model.dropout=0", "trainer.max_steps=2", "logger=none"]
+    run_train(args + ["strategy.stages=4", "trainer.devices=4", f"hydra.run.dir={four}"], tmp_path, timeout=400)
+    expected = read_summary(four)["metrics"]["test/loss"]
+    ckpt = four / "checkpoints" / "last.ckpt"
+    assert (four / "checkpoints" / "last.ckpt.stage3-of-4").exists()
+    two = tmp_path / "two"  # resume at the final step as 2 stages: no more training, just the test
+    run_train(args + ["strategy.stages=2", "trainer.devices=2", f"ckpt_path={ckpt}", f"hydra.run.dir={two}"], tmp_path)
+    assert read_summary(two)["metrics"]["test/loss"] == pytest.approx(expected, abs=1e-6)
+    out = tmp_path / "one.json"  # and on one device, straight from the manifest
+    subprocess.run([sys.executable, "-m", "giantpipe.platform.evaluate", str(ckpt), "--out", str(out)],
+                   check=True, capture_output=True, timeout=120, cwd=tmp_path)
+    assert json.loads(out.read_text())["test/loss"] == pytest.approx(expected, abs=1e-6)

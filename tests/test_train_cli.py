@@ -80,3 +80,23 @@ def test_resume_continues_with_the_same_next_losses(tmp_path):
     assert sorted(got) == [3, 4, 5]  # Lightning's step column counts from 0: steps 4..6
     for step in got:
         assert abs(got[step] - expected[step]) < 1e-6, (step, got[step], expected[step])
+
+
+def test_local_text_files_train_and_every_logger_writes(tmp_path):
+    corpus = tmp_path / "notes"
+    corpus.mkdir()
+    for i in range(30):
+        (corpus / f"{i}.txt").write_text(f"Note {i}: pipelines split models into stages.\n" * 80)
+    run_dir = tmp_path / "run"
+    run_train(TINY + ["data=text_files", f"data.paths=[{corpus}/*.txt]", "data.val_fraction=0.2",
+                      "data.test_fraction=0.2", "trainer.max_steps=2", "logger=all", "callbacks=none",
+                      f"hydra.run.dir={run_dir}"], tmp_path)
+    assert read_summary(run_dir)["steps"] == 2
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run_dir / "csv" / "metrics.csv").exists() and list((run_dir / "wandb").glob("offline-run-*"))
+
+
+def test_missing_data_files_fail_with_one_line(tmp_path):
+    proc = run_train(["data=text_files", "data.paths=[/nonexistent/*.txt]"], tmp_path, check=False)
+    assert proc.returncode == 2
+    assert "data.paths" in proc.stderr and "Traceback" not in proc.stderr

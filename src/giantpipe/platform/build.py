@@ -56,7 +56,33 @@ def build_language_model(cfg: DictConfig):
     return data, task, extras
 
 
-FAMILIES = {"language_model": build_language_model}
+def build_translation(cfg: DictConfig):
+    """GNMT on sentence pairs: vocabulary sizes and padding come from the data's wordpieces."""
+    from giantpipe.platform.data.translation import corpus_bleu
+    from giantpipe.platform.data.translation_module import TranslationDataModule
+    from giantpipe.platform.tasks.translation import TranslationTask
+
+    if cfg.loss.name != "cross_entropy":
+        raise ConfigError(
+            f"loss={cfg.loss.name} is not wired into the translation task yet; use loss=cross_entropy "
+            f"(loss.label_smoothing=0.1 as in GNMT)"
+        )
+    pipeline = cfg.strategy.name == "pipeline"
+    min_eval_batch = cfg.strategy.micro_batches * cfg.strategy.replicas if pipeline else 1
+    data = TranslationDataModule(cfg.data, batch_size=cfg.data.batch_size, seed=cfg.seed,
+                                 min_eval_batch=min_eval_batch)
+    data.prepare()
+    src, tgt = data.src_vocab, data.tgt_vocab
+    factory = model_factory(cfg.model, src_vocab_size=src.vocab_size, tgt_vocab_size=tgt.vocab_size,
+                            pad_id=tgt.pad_id)
+    task = TranslationTask(factory, optim=cfg.optim, seed=cfg.seed,
+                           decode=OmegaConf.to_container(cfg.model.decode, resolve=True),
+                           src_vocab=src, tgt_vocab=tgt, label_smoothing=cfg.loss.label_smoothing)
+    extras = {"bleu_signature": corpus_bleu([""], [""]).signature}
+    return data, task, extras
+
+
+FAMILIES = {"language_model": build_language_model, "translation": build_translation}
 
 
 def build_task(cfg: DictConfig):

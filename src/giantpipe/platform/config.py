@@ -123,6 +123,8 @@ class TranslationDataConfig:
         default_factory=lambda: {"train": "train", "validation": "validation", "test": "test"}
     )
     size: int = 40_000  # source=default: pairs generated
+    split_seed: int = 0  # generates the default corpus and cuts splits; not the run's seed,
+    # so runs with different seeds share one test set
     val_size: int = 1000  # distinct source sentences cut off for validation (when cutting)
     test_size: int = 1000
     max_words: int | None = 250  # pairs with longer sentences are skipped (and counted)

@@ -82,8 +82,13 @@ def run_job(cfg: DictConfig) -> dict:
     """Run in this process (one device, or already launched by torchrun/SLURM), or spawn workers."""
     world = cfg.trainer.devices * cfg.trainer.num_nodes
     job = job_info()
-    if cfg.strategy.name == "single" or launched_externally() or cfg.trainer.num_nodes > 1:
+    if cfg.strategy.name == "single" or launched_externally():
         return run(cfg, job)
+    if cfg.trainer.num_nodes > 1:
+        raise ConfigError(
+            f"trainer.num_nodes={cfg.trainer.num_nodes}: multi-node runs are started on every node by torchrun or "
+            "SLURM (see 'Running on a cluster' in the README)"
+        )
     OmegaConf.resolve(cfg)  # workers have no HydraConfig to resolve ${hydra:...} with
     build_task(cfg)  # fail on bad data before starting processes, and fill the data cache once
 

@@ -22,6 +22,11 @@ the forward's CPU and device RNG states are stashed and restored for the recompu
 dropout masks are the same, and BatchNorm running statistics are restored after it so they
 are updated once per micro-batch.
 
+Observability: with `timeline=True` (or `engine.timeline = True`) every step records, per
+rank, when each micro-batch's forward, backward and recompute ran and when this stage sent,
+received and waited (`timeline.StepTimeline`, in `engine.last_timeline`), and the stage's peak
+memory. Off (the default), each action costs one `is None` test more.
+
 A stage that dies leaves its neighbours blocked in a receive or a collective; they raise
 once the process group's timeout passes (gloo) or the NCCL watchdog fires. A step that
 raised leaves the pipeline out of step: end the run.
@@ -30,8 +35,9 @@ raised leaves the pipeline out of step: end the run.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
+from time import perf_counter
 
 import torch
 import torch.distributed as dist
@@ -43,6 +49,7 @@ from giantpipe.models.contract import Batch, Carry, LayeredModel, SumLoss, batch
 from giantpipe.strategies.comm import Link, wants_grad
 from giantpipe.strategies.partition import stage_ranges, validate_balance
 from giantpipe.strategies.schedule import Action, Phase, forward_only_stage, stage_actions
+from giantpipe.strategies.timeline import StepTimeline, TimelineRecorder
 from giantpipe.strategies.topology import PipelineGroups, Topology
 
 CHECKPOINT_MODES = ("always", "except_last", "never")
@@ -84,6 +91,7 @@ class PipelineEngine:
         device: torch.device | str = "cpu",
         seed: int = 0,
         groups: PipelineGroups | None = None,
+        timeline: bool = False,
     ) -> None:
         distributed = dist.is_available() and dist.is_initialized()
         rank = dist.get_rank() if distributed else 0
@@ -119,6 +127,7 @@ class PipelineEngine:
         self.num_stages = topology.num_stages
         self.is_first, self.is_last = self.stage == 0, self.stage == self.num_stages - 1
         self.micro_batches = micro_batches
+        self.schedule = schedule
         self.checkpoint = checkpoint
         self.device = torch.device(device)
         self.loss_fn = loss_fn
@@ -135,6 +144,24 @@ class PipelineEngine:
             for m in model.layers[i].modules()
             if isinstance(m, _BatchNorm)
         ]
+        self._recorder: TimelineRecorder | None = None
+        self.last_timeline: StepTimeline | None = None  # the last step's, when recording
+        self.timeline = timeline
+
+    @property
+    def timeline(self) -> bool:
+        """Whether steps record their timeline into `last_timeline` (see timeline.py)."""
+        return self._recorder is not None
+
+    @timeline.setter
+    def timeline(self, on: bool) -> None:
+        if on and self._recorder is None:
+            self._recorder = TimelineRecorder(
+                self.rank, self.stage, self.replica, self.num_stages, self.micro_batches,
+                self.schedule, self.device,
+            )  # fmt: skip
+        elif not on:
+            self._recorder = None
 
     # -- the local composite layer ------------------------------------------------------------
 
@@ -154,34 +181,40 @@ class PipelineEngine:
         """Forward and backward one mini-batch through the pipeline; return its loss (detached,
         the same on every rank). With `sync_gradients=False` the replicas' gradients are not
         all-reduced (gradient accumulation: call `all_reduce_gradients` at the end)."""
+        if self._recorder is not None:
+            self._recorder.start("train")
         step = self._start(batch, training=True, loss=True)
         for action in self._train_actions:
             self._run_action(action, step)
         self._wait_sends()
         if sync_gradients:
             self.all_reduce_gradients()
-        return self._reduce_loss(step)
+        return self._finish(self._reduce_loss(step))
 
     @torch.no_grad()
     def eval_step(self, batch: Batch) -> Tensor:
         """The mini-batch loss without gradients, the same on every rank. The caller chooses
         train()/eval() mode of the model (Lightning does)."""
+        if self._recorder is not None:
+            self._recorder.start("eval")
         step = self._start(batch, training=False, loss=True)
         for action in self._forward_actions:
             self._run_action(action, step)
         self._wait_sends()
-        return self._reduce_loss(step)
+        return self._finish(self._reduce_loss(step))
 
     @torch.no_grad()
     def forward(self, batch: Batch) -> Carry | None:
         """The last stage's output carry for the batch (micro-batches joined by `model.merge`);
         None on the other stages."""
+        if self._recorder is not None:
+            self._recorder.start("forward")
         step = self._start(batch, training=False, loss=False)
         step.keep_outputs = True
         for action in self._forward_actions:
             self._run_action(action, step)
         self._wait_sends()
-        return self.module.merge(step.outputs) if self.is_last else None
+        return self._finish(self.module.merge(step.outputs) if self.is_last else None)
 
     def all_reduce_gradients(self) -> None:
         """Sum this stage's gradients over its replicas (each replica's loss already carries the
@@ -189,6 +222,7 @@ class PipelineEngine:
         group = self.groups.stage
         if group is None:
             return
+        start = perf_counter()
         params = [p for p in self.parameters() if p.requires_grad]
         for p in params:
             if p.grad is None:
@@ -200,6 +234,8 @@ class PipelineEngine:
                 grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True
             ):
                 grad.copy_(synced)
+        if self._recorder is not None and self._recorder.recording:
+            self._recorder.add("sync", -1, start, perf_counter())
 
     # -- one action -------------------------------------------------------------------------------
 
@@ -211,12 +247,17 @@ class PipelineEngine:
             self._backward(action.micro_batch, step)
 
     def _forward(self, i: int, step: _Step) -> None:
+        rec = self._recorder
         if self.is_first:
             assert step.micro_batches is not None
             carry = self.module.first_carry(step.micro_batches[i])
+            begin = perf_counter() if rec is not None else 0.0
         else:
             assert self._prev is not None
+            begin = perf_counter() if rec is not None else 0.0
             carry = self._prev.recv_carry()
+            if rec is not None:
+                rec.add("recv", i, begin, begin := perf_counter())
         inputs = [t for t in carry.values() if wants_grad(t)]
         if step.training and self._recompute(i):
             out = checkpoint(
@@ -224,13 +265,18 @@ class PipelineEngine:
                 carry,
                 use_reentrant=False,
                 preserve_rng_state=True,
-                context_fn=self._context_fn(),
+                context_fn=self._context_fn(i),
             )
         else:
             out = self._run_layers(carry)
         if not self.is_last:
             assert self._next is not None
+            if rec is not None:
+                rec.add("forward", i, begin, begin := perf_counter())
+                rec.sample_memory()
             sent = self._next.send_carry(out)
+            if rec is not None:
+                rec.add("send", i, begin, perf_counter())
             if step.training:
                 step.stash[i] = (inputs, sent)
             return
@@ -242,9 +288,14 @@ class PipelineEngine:
             step.loss = loss.detach() if step.loss is None else step.loss + loss.detach()
             if step.training:
                 step.stash[i] = (inputs, loss)
+        if rec is not None:
+            rec.add("forward", i, begin, perf_counter())
+            rec.sample_memory()
 
     def _backward(self, i: int, step: _Step) -> None:
+        rec = self._recorder
         inputs, roots = step.stash.pop(i)
+        begin = perf_counter() if rec is not None else 0.0
         if self.is_last:
             assert isinstance(roots, Tensor)
             if roots.requires_grad:
@@ -252,12 +303,19 @@ class PipelineEngine:
         else:
             assert self._next is not None and isinstance(roots, list)
             grads = self._next.recv_grads(roots)
+            if rec is not None:
+                rec.add("recv", i, begin, begin := perf_counter())
             if roots:
                 torch.autograd.backward(roots, grads)
+        if rec is not None:
+            rec.add("backward", i, begin, begin := perf_counter())
+            rec.sample_memory()
         if self._prev is not None:
             self._prev.send_grads(
                 [t.grad if t.grad is not None else torch.zeros_like(t) for t in inputs]
             )
+            if rec is not None:
+                rec.add("send", i, begin, perf_counter())
 
     def _run_layers(self, carry: Carry) -> Carry:
         # a copy, so a layer that assigns into its carry cannot change what a recompute sees
@@ -268,10 +326,22 @@ class PipelineEngine:
             return True
         return self.checkpoint == "except_last" and i < self.micro_batches - 1
 
-    def _context_fn(self):
-        if not self._batchnorms:
+    def _context_fn(self, i: int):
+        """The recompute's context: keep BatchNorm statistics, and time it when recording."""
+        rec = self._recorder
+        if not self._batchnorms and rec is None:
             return noop_context_fn
-        return lambda: (nullcontext(), _kept_buffers(self._batchnorms))
+
+        @contextmanager
+        def recompute_context():  # entered when the backward recomputes, not before
+            with ExitStack() as stack:
+                if self._batchnorms:
+                    stack.enter_context(_kept_buffers(self._batchnorms))
+                if rec is not None:
+                    stack.enter_context(rec.span("recompute", i))
+                yield
+
+        return lambda: (nullcontext(), recompute_context())
 
     # -- step set-up and results ------------------------------------------------------------------
 
@@ -313,13 +383,25 @@ class PipelineEngine:
         if step.loss is not None:
             loss += step.loss.double()
         if self.world_size > 1:
+            begin = perf_counter()
             dist.all_reduce(loss)
+            if self._recorder is not None:
+                self._recorder.add("sync", -1, begin, perf_counter())
         return loss.float()
 
     def _wait_sends(self) -> None:
+        begin = perf_counter()
         for link in (self._prev, self._next):
             if link is not None:
                 link.wait()
+        if self._recorder is not None:
+            self._recorder.add("wait", -1, begin, perf_counter())
+
+    def _finish(self, result):
+        """Close the step's timeline (when recording) and pass `result` through."""
+        if self._recorder is not None:
+            self.last_timeline = self._recorder.finish()
+        return result
 
 
 def _check_parameters(model: LayeredModel, balance: list[int]) -> None:

@@ -26,6 +26,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
+from giantpipe.models.beam_search import BeamSearchResult
 from giantpipe.strategies.batchnorm import DeferredBatchNorm
 from giantpipe.strategies.engine import PipelineEngine
 from giantpipe.strategies.faults import maybe_inject
@@ -35,8 +36,10 @@ from giantpipe.strategies.partition import (
     stage_ranges,
     validate_balance,
 )
+from giantpipe.strategies.pipelined_decoding import pipelined_beam_search
 from giantpipe.strategies.stage_checkpoint import (
     atomic_save,
+    consolidate,
     load_shard,
     manifest_entry,
     shard_path,
@@ -69,6 +72,11 @@ class PipelineRunner:
 
     def eval_loss(self, batch) -> Tensor:
         return self.engine.eval_step(batch)
+
+    def decode(self, batch, **search) -> BeamSearchResult:
+        """Beam search through the pipeline (all its ranks together); every rank gets the
+        result one device would (strategies/pipelined_decoding.py)."""
+        return pipelined_beam_search(self.engine, batch, **search)
 
     def restore_gradients(self, scale: float) -> None:
         if self.parked is None:
@@ -209,10 +217,11 @@ class PipelineStrategy(DDPStrategy):
         if manifest is None:  # a consolidated checkpoint: each stage takes its own weights
             return checkpoint
         if manifest["stages"] != self.cfg.stages:
-            raise ValueError(
-                f"{checkpoint_path} was saved with {manifest['stages']} stages but strategy.stages={self.cfg.stages}; "
-                f"consolidate it with giantpipe-export and pass the result as init_from"
-            )
+            # Resharding: every stage's weights are read and each rank keeps its own; the
+            # optimizer state was laid out per stage, so it starts afresh.
+            log.warning("%s has %d stages, this run %d: resharding the weights; the optimizer state restarts",
+                        checkpoint_path, manifest["stages"], self.cfg.stages)
+            return consolidate(checkpoint_path)
         checkpoint.update(load_shard(checkpoint_path, manifest, self.topology.stage_of(self.global_rank)))
         return checkpoint
 
@@ -233,10 +242,12 @@ class PipelineStrategy(DDPStrategy):
 def global_grad_norm(parameters, replicas: int = 1) -> Tensor:
     """The L2 gradient norm over all stages (each rank holds only its stage's gradients;
     replicas hold identical, already all-reduced copies, so they are counted once)."""
+    parameters = list(parameters)
     grads = [p.grad for p in parameters if p.grad is not None]
-    squares = torch.zeros((), dtype=torch.float64)
+    device = parameters[0].device if parameters else torch.device("cpu")  # NCCL needs device tensors
+    squares = torch.zeros((), dtype=torch.float64, device=device)
     if grads:
-        squares = torch.stack([g.detach().double().pow(2).sum() for g in grads]).sum().cpu()
+        squares = torch.stack([g.detach().double().pow(2).sum() for g in grads]).sum()
     if dist.is_initialized():
         dist.all_reduce(squares)
     return (squares / replicas).sqrt()

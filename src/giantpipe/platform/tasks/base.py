@@ -16,8 +16,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from giantpipe.models.beam_search import BeamSearchResult, beam_search
 from giantpipe.models.contract import Batch, LayeredModel, SumLoss, materialize
 from giantpipe.platform.config import ConfigError
+from giantpipe.strategies.stage_checkpoint import consolidate
 
 
 class LocalRunner:
@@ -32,6 +34,12 @@ class LocalRunner:
     @torch.no_grad()
     def eval_loss(self, batch: Batch) -> Tensor:
         return self.train_loss(batch)
+
+    @torch.no_grad()
+    def decode(self, batch: Batch, **search) -> BeamSearchResult:
+        """Beam search over a batch (`beam_search`'s keyword arguments) for seq2seq models."""
+        encoded = self.model.encode(batch)
+        return beam_search(self.model.step_decoder(), encoded, encoded["src_len"], **search)
 
 
 class Task(pl.LightningModule):
@@ -67,6 +75,8 @@ class Task(pl.LightningModule):
         if not Path(path).exists():
             raise ConfigError(f"init_from={path}: no such checkpoint file")
         state = torch.load(path, map_location="cpu", weights_only=False)
+        if "giantpipe_shards" in state:  # a pipelined checkpoint: gather every stage's weights
+            state = consolidate(path)
         self._pending_weights = state.get("state_dict", state)
 
     def on_fit_start(self) -> None:

@@ -1,0 +1,390 @@
+"""What each stage did when: the pipeline's timeline, its bubble, its picture and its trace.
+
+The engine records, when asked (`PipelineEngine(timeline=True)` or `engine.timeline = True`),
+one `StepTimeline` per step and rank: an `Event` for every micro-batch's forward, backward and
+recompute and for every send, receive and wait, timed with `perf_counter` relative to the
+step's start, plus the stage's peak memory in the step. Off, the engine does one `is None`
+test per action and nothing else.
+
+    gather(timeline)            every rank's StepTimeline, on rank 0 (a collective)
+    bubble_fraction(timelines)  idle / total over stages, beside theoretical_bubble(N, M)
+    plot(timelines, path)       the GPipe figure: stages x time, F/B boxes, the bubble (PNG)
+    write_trace(timelines, p)   Chrome / Perfetto trace JSON (chrome://tracing, ui.perfetto.dev)
+
+Measured bubble: over the span from the first compute start to the last compute end across
+stages, the share of stage-time spent outside forward and backward compute (waiting on a
+neighbour, communicating, or idle): sum_s (T - busy_s) / (N * T). With equal boxes it equals
+the theoretical (N-1)/(M+N-1). Ranks' clocks are aligned by each step's wall-clock start
+(`time.time()`), exact on one host and as good as NTP across hosts.
+
+Peak memory per stage: on CUDA the caching allocator's `max_memory_allocated`, reset at each
+step's start. On CPU no allocator statistics exist, so the probe reads glibc's bytes in use
+(`mallinfo2`: arena + mmapped chunks, every tensor included) after every action and at the
+end of every recompute, and keeps the maximum: the CPU analogue of `max_memory_allocated`,
+a lower bound of the true peak between samples. Elsewhere (no glibc) memory is not reported.
+`peak_bytes - base_bytes` is what the step added (activations, recomputation, gradients and
+communication buffers) above the memory held when it started.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import json
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+
+COMPUTE_KINDS = ("forward", "backward")  # recompute runs inside a backward box
+COMM_KINDS = ("recv", "send", "wait", "sync")  # sync: all-reduces of gradients and the loss
+KINDS = (*COMPUTE_KINDS, "recompute", *COMM_KINDS)
+
+
+class Event(NamedTuple):
+    kind: str  # one of KINDS
+    micro_batch: int  # -1 for step-level events (final wait, all-reduces)
+    start: float  # seconds since the step's start on this rank
+    end: float
+
+    @property
+    def duration(self) -> float:
+        return self.end - self.start
+
+
+@dataclass
+class StepTimeline:
+    """One rank's step: its events, where it sits in the pipeline, and its peak memory."""
+
+    rank: int
+    stage: int
+    replica: int
+    num_stages: int
+    micro_batches: int
+    schedule: str
+    phase: str  # train | eval | forward
+    wall_origin: float  # time.time() at the step's start
+    events: list[Event] = field(default_factory=list)
+    memory_kind: str | None = None  # "cuda_allocator" | "cpu_heap" | None (not measured)
+    base_bytes: int | None = None
+    peak_bytes: int | None = None
+
+    def total(self, kinds: Sequence[str]) -> float:
+        return sum(e.duration for e in self.events if e.kind in kinds)
+
+    @property
+    def compute_s(self) -> float:
+        return self.total(COMPUTE_KINDS)
+
+    @property
+    def comm_s(self) -> float:
+        """Time in sends, receives (including waiting for the neighbour) and all-reduces."""
+        return self.total(COMM_KINDS)
+
+    @property
+    def step_s(self) -> float:
+        return max((e.end for e in self.events), default=0.0)
+
+    def compute_span(self) -> tuple[float, float] | None:
+        """(first compute start, last compute end) in wall-clock seconds."""
+        boxes = [e for e in self.events if e.kind in COMPUTE_KINDS]
+        if not boxes:
+            return None
+        return (
+            self.wall_origin + min(e.start for e in boxes),
+            self.wall_origin + max(e.end for e in boxes),
+        )
+
+    @property
+    def peak_step_bytes(self) -> int | None:
+        """Peak memory the step added on top of what was held when it started."""
+        if self.peak_bytes is None or self.base_bytes is None:
+            return None
+        return self.peak_bytes - self.base_bytes
+
+
+# -- memory ------------------------------------------------------------------------------------
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
+        )
+    ]
+
+
+def _load_mallinfo2():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        fn = libc.mallinfo2
+    except (OSError, AttributeError):  # not glibc, or glibc < 2.33
+        return None
+    fn.restype = _MallInfo2
+    return fn
+
+
+_mallinfo2 = _load_mallinfo2()
+
+
+def cpu_heap_bytes() -> int | None:
+    """Bytes the C heap has handed out and not taken back (glibc only; None elsewhere)."""
+    if _mallinfo2 is None:
+        return None
+    info = _mallinfo2()
+    return int(info.uordblks + info.hblkhd)
+
+
+class MemoryProbe:
+    """Peak memory of one step on one device: CUDA allocator stats, or the sampled CPU heap."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        if device.type == "cuda":
+            self.kind: str | None = "cuda_allocator"
+        else:
+            self.kind = "cpu_heap" if _mallinfo2 is not None else None
+        self.base: int | None = None
+        self.peak: int | None = None
+
+    def reset(self) -> None:
+        if self.kind == "cuda_allocator":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = self.peak = torch.cuda.memory_allocated(self.device)
+        elif self.kind == "cpu_heap":
+            self.base = self.peak = cpu_heap_bytes()
+
+    def sample(self) -> None:
+        if self.kind == "cpu_heap":  # CUDA keeps its own running peak
+            now = cpu_heap_bytes()
+            if now > self.peak:
+                self.peak = now
+
+    def read(self) -> tuple[int | None, int | None]:
+        if self.kind == "cuda_allocator":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        return self.base, self.peak
+
+
+# -- recording ---------------------------------------------------------------------------------
+
+
+class TimelineRecorder:
+    """The engine's notebook: `start` a step, `add` events as they end, `finish` the step."""
+
+    def __init__(
+        self,
+        rank: int,
+        stage: int,
+        replica: int,
+        num_stages: int,
+        micro_batches: int,
+        schedule: str,
+        device: torch.device,
+    ):
+        self._where = (rank, stage, replica, num_stages, micro_batches, schedule)
+        self.memory = MemoryProbe(device)
+        self._origin = 0.0
+        self._timeline: StepTimeline | None = None
+
+    def start(self, phase: str) -> None:
+        self.memory.reset()
+        self._timeline = StepTimeline(*self._where, phase=phase, wall_origin=time.time())
+        self._origin = time.perf_counter()
+
+    @property
+    def recording(self) -> bool:
+        """Inside a step (between `start` and `finish`)."""
+        return self._timeline is not None
+
+    def add(self, kind: str, micro_batch: int, start: float, end: float) -> None:
+        """Record an event from two `perf_counter()` readings."""
+        assert self._timeline is not None, "TimelineRecorder.add outside a step"
+        self._timeline.events.append(
+            Event(kind, micro_batch, start - self._origin, end - self._origin)
+        )
+
+    def sample_memory(self) -> None:
+        self.memory.sample()
+
+    @contextmanager
+    def span(self, kind: str, micro_batch: int) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(kind, micro_batch, start, time.perf_counter())
+            self.memory.sample()
+
+    def finish(self) -> StepTimeline:
+        timeline, self._timeline = self._timeline, None
+        assert timeline is not None, "TimelineRecorder.finish without start"
+        timeline.memory_kind = self.memory.kind
+        timeline.base_bytes, timeline.peak_bytes = self.memory.read()
+        return timeline
+
+
+# -- across ranks ------------------------------------------------------------------------------
+
+
+def gather(
+    timeline: StepTimeline, group: dist.ProcessGroup | None = None, dst: int = 0
+) -> list[StepTimeline] | None:
+    """Every rank's timeline on rank `dst` (ordered by rank); None on the other ranks.
+    A collective: every rank of `group` calls it with its own timeline of the same step."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [timeline]
+    rank = dist.get_rank()
+    size = dist.get_world_size(group)
+    out: list | None = [None] * size if rank == dst else None
+    dist.gather_object(timeline, out, dst=dst, group=group)
+    return sorted(out, key=lambda t: t.rank) if out is not None else None
+
+
+def aligned(timelines: Sequence[StepTimeline]) -> list[StepTimeline]:
+    """The timelines on one clock: events shifted so that time 0 is the earliest step start."""
+    if not timelines:
+        return []
+    zero = min(t.wall_origin for t in timelines)
+    out = []
+    for t in timelines:
+        shift = t.wall_origin - zero
+        events = [Event(e.kind, e.micro_batch, e.start + shift, e.end + shift) for e in t.events]
+        out.append(replace(t, wall_origin=zero, events=events))
+    return out
+
+
+def theoretical_bubble(num_stages: int, micro_batches: int) -> float:
+    """GPipe's bubble, (N-1)/(M+N-1), for equal stages and equal micro-batches."""
+    return (num_stages - 1) / (micro_batches + num_stages - 1)
+
+
+def bubble_from_spans(busy_s: Sequence[float], spans: Sequence[tuple[float, float]]) -> float:
+    """Idle / total stage-time: each stage's `busy_s` compute within the common span from the
+    earliest start to the latest end of `spans` (one (start, end) per stage)."""
+    if not spans:
+        return 0.0
+    total = max(end for _, end in spans) - min(start for start, _ in spans)
+    if total <= 0:
+        return 0.0
+    return max(0.0, 1.0 - sum(busy_s) / (len(busy_s) * total))
+
+
+def bubble_fraction(timelines: Sequence[StepTimeline]) -> float:
+    """The measured bubble of one step from every stage's timeline (all replicas count)."""
+    with_compute = [t for t in timelines if t.compute_span() is not None]
+    return bubble_from_spans(
+        [t.compute_s for t in with_compute], [t.compute_span() for t in with_compute]
+    )
+
+
+# -- outputs -----------------------------------------------------------------------------------
+
+_TRACE_NAMES = {"forward": "F", "backward": "B", "recompute": "R"}
+
+
+def to_chrome_trace(timelines: Sequence[StepTimeline]) -> dict:
+    """Chrome trace-event JSON: one process per replica, one thread per stage, 'X' events in µs."""
+    trace = []
+    for t in aligned(timelines):
+        pid, tid = t.replica, t.stage
+        trace.append(
+            {"ph": "M", "name": "thread_name", "pid": pid, "tid": tid,
+             "args": {"name": f"stage {t.stage} (rank {t.rank})"}}
+        )  # fmt: skip
+        trace.append(
+            {"ph": "M", "name": "process_name", "pid": pid, "args": {"name": f"replica {pid}"}}
+        )
+        for e in t.events:
+            name = _TRACE_NAMES.get(e.kind, e.kind)
+            if e.micro_batch >= 0:
+                name += str(e.micro_batch) if e.kind in _TRACE_NAMES else f" {e.micro_batch}"
+            trace.append(
+                {"ph": "X", "name": name, "cat": e.kind, "pid": pid, "tid": tid,
+                 "ts": e.start * 1e6, "dur": max(e.duration, 0.0) * 1e6,
+                 "args": {"micro_batch": e.micro_batch, "rank": t.rank, "phase": t.phase}}
+            )  # fmt: skip
+    first = timelines[0] if timelines else None
+    meta = {}
+    if first is not None:
+        meta = {
+            "stages": first.num_stages,
+            "micro_batches": first.micro_batches,
+            "schedule": first.schedule,
+            "bubble_measured": bubble_fraction(timelines),
+            "bubble_theoretical": theoretical_bubble(first.num_stages, first.micro_batches),
+        }
+    return {"traceEvents": trace, "displayTimeUnit": "ms", "otherData": meta}
+
+
+def write_trace(timelines: Sequence[StepTimeline], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(to_chrome_trace(timelines)))
+    return path
+
+
+_COLORS = {"forward": "#4C72B0", "backward": "#55A868", "recompute": "#C44E52"}
+_COMM_COLOR = "#8C8C8C"
+
+
+def plot(timelines: Sequence[StepTimeline], path: str | Path, title: str | None = None) -> Path:
+    """The GPipe figure as a PNG: one row per stage (replica 0 on top), F/B boxes labelled with
+    their micro-batch, recompute hatched inside backward, communication as a thin grey band,
+    and the empty space between boxes is the bubble."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    rows = sorted(aligned(timelines), key=lambda t: (t.replica, t.stage))
+    fig, ax = plt.subplots(figsize=(12, 0.7 * len(rows) + 1.6))
+    end = max((t.step_s for t in rows), default=1.0) or 1.0
+    for y, t in enumerate(rows):
+        for e in sorted(t.events, key=lambda e: e.kind == "recompute"):  # hatch over backward
+            if e.kind in _COLORS:
+                recompute = e.kind == "recompute"
+                ax.broken_barh(
+                    [(e.start, e.duration)], (y - 0.38, 0.76),
+                    facecolors="none" if recompute else _COLORS[e.kind],
+                    edgecolors=_COLORS[e.kind] if recompute else "white",
+                    hatch="///" if recompute else None, linewidth=0.8,
+                )  # fmt: skip
+                if not recompute and e.duration > end / 60:
+                    label = f"{_TRACE_NAMES[e.kind]}{e.micro_batch}"
+                    ax.text(e.start + e.duration / 2, y, label, ha="center", va="center",
+                            color="white", fontsize=7)  # fmt: skip
+            elif e.kind in COMM_KINDS:
+                ax.broken_barh([(e.start, e.duration)], (y + 0.38, 0.1), facecolors=_COMM_COLOR)
+    labels = [f"stage {t.stage}" + (f" r{t.replica}" if t.replica else "") for t in rows]
+    ax.set_yticks(range(len(rows)), labels)
+    ax.set_ylim(len(rows) - 0.4, -0.6)  # stage 0 on top
+    ax.set_xlim(0, end)
+    ax.set_xlabel("seconds since the step's start")
+    if title is None and rows:
+        first = rows[0]
+        title = (
+            f"{first.schedule}: {first.num_stages} stages x {first.micro_batches} micro-batches; "
+            f"bubble {bubble_fraction(rows):.1%} measured, "
+            f"{theoretical_bubble(first.num_stages, first.micro_batches):.1%} theoretical"
+        )
+    ax.set_title(title or "", fontsize=10)
+    handles = [Patch(facecolor=c, label=k) for k, c in _COLORS.items() if k != "recompute"]
+    handles += [
+        Patch(facecolor="none", edgecolor=_COLORS["recompute"], hatch="///", label="recompute"),
+        Patch(facecolor=_COMM_COLOR, label="send/recv/wait"),
+    ]
+    ax.legend(handles=handles, loc="upper right", fontsize=7, ncol=4)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
