@@ -8,10 +8,12 @@ its name, so adding files never reshuffles the others.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
 import math
+import os
 import sysconfig
 from pathlib import Path
 
@@ -56,12 +58,13 @@ def load_documents(cfg) -> dict[str, list[str]]:
         ds = datasets.Dataset.from_list(stdlib_documents(cfg.max_bytes))
         names, texts = ds["name"], ds["text"]
     elif cfg.source == "files":
-        missing = [p for p in cfg.paths if not any(Path().glob(p)) and not Path(p).exists()]
+        matches = {p: sorted(glob.glob(os.path.expanduser(p), recursive=True)) for p in cfg.paths}
+        missing = [p for p, found in matches.items() if not found]
         if not cfg.paths or missing:
             raise ConfigError(
                 f"data.paths {missing or '[]'}: no such files; give existing text files, e.g. data.paths=[notes.txt]"
             )
-        files = sorted({str(f) for p in cfg.paths for f in (Path().glob(p) if not Path(p).exists() else [Path(p)])})
+        files = sorted({f for found in matches.values() for f in found})
         ds = datasets.load_dataset("text", data_files=files, split="train", sample_by="document")
         names, texts = [f"{i}" for i in range(len(ds))], ds["text"]
     elif cfg.source == "hf":
