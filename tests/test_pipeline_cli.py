@@ -165,3 +165,14 @@ def test_a_four_stage_checkpoint_reloads_as_two_and_one_stages_with_identical_ou
     subprocess.run([sys.executable, "-m", "giantpipe.platform.evaluate", str(ckpt), "--out", str(out)],
                    check=True, capture_output=True, timeout=120, cwd=tmp_path)
     assert json.loads(out.read_text())["test/loss"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_with_dropout_on_the_pipeline_draws_the_single_device_masks(tmp_path):
+    common = TINY + ["model.dropout=0.2", "trainer.max_steps=8", "logger=csv", "callbacks=none"]
+    run_train(common + [f"hydra.run.dir={tmp_path}/single"], tmp_path)
+    run_train(common + PIPE2 + ["strategy.micro_batches=2", "strategy.schedule=1f1b", "strategy.checkpoint=always",
+                                f"hydra.run.dir={tmp_path}/pipe"], tmp_path)
+    expected, got = losses(tmp_path / "single"), losses(tmp_path / "pipe")
+    assert len(got) == 8
+    for step in got:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-5), step

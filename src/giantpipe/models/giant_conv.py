@@ -14,22 +14,23 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from giantpipe.models.contract import Carry, LayeredModel
 from giantpipe.models.giant_net import LMHead, TokenEmbedding
+from giantpipe.models.keyed_dropout import KEY, KeyedDropout
 
 
 class ConvBlock(nn.Module):
     """h + Conv(GELU(BN(h))), the convolution causal (left-padded) so no token sees the future."""
 
-    def __init__(self, d_model: int, kernel_size: int, dropout: float):
+    def __init__(self, d_model: int, kernel_size: int, dropout: float, salt: int = 1):
         super().__init__()
         self.norm = nn.BatchNorm1d(d_model)
         self.conv = nn.Conv1d(d_model, d_model, kernel_size)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = KeyedDropout(dropout, salt)
         self.pad = kernel_size - 1
 
     def forward(self, carry: Carry) -> Carry:
         h_bdt = carry["h"].transpose(1, 2)
         x = F.pad(F.gelu(self.norm(h_bdt)), (self.pad, 0))
-        h_bdt = h_bdt + self.dropout(self.conv(x))
+        h_bdt = h_bdt + self.dropout(self.conv(x), carry.get(KEY))
         return {**carry, "h": h_bdt.transpose(1, 2)}
 
 
@@ -41,7 +42,7 @@ class GiantConvNet(LayeredModel):
         super().__init__()
         self.layers = nn.ModuleList(
             [TokenEmbedding(vocab_size, d_model, max_len, dropout)]
-            + [ConvBlock(d_model, kernel_size, dropout) for _ in range(n_layers)]
+            + [ConvBlock(d_model, kernel_size, dropout, salt=i + 1) for i in range(n_layers)]
             + [LMHead(d_model, vocab_size)]
         )
 
@@ -54,4 +55,4 @@ class GiantConvNet(LayeredModel):
             layer.reset_parameters()
 
     def first_carry(self, batch) -> Carry:
-        return {"tokens": batch["tokens"]}
+        return {k: batch[k] for k in ("tokens", KEY) if k in batch}

@@ -1,7 +1,8 @@
 """The giant net: a decoder-only Transformer language model as an ordered layer list.
 
 Layers: `TokenEmbedding` (tokens -> h), `n_layers` x `TransformerBlock` (h -> h, pre-norm,
-causal self-attention), `LMHead` (h -> logits). Depth and width come from the config, so the
+causal self-attention), `LMHead` (h -> logits). Dropout (on the embedding and on each
+residual branch) is `KeyedDropout`, so its masks do not depend on the pipeline layout. Depth and width come from the config, so the
 same code scales from a CPU smoke run to a model that only fits when pipelined. Nothing is
 tied across layers (embedding and head are separate), so any contiguous cut is a valid stage.
 """
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from giantpipe.models.contract import Carry, LayeredModel
+from giantpipe.models.keyed_dropout import KEY, KeyedDropout
 
 
 class TokenEmbedding(nn.Module):
@@ -22,7 +24,7 @@ class TokenEmbedding(nn.Module):
         super().__init__()
         self.tokens = nn.Embedding(vocab_size, d_model)
         self.positions = nn.Embedding(max_len, d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = KeyedDropout(dropout, salt=0)
         self.max_len = max_len
 
     def reset_parameters(self) -> None:
@@ -35,11 +37,15 @@ class TokenEmbedding(nn.Module):
             raise ValueError(f"sequence of {tokens_bt.shape[1]} tokens exceeds model.max_len={self.max_len}")
         positions = torch.arange(tokens_bt.shape[1], device=tokens_bt.device)
         h_btd = self.tokens(tokens_bt) + self.positions(positions)
-        return {"h": self.dropout(h_btd)}
+        keys = carry.get(KEY)
+        out = {"h": self.dropout(h_btd, keys)}
+        if keys is not None:
+            out[KEY] = keys  # every later layer draws its dropout masks from the sample keys
+        return out
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float, depth_scale: float):
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float, depth_scale: float, salt: int = 1):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"model.d_model={d_model} must be divisible by model.n_heads={n_heads}")
@@ -50,8 +56,8 @@ class TransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(d_model)
         self.ff_in = nn.Linear(d_model, d_ff)
         self.ff_out = nn.Linear(d_ff, d_model)
-        self.dropout = nn.Dropout(dropout)
-        self.dropout_p = dropout
+        self.attn_dropout = KeyedDropout(dropout, salt=2 * salt)
+        self.ff_dropout = KeyedDropout(dropout, salt=2 * salt + 1)
         self.depth_scale = depth_scale
 
     def reset_parameters(self) -> None:
@@ -72,10 +78,10 @@ class TransformerBlock(nn.Module):
             k.transpose(1, 2),
             v.transpose(1, 2),
             is_causal=True,
-            dropout_p=self.dropout_p if self.training else 0.0,
         )
-        h_btd = h_btd + self.dropout(self.proj(attn.transpose(1, 2).reshape(b, t, d)))
-        h_btd = h_btd + self.dropout(self.ff_out(F.gelu(self.ff_in(self.norm2(h_btd)))))
+        keys = carry.get(KEY)
+        h_btd = h_btd + self.attn_dropout(self.proj(attn.transpose(1, 2).reshape(b, t, d)), keys)
+        h_btd = h_btd + self.ff_dropout(self.ff_out(F.gelu(self.ff_in(self.norm2(h_btd)))), keys)
         return {**carry, "h": h_btd}
 
 
@@ -111,7 +117,7 @@ class GiantNet(LayeredModel):
         depth_scale = 1.0 / math.sqrt(2 * n_layers)
         self.layers = nn.ModuleList(
             [TokenEmbedding(vocab_size, d_model, max_len, dropout)]
-            + [TransformerBlock(d_model, n_heads, d_ff, dropout, depth_scale) for _ in range(n_layers)]
+            + [TransformerBlock(d_model, n_heads, d_ff, dropout, depth_scale, salt=i + 1) for i in range(n_layers)]
             + [LMHead(d_model, vocab_size)]
         )
 
@@ -123,4 +129,4 @@ class GiantNet(LayeredModel):
                 module.reset_parameters()
 
     def first_carry(self, batch) -> Carry:
-        return {"tokens": batch["tokens"]}
+        return {k: batch[k] for k in ("tokens", KEY) if k in batch}

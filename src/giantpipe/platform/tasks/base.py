@@ -18,7 +18,9 @@ from torch import Tensor
 
 from giantpipe.models.beam_search import BeamSearchResult, beam_search
 from giantpipe.models.contract import Batch, LayeredModel, SumLoss, materialize
+from giantpipe.models.keyed_dropout import KEY, sample_keys
 from giantpipe.platform.config import ConfigError
+from giantpipe.platform.data.sampling import replica_of
 from giantpipe.strategies.stage_checkpoint import consolidate
 
 
@@ -120,10 +122,19 @@ class Task(pl.LightningModule):
 
     # ----------------------------------------------------------- steps
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        loss = self.runner.train_loss(batch)
+        loss = self.runner.train_loss(self.with_sample_keys(batch, batch_idx))
         self.count_batch(batch)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=self.batch_items(batch))
         return loss
+
+    def with_sample_keys(self, batch: Batch, batch_idx: int) -> Batch:
+        """Add each sample's dropout key: (seed, step, position in the *global* batch), so the
+        masks are the same whatever the stages, micro-batches or replicas (KeyedDropout)."""
+        size = self.batch_items(batch)
+        _, replica = replica_of(self.trainer)
+        step = self.global_step * 65_537 + batch_idx  # distinct for batches accumulated into one step
+        keys = sample_keys(self.seed, step, replica * size, size, device=self.device)
+        return {**batch, KEY: keys}
 
     def count_batch(self, batch: Batch) -> None:
         self.samples_seen += self.batch_items(batch)
