@@ -176,3 +176,14 @@ def test_with_dropout_on_the_pipeline_draws_the_single_device_masks(tmp_path):
     assert len(got) == 8
     for step in got:
         assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-5), step
+
+
+def test_a_stopped_stage_ends_the_run_within_the_timeout_naming_it(tmp_path):
+    os.environ["GIANTPIPE_FAULT"] = "stage=1,step=2,kind=stop"
+    try:
+        proc = run_train(TINY + PIPE2 + ["strategy.timeout_s=10", "callbacks=none", "logger=none",
+                                         f"hydra.run.dir={tmp_path}/r"], tmp_path, check=False, timeout=200)
+    finally:
+        del os.environ["GIANTPIPE_FAULT"]
+    assert proc.returncode != 0
+    assert "no answer from stage 1" in proc.stderr, proc.stderr[-3000:]

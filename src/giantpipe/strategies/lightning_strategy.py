@@ -16,6 +16,7 @@ checkpoint shard per stage (the default saves rank 0 only and loses the other st
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -64,14 +65,16 @@ class PipelineRunner:
             p.grad = None
         maybe_inject(self.engine.stage, self.steps)
         self.steps += 1
-        loss = self.engine.train_step(batch)
+        with peers_named(self.engine):
+            loss = self.engine.train_step(batch)
         self.parked = [p.grad for p in params]
         for p in params:
             p.grad = None
         return loss
 
     def eval_loss(self, batch) -> Tensor:
-        return self.engine.eval_step(batch)
+        with peers_named(self.engine):
+            return self.engine.eval_step(batch)
 
     def decode(self, batch, **search) -> BeamSearchResult:
         """Beam search through the pipeline (all its ranks together); every rank gets the
@@ -87,6 +90,22 @@ class PipelineRunner:
             g = g * scale if scale != 1.0 else g
             p.grad = g if p.grad is None else p.grad + g
         self.parked = None
+
+
+@contextmanager
+def peers_named(engine: PipelineEngine):
+    """Turn gloo's "Timed out waiting 10000ms for recv" into which stages went silent."""
+    try:
+        yield
+    except RuntimeError as err:
+        if "Timed out" not in str(err) and "timed out" not in str(err):
+            raise
+        stage = engine.stage
+        peers = [s for s in (stage - 1, stage + 1) if 0 <= s < engine.num_stages]
+        raise RuntimeError(
+            f"stage {stage} got no answer from stage {' or '.join(map(str, peers))} within strategy.timeout_s: "
+            "that stage died, hung or is unreachable"
+        ) from err
 
 
 class PipelineStrategy(DDPStrategy):
