@@ -69,3 +69,16 @@ def test_bad_configs_get_one_clear_error(override, words):
         check(override)
     for word in words:
         assert word in str(info.value), str(info.value)
+
+
+def test_the_slurm_launcher_config_composes_with_the_cluster_shape():
+    from hydra import compose, initialize_config_dir
+
+    from giantpipe.platform.config import register_schemas
+
+    register_schemas()
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=slurm", "strategy=pipeline", "trainer.num_nodes=2",
+                                          "trainer.devices=4", "strategy.stages=8"], return_hydra_config=True)
+    assert cfg.hydra.launcher.nodes == 2 and cfg.hydra.launcher.tasks_per_node == 4
+    assert "SlurmLauncher" in cfg.hydra.launcher._target_
