@@ -114,9 +114,12 @@ class TranslationDataConfig:
     src_lang: str = "en"
     tgt_lang: str = "de"
     # source=files: one json/jsonl/tsv file or a [source.txt, target.txt] pair, cut into
-    # splits by val_size/test_size; or split_paths {train: [...], validation: [...], test: [...]}
+    # splits by val_size/test_size; or one such entry per split: train_paths, validation_paths
+    # and test_paths (all three, or train_paths alone, which is then cut)
     paths: list[str] = field(default_factory=list)
-    split_paths: dict[str, list[str]] = field(default_factory=dict)
+    train_paths: list[str] = field(default_factory=list)
+    validation_paths: list[str] = field(default_factory=list)
+    test_paths: list[str] = field(default_factory=list)
     hf_name: str | None = None  # source=hf, e.g. wmt16
     hf_config: str | None = None  # e.g. de-en
     hf_splits: dict[str, str] = field(
@@ -233,6 +236,10 @@ SEQ2SEQ_FAMILIES = {"translation", "speech"}
 def validate(cfg) -> None:
     """Checks that span groups; raise ConfigError naming the keys and the fix."""
     model, data, loss, strategy, trainer = cfg.model, cfg.data, cfg.loss, cfg.strategy, cfg.trainer
+    for key in ("val_check_interval", "limit_val_batches", "limit_test_batches"):
+        value = trainer.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ConfigError(f"trainer.{key}={value!r}: give a number of batches (int) or a fraction (float)")
     if model.family != data.family:
         raise ConfigError(
             f"model={cfg_choice(cfg, 'model')} needs {model.family} data but data={cfg_choice(cfg, 'data')} "
