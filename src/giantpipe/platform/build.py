@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from giantpipe.platform.callbacks import FinalCheckpoint
+from giantpipe.platform.checkpoint_io import AtomicCheckpointIO
 from giantpipe.platform.config import ConfigError
 from giantpipe.platform.summary import ThroughputMonitor
 
@@ -134,6 +135,7 @@ def build_trainer(cfg: DictConfig, loggers: list, callbacks: list) -> pl.Trainer
         logger=loggers or False,
         callbacks=callbacks,
         strategy=build_strategy(cfg),
+        plugins=[AtomicCheckpointIO()],
         use_distributed_sampler=False,  # our GlobalBatchSampler shards by data-parallel replica
         default_root_dir=str(Path(cfg.output_dir)),
         enable_checkpointing=any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks),
