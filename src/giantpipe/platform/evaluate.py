@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--input", help="translation: translate this text file ('-': stdin) to stdout")
     parser.add_argument("--refs", type=Path, help="with --input: reference translations, one a line; prints BLEU")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. trainer.limit_test_batches=10")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may follow options
     if args.input is not None:
         try:
             translate_main(args)

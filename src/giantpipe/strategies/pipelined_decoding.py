@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from giantpipe.models.beam_search import BeamSearchResult, beam_search
-from giantpipe.models.contract import Batch, Carry
+from giantpipe.models.contract import Batch, Carry, batch_size
 
 State = dict[int, dict[str, Tensor]]
 
@@ -136,10 +136,6 @@ class PipelinedStepDecoder:
         tensor = tensor.to(self.device, dtype).contiguous()
         dist.broadcast(tensor, src=self.rank_of_stage[stage], group=self.group)
         return tensor
-
-
-def batch_size(batch: Batch) -> int:
-    return next(iter(batch.values())).shape[0]
 
 
 _decoders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -113,19 +113,19 @@ class TranslationDataModule(pl.LightningDataModule):
         return kwargs
 
     def _files(self):
-        """`paths` (one file or a [source, target] pair) or `split_paths`, checked to exist."""
+        """`paths` (one file or a [source, target] pair) or per-split paths, checked to exist."""
         cfg = self.cfg
-        if cfg.split_paths:
-            unknown = set(cfg.split_paths) - set(SPLITS)
-            if unknown or "train" not in cfg.split_paths:
-                raise ConfigError(f"data.split_paths must name train (and may name validation, test), "
-                                  f"got {sorted(cfg.split_paths)}")
-            files = {s: _one_spec(list(p), f"data.split_paths.{s}") for s, p in cfg.split_paths.items()}
+        per_split = {s: list(cfg.get(f"{s}_paths") or []) for s in SPLITS}
+        if any(per_split.values()):
+            if cfg.paths or not per_split["train"]:
+                raise ConfigError("give either data.paths (cut into splits) or data.train_paths "
+                                  "(with data.validation_paths and data.test_paths), not both")
+            files = {s: _one_spec(p, f"data.{s}_paths") for s, p in per_split.items() if p}
         elif cfg.paths:
             files = _one_spec(list(cfg.paths), "data.paths")
         else:
             raise ConfigError("data.source=files needs data.paths=[pairs.jsonl] (json/jsonl/tsv, or "
-                              "[train.en,train.de] parallel text) or data.split_paths")
+                              "[train.en,train.de] parallel text) or data.train_paths=[...]")
         specs = files.values() if isinstance(files, dict) else [files]
         missing = [p for spec in specs for p in ([spec] if isinstance(spec, str) else spec)
                    if not Path(p).exists()]
@@ -156,8 +156,8 @@ class TranslationDataModule(pl.LightningDataModule):
             raise ConfigError(f"translation data: {err}") from None
         missing = [s for s in SPLITS if not splits.pairs.get(s)]
         if missing:
-            raise ConfigError(f"translation data has no {', '.join(missing)} pairs; give them in "
-                              f"data.split_paths or let giantpipe cut them (data.val_size, data.test_size)")
+            raise ConfigError(f"translation data has no {', '.join(missing)} pairs; give them "
+                              f"(data.{missing[0]}_paths) or let giantpipe cut them from data.paths")
         src_vocab, tgt_vocab = build_vocabularies(splits.pairs["train"], cfg.vocab_size, cfg.tokenizer,
                                                   cfg.shared_vocab, cfg.cache_dir)
         datasets = {s: TranslationDataset(p, src_vocab, tgt_vocab,
