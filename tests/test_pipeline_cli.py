@@ -187,3 +187,13 @@ def test_a_stopped_stage_ends_the_run_within_the_timeout_naming_it(tmp_path):
         del os.environ["GIANTPIPE_FAULT"]
     assert proc.returncode != 0
     assert "no answer from stage 1" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_timeline_flag_logs_pipeline_metrics_and_draws_the_schedule(tmp_path):
+    run_dir = tmp_path / "run"
+    run_train(TINY + PIPE2 + ["strategy.timeline=true", "strategy.micro_batches=4", "trainer.max_steps=3",
+                              "logger=csv", "callbacks=none", f"hydra.run.dir={run_dir}"], tmp_path)
+    header = (run_dir / "csv" / "metrics.csv").read_text().splitlines()[0]
+    assert "pipeline/bubble" in header and "pipeline/stage1/compute_s" in header
+    assert (run_dir / "pipeline" / "timeline.png").stat().st_size > 1000
+    assert json.loads((run_dir / "pipeline" / "timeline.trace.json").read_text())

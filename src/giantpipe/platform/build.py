@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from giantpipe.platform.callbacks import FinalCheckpoint
 from giantpipe.platform.checkpoint_io import AtomicCheckpointIO
+from giantpipe.platform.pipeline_metrics import PipelineMetrics
 from giantpipe.platform.config import ConfigError
 from giantpipe.platform.summary import ThroughputMonitor
 
@@ -113,6 +114,8 @@ def build_callbacks(cfg: DictConfig, has_logger: bool = True) -> tuple[list, Thr
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.ProgressBar)]
     if not has_logger:  # the LR monitor has nowhere to write
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
+    if cfg.strategy.name == "pipeline" and cfg.strategy.timeline:
+        callbacks.append(PipelineMetrics())
     monitor = ThroughputMonitor()
     finals = [FinalCheckpoint(c) for c in callbacks if isinstance(c, pl.callbacks.ModelCheckpoint) and c.save_last]
     return callbacks + finals + [monitor], monitor

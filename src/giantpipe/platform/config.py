@@ -179,6 +179,7 @@ class PipelineStrategyConfig:
     placement: Any = None  # optional list of rank lists, one per stage
     timeout_s: float = 300.0
     deferred_batch_norm: bool = False
+    timeline: bool = False  # record per-stage timings: metrics every step, timeline.png + trace at the end
 
 
 # ---------------------------------------------------------------- trainer / optimizer

@@ -222,7 +222,9 @@ class Link:
             buf = torch.empty(layout[-1], dtype=torch.uint8, device=self.device)
             views = iter([_view(buf, o, t.dtype, t.shape) for t, o in zip(nonempty, layout)])
             grads = [
-                next(views) if t.numel() else torch.empty(t.shape, dtype=t.dtype, device=self.device)
+                next(views)
+                if t.numel()
+                else torch.empty(t.shape, dtype=t.dtype, device=self.device)
                 for t in sent
             ]
             works = [self._irecv(buf)] if nonempty else []

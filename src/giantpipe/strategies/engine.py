@@ -22,6 +22,11 @@ the forward's CPU and device RNG states are stashed and restored for the recompu
 dropout masks are the same, and BatchNorm running statistics are restored after it so they
 are updated once per micro-batch.
 
+Receives go ahead of need: at a step's start a stage announces its M incoming carries
+(`Link.expect_carries`), and each backward's output gradients are posted as soon as the one
+before them arrived (`Link.post_grads`), so data crosses while the stage computes instead of
+on the critical path; sends never block.
+
 Observability: with `timeline=True` (or `engine.timeline = True`) every step records, per
 rank, when each micro-batch's forward, backward and recompute ran and when this stage sent,
 received and waited (`timeline.StepTimeline`, in `engine.last_timeline`), and the stage's peak
@@ -67,6 +72,9 @@ class _Step:
     stash: dict[int, tuple[list[Tensor], object]] = field(default_factory=dict)
     loss: Tensor | None = None
     outputs: list[Carry] = field(default_factory=list)
+    backward_order: list[int] = field(default_factory=list)  # this stage's backwards, in order
+    grads_posted: int = 0  # backwards whose gradient receive is posted
+    grads_taken: int = 0  # ... and already received
 
 
 class PipelineEngine:
@@ -77,6 +85,8 @@ class PipelineEngine:
     it over, materializes only this stage's layers on `device` and leaves the others on meta.
     Every rank of the world builds an engine together (subgroups are created collectively).
     """
+
+    GRADS_AHEAD = 1  # gradient receives posted before the backward that needs them
 
     def __init__(
         self,
@@ -120,6 +130,9 @@ class PipelineEngine:
         stage = topology.stage_of(rank)
         self._train_actions = stage_actions(schedule, stage, topology.num_stages, micro_batches)
         self._forward_actions = forward_only_stage(stage, topology.num_stages, micro_batches)
+        self._backward_order = [
+            a.micro_batch for a in self._train_actions if a.phase is Phase.BACKWARD
+        ]
 
         self.topology = topology
         self.rank, self.world_size = rank, world_size
@@ -160,7 +173,9 @@ class PipelineEngine:
                 self.rank, self.stage, self.replica, self.num_stages, self.micro_batches,
                 self.schedule, self.device,
             )  # fmt: skip
-        elif not on:
+            self._recorder.watch_backward(self.parameters())
+        elif not on and self._recorder is not None:
+            self._recorder.close()
             self._recorder = None
 
     # -- the local composite layer ------------------------------------------------------------
@@ -279,6 +294,7 @@ class PipelineEngine:
                 rec.add("send", i, begin, perf_counter())
             if step.training:
                 step.stash[i] = (inputs, sent)
+                self._post_grads_ahead(step)
             return
         if step.keep_outputs:
             step.outputs.append(out)
@@ -303,8 +319,11 @@ class PipelineEngine:
         else:
             assert self._next is not None and isinstance(roots, list)
             grads = self._next.recv_grads(roots)
+            step.grads_taken += 1
+            self._post_grads_ahead(step)  # the next backward's gradients arrive meanwhile
             if rec is not None:
                 rec.add("recv", i, begin, begin := perf_counter())
+                rec.sample_memory()
             if roots:
                 torch.autograd.backward(roots, grads)
         if rec is not None:
@@ -316,6 +335,20 @@ class PipelineEngine:
             )
             if rec is not None:
                 rec.add("send", i, begin, perf_counter())
+
+    def _post_grads_ahead(self, step: _Step) -> None:
+        """Post the gradient receive of the next backwards whose forward is done, so the
+        gradients travel while this stage computes (they arrive in backward order)."""
+        assert self._next is not None
+        order = step.backward_order
+        while (
+            step.grads_posted < len(order)
+            and step.grads_posted - step.grads_taken < self.GRADS_AHEAD
+            and order[step.grads_posted] in step.stash
+        ):
+            _, sent = step.stash[order[step.grads_posted]]
+            self._next.post_grads(sent)
+            step.grads_posted += 1
 
     def _run_layers(self, carry: Carry) -> Carry:
         # a copy, so a layer that assigns into its carry cannot change what a recompute sees
@@ -362,8 +395,12 @@ class PipelineEngine:
                     f"{self.micro_batches}"
                 )
         step = _Step(micro_batches, training)
+        if training:
+            step.backward_order = self._backward_order
         if loss and self.is_last:
             step.normalizer = self._global_normalizer(batch)
+        if self._prev is not None:
+            self._prev.expect_carries(self.micro_batches)  # their receives go ahead of need
         return step
 
     def _global_normalizer(self, batch: Batch) -> float:

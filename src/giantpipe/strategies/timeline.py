@@ -19,9 +19,11 @@ the theoretical (N-1)/(M+N-1). Ranks' clocks are aligned by each step's wall-clo
 
 Peak memory per stage: on CUDA the caching allocator's `max_memory_allocated`, reset at each
 step's start. On CPU no allocator statistics exist, so the probe reads glibc's bytes in use
-(`mallinfo2`: arena + mmapped chunks, every tensor included) after every action and at the
-end of every recompute, and keeps the maximum: the CPU analogue of `max_memory_allocated`,
-a lower bound of the true peak between samples. Elsewhere (no glibc) memory is not reported.
+(`mallinfo2`: arena + mmapped chunks, every tensor included) after every forward, before
+every backward, after each parameter's gradient is accumulated during a backward, and at
+the end of every recompute, and keeps the maximum: the CPU analogue of
+`max_memory_allocated`, a lower bound of the true peak between samples. Elsewhere (no glibc)
+memory is not reported.
 `peak_bytes - base_bytes` is what the step added (activations, recomputation, gradients and
 communication buffers) above the memory held when it started.
 """
@@ -192,6 +194,7 @@ class TimelineRecorder:
         self.memory = MemoryProbe(device)
         self._origin = 0.0
         self._timeline: StepTimeline | None = None
+        self._hooks: list = []
 
     def start(self, phase: str) -> None:
         self.memory.reset()
@@ -221,6 +224,24 @@ class TimelineRecorder:
         finally:
             self.add(kind, micro_batch, start, time.perf_counter())
             self.memory.sample()
+
+    def watch_backward(self, parameters) -> None:
+        """Sample the CPU heap inside backwards too: after each parameter's gradient lands
+        (CUDA's allocator keeps its own peak). Undone by `close`."""
+        if self.memory.kind != "cpu_heap":
+            return
+        for p in parameters:
+            if p.requires_grad:
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._sample_in_backward))
+
+    def _sample_in_backward(self, _param) -> None:
+        if self._timeline is not None:
+            self.memory.sample()
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
 
     def finish(self) -> StepTimeline:
         timeline, self._timeline = self._timeline, None

@@ -1,0 +1,50 @@
+"""The pipeline benchmark's smoke mode runs end to end and writes the JSON its docstring documents."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+RUN_FIELDS = {
+    "model", "impl", "stages", "micro_batches", "schedule", "checkpoint", "step_s", "steps_s",
+    "baseline_s", "speedup", "speedup_of_fastest", "ideal_speedup", "samples_per_s",
+    "bubble_theoretical", "cpu_s", "cpu_ratio", "error",
+}  # fmt: skip
+
+
+def test_quick_benchmark_writes_valid_json(tmp_path):
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench_pipeline.py"), "--quick", "--out", str(out),
+         "--pictures", str(tmp_path / "pictures")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert result["meta"]["quick"] is True and result["meta"]["threads_per_process"] == 1
+    assert set(result["models"]) == {"mlp", "giant", "seq"}
+    for model in result["models"].values():
+        assert model["baseline_s"] > 0 and model["params"] > 0
+    runs = result["runs"]
+    for run in runs:
+        assert RUN_FIELDS <= set(run), RUN_FIELDS - set(run)
+        if run["error"] is None:
+            assert (
+                run["step_s"] > 0
+                and run["speedup"] > 0
+                and len(run["steps_s"]) == result["meta"]["reps"]
+            )
+    ours = [r for r in runs if r["impl"] == "giantpipe" and r["stages"] == 2]
+    assert {r["checkpoint"] for r in ours} == {"never", "except_last", "always"}
+    assert all(0.0 <= r["bubble_measured"] <= 1.0 and len(r["compute_s"]) == 2 for r in ours)
+    peers = [r for r in runs if r["impl"] == "peer"]
+    assert {r["model"] for r in peers} == {"mlp", "giant"}  # the seq model changes shape: no peer
+    assert any(r["error"] for r in peers if r["schedule"] == "1f1b" and r["micro_batches"] == 1)
+    assert "vs_peer" in result["summary"]["mlp"] and "target_met" in result["summary"]["mlp"]
+    assert list((tmp_path / "pictures").glob("timeline_mlp_N2_gpipe_M4.png"))
+    assert "speedup over 1 process" in proc.stdout
