@@ -22,6 +22,7 @@ import json
 import math
 import os
 import unicodedata
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -91,14 +92,14 @@ def decode_audio(data: bytes | PathSpec) -> np.ndarray:
     return to_mono_16k(audio, rate)
 
 
-class SpeechSource:
+class SpeechSource(ABC):
     """Items (audio, transcript), read on demand; `load` raises AudioReadError if unreadable."""
 
-    def __len__(self) -> int:
-        raise NotImplementedError
+    @abstractmethod
+    def __len__(self) -> int: ...
 
-    def load(self, index: int) -> tuple[np.ndarray, str]:
-        raise NotImplementedError
+    @abstractmethod
+    def load(self, index: int) -> tuple[np.ndarray, str]: ...
 
 
 class RecordSource(SpeechSource):
