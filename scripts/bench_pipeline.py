@@ -16,13 +16,14 @@ Models (`--models`):
   giant  the giant net (decoder-only Transformer LM, fixed shapes)
   seq    a toy sequence model with padding masks whose batches change length every step and
          whose micro-batches are trimmed to their own longest sequence (the peer cannot run it:
-         torch.distributed.pipelining freezes shapes after its first step)
+         torch.distributed.pipelining freezes shapes after its first step); its ratios include
+         what trimming saves against the baseline's padded whole batch
 
 For each model: N=1 (one process; M micro-batches = gradient accumulation) and N=2 stages,
 M in {1, 2, 4, 8, 16}, schedules gpipe and 1f1b, re-materialization never (and, for N=2,
 except_last and always), and for fixed-shape models the same stages run by
 `torch.distributed.pipelining` (`PipelineStage` with `ScheduleGPipe` / `Schedule1F1B`).
-After the timed rounds each giantpipe configuration runs one step with its timeline on:
+After the timed rounds each giantpipe configuration runs three steps with its timeline on:
 measured bubble, per-stage compute / communication time and peak memory.
 
 JSON (`--out`, default bench_pipeline.json):
@@ -43,7 +44,8 @@ JSON (`--out`, default bench_pipeline.json):
            strategies/timeline.py), bubble_theoretical ((N-1)/(M+N-1)),
            schedule_model_s ((M-1)*max_s(c_s/M) + sum_s(c_s/M) for the instrumented step's
            per-stage compute c_s: the step the schedule allows with zero engine overhead),
-           schedule_efficiency (schedule_model_s / step_s; 1.0 = the engine adds nothing),
+           schedule_efficiency (schedule_model_s / the instrumented step's own span, median
+           over its steps; 1.0 = the engine adds nothing to what the schedule implies),
            compute_s / comm_s (per stage, instrumented step), peak_step_mb (per stage: peak
            memory the instrumented step added above its start, gradient buffers already
            allocated, so activations + recomputation + communication buffers; CPU: glibc heap
@@ -312,8 +314,8 @@ class Runner:
         if self.engine is not None:
             self.engine.train_step(batch)
             return
-        x = batch["x"] if "x" in batch else batch["tokens"]
-        y = batch["y"] if "y" in batch else batch["targets"]
+        x = (batch["x"] if "x" in batch else batch["tokens"]).to(self.device)
+        y = (batch["y"] if "y" in batch else batch["targets"]).to(self.device)
         if self.rank == 0:
             self.schedule.step(x, return_outputs=False)
         elif self.rank == self.n - 1:
@@ -370,28 +372,40 @@ def timed_rounds(
     return times
 
 
-def instrumented(runner: Runner, spec: ModelSpec, distributed: bool) -> dict:
-    """One step with the timeline on: bubble, per-stage compute/comm, and the peak memory the
-    step adds with gradients already allocated: activations (+ recomputation, buffers)."""
+def instrumented(runner: Runner, spec: ModelSpec, distributed: bool, steps: int = 3) -> dict:
+    """`steps` steps with the timeline on (medians over them): bubble, per-stage compute and
+    communication, the schedule's model of the step against the step's own span, and the peak
+    memory a step adds with gradients already allocated: activations (+ recomputation,
+    communication buffers)."""
     engine = runner.engine
     if engine is None or not hasattr(engine, "last_timeline"):
         return {}
     engine.timeline = True
-    runner.step(spec.batches[0], keep_grads=True)
+    gathered = []
+    for _ in range(steps):
+        runner.step(spec.batches[0], keep_grads=True)
+        gathered.append(tl.gather(engine.last_timeline) if distributed else [engine.last_timeline])
     engine.timeline = False
-    timelines = tl.gather(engine.last_timeline) if distributed else [engine.last_timeline]
-    if timelines is None:
+    if gathered[0] is None:  # not rank 0
         return {}
-    by_stage = sorted(timelines, key=lambda t: t.stage)
-    peaks = [t.peak_step_bytes for t in by_stage]
+    stages = [sorted(tls, key=lambda t: t.stage) for tls in gathered]
+    compute = [[t.compute_s for t in tls] for tls in stages]
+    comm = [[t.comm_s for t in tls] for tls in stages]
+    models = [schedule_model(c, engine.micro_batches) for c in compute]
+    spans = [max(t.step_s for t in tl.aligned(tls)) for tls in gathered]
+    peaks = [[t.peak_step_bytes for t in tls] for tls in stages]
+    per_stage = list(zip(*compute, strict=True))
     return {
-        "bubble_measured": tl.bubble_fraction(timelines),
-        "compute_s": [t.compute_s for t in by_stage],
-        "schedule_model_s": schedule_model([t.compute_s for t in by_stage], engine.micro_batches),
-        "comm_s": [t.comm_s for t in by_stage],
-        "peak_step_mb": [None if p is None else p / 2**20 for p in peaks],
-        "memory_kind": by_stage[0].memory_kind,
-        "_timelines": timelines,
+        "bubble_measured": _median([tl.bubble_fraction(tls) for tls in gathered]),
+        "compute_s": [_median(list(c)) for c in per_stage],
+        "comm_s": [_median(list(c)) for c in zip(*comm, strict=True)],
+        "schedule_model_s": _median(models),
+        "schedule_efficiency": _median([m / span for m, span in zip(models, spans, strict=True)]),
+        "peak_step_mb": [
+            None if None in column else max(column) / 2**20 for column in zip(*peaks, strict=True)
+        ],
+        "memory_kind": stages[0][0].memory_kind,
+        "_timelines": gathered[-1],
     }
 
 
@@ -507,8 +521,6 @@ def collect(spec: ModelSpec, parts: list[dict]) -> tuple[list[dict], float]:
                 "baseline_cpu_s": base_cpu,
                 "cpu_ratio": row["cpu_s"] / base_cpu if row.get("cpu_s") and base_cpu else None,
                 "bubble_theoretical": tl.theoretical_bubble(n, m), **row,
-                "schedule_efficiency": row["schedule_model_s"] / step
-                if step and row.get("schedule_model_s") else None,
             })  # fmt: skip
     return runs, _median(all_base)
 

@@ -186,20 +186,23 @@ def test_plot_of_a_synthetic_step(tmp_path):
 # -- the Lightning callback ---------------------------------------------------------------------
 
 
-def test_pipeline_metrics_callback_logs_and_draws(tmp_path):
+def test_pipeline_metrics_callback_logs_and_draws_once_when_registered_twice(tmp_path):
+    """strategy.timeline=true registers the callback (build.py); a config adds a second one,
+    which must stay silent: one set of metrics per step, one picture."""
     run_dir = tmp_path / "run"
     callback = (
         "+callbacks.pipeline_metrics._target_=giantpipe.platform.pipeline_metrics.PipelineMetrics"
     )
-    run_train(TINY + ["strategy=pipeline", "strategy.stages=2", "trainer.devices=2",
+    run_train(TINY + ["strategy=pipeline", "strategy.stages=2", "trainer.devices=2", "strategy.timeline=true",
                       "trainer.max_steps=3", callback, f"hydra.run.dir={run_dir}"], tmp_path)  # fmt: skip
     rows = list(csv.DictReader((run_dir / "csv" / "metrics.csv").open()))
     logged = [r for r in rows if r.get("pipeline/bubble")]
     assert len(logged) == 3
     for name in ("pipeline/bubble_theory", "pipeline/stage0/compute_s", "pipeline/stage1/comm_s",
-                 "pipeline/stage1/peak_mem_mb"):  # fmt: skip
+                 "pipeline/stage1/peak_mem_mb", "pipeline/step_s"):  # fmt: skip
         assert logged[-1][name], name
     assert float(logged[-1]["pipeline/bubble_theory"]) == pytest.approx(1 / 5)  # M=4 by default
+    assert 0.0 <= float(logged[-1]["pipeline/bubble"]) < 1.0
     assert (run_dir / "pipeline" / "timeline.png").exists()
     trace = json.loads((run_dir / "pipeline" / "timeline.trace.json").read_text())
     assert {e["tid"] for e in trace["traceEvents"] if e["ph"] == "X"} == {0, 1}

@@ -17,8 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from giantpipe.platform.callbacks import FinalCheckpoint
 from giantpipe.platform.checkpoint_io import AtomicCheckpointIO
-from giantpipe.platform.pipeline_metrics import PipelineMetrics
 from giantpipe.platform.config import ConfigError
+from giantpipe.platform.pipeline_metrics import PipelineMetrics
 from giantpipe.platform.summary import ThroughputMonitor
 
 

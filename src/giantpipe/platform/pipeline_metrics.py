@@ -17,7 +17,10 @@ Replicas of a stage are averaged (times) or maxed (memory). Each logged step cos
 small all-gather. At the end of training, with `save_timeline`, rank 0 writes the last
 training step's picture and Chrome/Perfetto trace to `<run dir>/pipeline/timeline.png` and
 `timeline.trace.json`, and logs the picture to wandb when wandb is a logger. Under any
-other strategy the callback does nothing.
+other strategy the callback does nothing; registered twice, the second instance does nothing.
+
+build.py adds it when `strategy=pipeline strategy.timeline=true`; off, the engine records
+nothing and costs nothing.
 """
 
 from __future__ import annotations
