@@ -23,14 +23,12 @@ one token ({tgt_in (N,1)} -> ... -> {logits (N,1,V), attn (N,1,S)}) is what trav
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from giantpipe.models.attention import Attention
-from giantpipe.models.contract import Batch, Carry, LayeredModel, split_batch
-
-State = dict[str, Tensor]
+from giantpipe.models.contract import Batch, Carry, split_batch
+from giantpipe.models.seq2seq import AttentionSeq2Seq, State
 
 
 def _uniform_lstm_(lstm: nn.LSTM, init_weight: float) -> None:
@@ -255,7 +253,7 @@ class OutputProjection(nn.Module):
         return self(carry), state
 
 
-class GNMT(LayeredModel):
+class GNMT(AttentionSeq2Seq):
     """GNMT v2: bidirectional first encoder layer, residuals from layer 3, attention at decoder 1.
 
     Batches hold `src` (B,S), `src_len` (B,), `tgt_in` (B,T) = bos + y and, for the loss and
@@ -330,67 +328,11 @@ class GNMT(LayeredModel):
     def split(self, batch: Batch, chunks: int) -> list[Batch]:
         return [trim_padding(mb, self.pad_id) for mb in split_batch(batch, chunks)]
 
-    def init_layer(self, index: int) -> None:
-        self.layers[index].reset_parameters()
-
-    @property
-    def emit_attention(self) -> bool:
-        return self.layers[self.decoder_indices[1]].emit_attention
-
-    @emit_attention.setter
-    def emit_attention(self, value: bool) -> None:
-        """Also put decoder 1's attention weights (B,T,S) in the carry as `attn` (for inspection)."""
-        self.layers[self.decoder_indices[1]].emit_attention = value
-
     # --- inference -------------------------------------------------------------------------
     def encode(self, batch: Batch) -> Carry:
         """Run the encoder layers once: {memory (B,S,M), src_mask (B,S), src_len (B,)}."""
         carry = {k: batch[k] for k in ("src", "src_len")}
         return self.run_layers(carry, self.encoder_indices)
-
-    def init_step_states(self, encoded: Carry, beam_size: int = 1,
-                         indices=None) -> dict[int, State]:
-        """Fresh recurrent state, every sentence repeated `beam_size` times, per decoder layer.
-
-        `encoded` needs `src_len`; decoder 1 also reads `memory` and `src_mask` from it.
-        """
-        indices = self.decoder_indices if indices is None else indices
-        return {i: self.layers[i].init_step_state(encoded, beam_size) for i in indices}
-
-    def step_layers(self, carry: Carry, states: dict[int, State],
-                    indices=None) -> tuple[Carry, dict[int, State]]:
-        """Advance decoder layers `indices` (default: all) by one token; a stage steps its own."""
-        states = dict(states)
-        for i in sorted(states) if indices is None else indices:
-            carry, states[i] = self.layers[i].step(carry, states[i])
-        return carry, states
-
-    @staticmethod
-    def reorder_step_states(states: dict[int, State], index: Tensor) -> dict[int, State]:
-        """Select rows (beams) of every state tensor; all of them are batch-first."""
-        return {i: {k: v.index_select(0, index) for k, v in s.items()} for i, s in states.items()}
-
-    def step_decoder(self) -> GNMTStepDecoder:
-        return GNMTStepDecoder(self)
-
-
-class GNMTStepDecoder:
-    """The beam-search decoder protocol (init_state / step / reorder) over a whole GNMT decoder."""
-
-    def __init__(self, model: GNMT) -> None:
-        self.model = model
-
-    def init_state(self, encoded: Carry, beam_size: int) -> dict[int, State]:
-        return self.model.init_step_states(encoded, beam_size)
-
-    def step(self, tokens: Tensor, state: dict[int, State]
-             ) -> tuple[Tensor, Tensor, dict[int, State]]:
-        carry, state = self.model.step_layers({"tgt_in": tokens.unsqueeze(1)}, state)
-        log_probs = F.log_softmax(carry["logits"][:, 0].float(), dim=-1)
-        return log_probs, carry["attn"][:, 0], state
-
-    def reorder(self, state: dict[int, State], beam_indices: Tensor) -> dict[int, State]:
-        return self.model.reorder_step_states(state, beam_indices)
 
 
 def trim_padding(batch: Batch, pad_id: int = 0) -> Batch:

@@ -29,15 +29,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from giantpipe.models.contract import Batch, Carry, LayeredModel, split_batch
+from giantpipe.models.contract import Batch, Carry, split_batch
 from giantpipe.models.gnmt import (
     AttentionDecoderLayer,
     BidirectionalEncoderLayer,
     DecoderLayer,
     Embedding,
-    GNMTStepDecoder,
-    State,
 )
+from giantpipe.models.seq2seq import AttentionSeq2Seq, State
 
 _REPEATED_PER_TARGET = ("memory", "src_mask", "src_len")
 
@@ -118,7 +117,7 @@ class SpellerProjection(nn.Module):
         return self(carry), state
 
 
-class LAS(LayeredModel):
+class LAS(AttentionSeq2Seq):
     """Listener of (pyramidal) BLSTMs, attention, LSTM speller over graphemes.
 
     `pyramid_levels` of the listener layers after the first halve time (reduction
@@ -186,50 +185,11 @@ class LAS(LayeredModel):
     def split(self, batch: Batch, chunks: int) -> list[Batch]:
         return [trim_speech_padding(mb, self.pad_id) for mb in split_batch(batch, chunks)]
 
-    def init_layer(self, index: int) -> None:
-        self.layers[index].reset_parameters()
-
-    @property
-    def emit_attention(self) -> bool:
-        return self.layers[self.decoder_indices[1]].emit_attention
-
-    @emit_attention.setter
-    def emit_attention(self, value: bool) -> None:
-        """Also put the attention weights (B,U,S) in the carry as `attn` (alignment plots)."""
-        self.layers[self.decoder_indices[1]].emit_attention = value
-
     # --- inference -------------------------------------------------------------------------
     def encode(self, batch: Batch) -> Carry:
         """Run the listener once: {memory (B,S,2H), src_mask (B,S), src_len (B,)}."""
         return self.run_layers({"x": batch["features"], "src_len": batch["feat_len"]},
                                self.encoder_indices)
-
-    def init_step_states(self, encoded: Carry, beam_size: int = 1,
-                         indices=None) -> dict[int, State]:
-        """Fresh recurrent state per speller layer, every utterance repeated `beam_size` times."""
-        indices = self.decoder_indices if indices is None else indices
-        return {i: self.layers[i].init_step_state(encoded, beam_size) for i in indices}
-
-    def step_layers(self, carry: Carry, states: dict[int, State],
-                    indices=None) -> tuple[Carry, dict[int, State]]:
-        """Advance speller layers `indices` (default: all) by one token; a stage steps its own.
-
-        The step carry is {tgt_in (N,1)} before the embedding, {logits (N,1,V), attn (N,1,S)}
-        after the projection.
-        """
-        states = dict(states)
-        for i in sorted(states) if indices is None else indices:
-            carry, states[i] = self.layers[i].step(carry, states[i])
-        return carry, states
-
-    @staticmethod
-    def reorder_step_states(states: dict[int, State], index: Tensor) -> dict[int, State]:
-        """Select rows (beams) of every state tensor; all of them are batch-first."""
-        return {i: {k: v.index_select(0, index) for k, v in s.items()} for i, s in states.items()}
-
-    def step_decoder(self) -> GNMTStepDecoder:
-        """The beam-search protocol over the whole speller (GNMT's adapter is model-agnostic)."""
-        return GNMTStepDecoder(self)
 
 
 def trim_speech_padding(batch: Batch, pad_id: int = 0) -> Batch:

@@ -34,7 +34,6 @@ from giantpipe.strategies.faults import maybe_inject
 from giantpipe.strategies.partition import (
     auto_balance,
     partition_table,
-    stage_ranges,
     validate_balance,
 )
 from giantpipe.strategies.pipelined_decoding import pipelined_beam_search
@@ -272,4 +271,4 @@ def global_grad_norm(parameters, replicas: int = 1) -> Tensor:
     return (squares / replicas).sqrt()
 
 
-__all__ = ["PipelineStrategy", "PipelineRunner", "stage_ranges", "global_grad_norm"]
+__all__ = ["PipelineStrategy", "PipelineRunner", "global_grad_norm"]

@@ -89,6 +89,19 @@ class ResumableLoader(DataLoader):
             self.batch_sampler.skip = state["consumed"]
 
 
+class SplitLoaders:
+    """Lightning's three dataloader hooks for a data module that defines `_loader(split, shuffle)`."""
+
+    def train_dataloader(self):
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self):
+        return self._loader("validation", shuffle=False)
+
+    def test_dataloader(self):
+        return self._loader("test", shuffle=False)
+
+
 def replica_of(trainer) -> tuple[int, int]:
     """(num_replicas, replica index) of this process: pipelines report their data-parallel slot."""
     kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None) if trainer else None

@@ -23,7 +23,12 @@ import torch
 from torch.utils.data import Dataset
 
 from giantpipe.platform.config import ConfigError
-from giantpipe.platform.data.sampling import GlobalBatchSampler, ResumableLoader, replica_of
+from giantpipe.platform.data.sampling import (
+    GlobalBatchSampler,
+    ResumableLoader,
+    SplitLoaders,
+    replica_of,
+)
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "validation", "test")
@@ -160,7 +165,7 @@ def unigram_entropy_bits(ids: np.ndarray, vocab_size: int) -> float:
     return float(-(p * np.log2(p)).sum())
 
 
-class TextDataModule(pl.LightningDataModule):
+class TextDataModule(SplitLoaders, pl.LightningDataModule):
     """Tokenized windows per split, cached on disk by a key of the settings that shape them."""
 
     def __init__(self, cfg, batch_size: int, seed: int):
@@ -227,12 +232,3 @@ class TextDataModule(pl.LightningDataModule):
             drop_last=shuffle, num_replicas=replicas, replica=replica,
         )
         return ResumableLoader(dataset, sampler, num_workers=self.cfg.num_workers)
-
-    def train_dataloader(self):
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self):
-        return self._loader("validation", shuffle=False)
-
-    def test_dataloader(self):
-        return self._loader("test", shuffle=False)

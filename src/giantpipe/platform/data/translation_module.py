@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 
 from giantpipe.platform.config import ConfigError
 from giantpipe.platform.data.buckets import BucketBatchSampler
-from giantpipe.platform.data.sampling import ResumableLoader, replica_of
+from giantpipe.platform.data.sampling import ResumableLoader, SplitLoaders, replica_of
 from giantpipe.platform.data.translation import (
     TranslationData,
     TranslationDataset,
@@ -58,7 +58,7 @@ class EvalBucketSampler(BucketBatchSampler):
         return len(self.global_batches())
 
 
-class TranslationDataModule(pl.LightningDataModule):
+class TranslationDataModule(SplitLoaders, pl.LightningDataModule):
     """Tokenized sentence pairs per split, wordpiece vocabularies, bucketed batch loaders.
 
     Args:
@@ -207,15 +207,6 @@ class TranslationDataModule(pl.LightningDataModule):
                                         seed=self.seed, num_replicas=replicas, replica=replica)
         return ResumableLoader(dataset, sampler, collate_fn=self.data.collator(),
                                num_workers=self.cfg.num_workers)
-
-    def train_dataloader(self):
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self):
-        return self._loader("validation", shuffle=False)
-
-    def test_dataloader(self):
-        return self._loader("test", shuffle=False)
 
 
 def _split_name(split: str) -> str:
