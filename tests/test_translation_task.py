@@ -32,7 +32,7 @@ def test_gnmt_configs_compose_and_pick_translation_data():
     cfg = compose_train(["model=gnmt"])
     assert cfg.data.family == cfg.model.family == "translation" and cfg.data.source == "default"
     assert cfg.model.decode.beam_size == 5 and cfg.model.decode.alpha == 0.6
-    check(["model=gnmt", "loss=mwer"])  # MWER for translation is a valid combination
+    check(["model=gnmt", "loss=mwer", f"init_from={__file__}"])  # a valid combination
     for name, source in (("wmt16_de_en", "hf"), ("multi30k", "hf"), ("translation_files", "files")):
         assert compose_train(["model=gnmt", f"data={name}"]).data.source == source  # no download
     for experiment in ("gnmt", "gnmt_v2_large"):

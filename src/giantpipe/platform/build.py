@@ -77,14 +77,32 @@ def build_translation(cfg: DictConfig):
     src, tgt = data.src_vocab, data.tgt_vocab
     factory = model_factory(cfg.model, src_vocab_size=src.vocab_size, tgt_vocab_size=tgt.vocab_size,
                             pad_id=tgt.pad_id)
-    task = TranslationTask(factory, optim=cfg.optim, seed=cfg.seed,
+    task = TranslationTask(factory, optim=cfg.optim, seed=cfg.seed, loss=cfg.loss,
                            decode=OmegaConf.to_container(cfg.model.decode, resolve=True),
-                           src_vocab=src, tgt_vocab=tgt, label_smoothing=cfg.loss.label_smoothing)
+                           src_vocab=src, tgt_vocab=tgt)
     extras = {"bleu_signature": corpus_bleu([""], [""]).signature}
     return data, task, extras
 
 
-FAMILIES = {"language_model": build_language_model, "translation": build_translation}
+def build_speech(cfg: DictConfig):
+    """LAS on utterances: the grapheme vocabulary and padding come from the data."""
+    from giantpipe.platform.data.speech_module import SpeechDataModule
+    from giantpipe.platform.tasks.speech import SpeechTask
+
+    pipeline = cfg.strategy.name == "pipeline"
+    min_eval_batch = cfg.strategy.micro_batches * cfg.strategy.replicas if pipeline else 1
+    data = SpeechDataModule(cfg.data, batch_size=cfg.data.batch_size, seed=cfg.seed,
+                            min_eval_batch=min_eval_batch)
+    vocab = data.prepare().vocab
+    factory = model_factory(cfg.model, vocab_size=vocab.vocab_size, pad_id=vocab.pad_id)
+    task = SpeechTask(factory, optim=cfg.optim, seed=cfg.seed, loss=cfg.loss,
+                      decode=OmegaConf.to_container(cfg.model.decode, resolve=True), vocab=vocab,
+                      spec_augment=OmegaConf.to_container(cfg.data.spec_augment, resolve=True))
+    return data, task, {}
+
+
+FAMILIES = {"language_model": build_language_model, "translation": build_translation,
+            "speech": build_speech}
 
 
 def build_task(cfg: DictConfig):

@@ -82,6 +82,39 @@ class GNMTConfig:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
 
 
+@dataclass
+class LASDecodeConfig(DecodeConfig):
+    """Beam search for LAS: the length cap is per listener frame (8 per 80 ms at 3 pyramid levels)."""
+
+    beam_size: int = 4
+    alpha: float = 0.6
+    beta: float = 0.0  # no coverage penalty: a pyramidal listener's attention is not one-to-one
+    max_len: int | None = 300  # graphemes, EOS included
+    max_len_a: float | None = 3.0
+    max_len_b: float = 10.0
+
+
+@dataclass
+class LASConfig:
+    """Listen, Attend and Spell (DESIGN §7): pyramidal BLSTM listener, attention, LSTM speller
+    over graphemes."""
+
+    _target_: str = "giantpipe.models.las.LAS"
+    family: str = "speech"
+    vocab_size: int = 32  # overwritten from the data's graphemes
+    n_mels: int = "${data.n_mels}"  # type: ignore[assignment]  # the features' width
+    listener_hidden: int = 256  # each direction of every BLSTM
+    listener_layers: int = 4
+    pyramid_levels: int = 3  # listener layers 2..levels+1 halve time: reduction 2**levels
+    speller_hidden: int = 512
+    speller_layers: int = 2
+    embedding_size: int | None = None  # defaults to speller_hidden
+    dropout: float = 0.1
+    attention: str = "normalized_bahdanau"  # normalized_bahdanau | bahdanau | dot
+    init_weight: float = 0.1
+    decode: LASDecodeConfig = field(default_factory=LASDecodeConfig)
+
+
 # ---------------------------------------------------------------- data
 @dataclass
 class TextDataConfig:
@@ -137,6 +170,53 @@ class TranslationDataConfig:
     max_tokens: int | None = 128  # training pairs longer than this (in wordpieces) are skipped
     eval_max_tokens: int | None = None  # the same for validation/test (None keeps all)
     batch_size: int = 64  # global batch (all replicas together)
+    pool_batches: int = 50  # length bucketing: sort within pools of this many batches
+    num_workers: int = 0
+    cache_dir: str = "${oc.env:GIANTPIPE_CACHE,${oc.env:HOME}/.cache/giantpipe}"
+
+
+@dataclass
+class SpecAugmentConfig:
+    """Frequency and time masks on training features (Park et al. 2019); 0 masks turn it off."""
+
+    freq_masks: int = 2
+    freq_width: int = 27
+    time_masks: int = 2
+    time_width: int = 40
+    max_time_ratio: float = 0.2
+
+
+@dataclass
+class SpeechDataConfig:
+    """Utterances and transcripts: the embedded eSpeak corpus, local audio files or a HF dataset."""
+
+    family: str = "speech"
+    source: str = "default"  # default | files | hf
+    # source=default: synthesized once and cached; validation and test use held-out voices
+    train_size: int = 4000
+    val_size: int = 300
+    test_size: int = 300
+    corpus_seed: int = 0  # generates the default corpus; not the run's seed
+    noise_prob: float = 0.5  # share of utterances with additive noise (SNR 10-30 dB)
+    # source=files: a transcript file per split (LibriSpeech *.trans.txt / Kaldi `text` lines
+    # "name transcript", or .jsonl/.csv with file_name + text), audio resolved beside it
+    train_paths: list[str] = field(default_factory=list)
+    validation_paths: list[str] = field(default_factory=list)
+    test_paths: list[str] = field(default_factory=list)
+    audio_dir: str | None = None
+    # source=hf: {"audio": {"array", "sampling_rate"}, "text"} records
+    hf_name: str | None = None
+    hf_config: str | None = None
+    hf_splits: dict[str, str] = field(
+        default_factory=lambda: {"train": "train", "validation": "validation", "test": "test"}
+    )
+    audio_field: str = "audio"
+    text_field: str = "text"
+    n_mels: int = 80  # log-mel, 25 ms window, 10 ms hop
+    normalization: str = "utterance"  # utterance | global | none
+    spec_augment: SpecAugmentConfig = field(default_factory=SpecAugmentConfig)
+    max_seconds: float | None = 30.0  # longer utterances are skipped (and counted)
+    batch_size: int = 32  # global batch (all replicas together)
     pool_batches: int = 50  # length bucketing: sort within pools of this many batches
     num_workers: int = 0
     cache_dir: str = "${oc.env:GIANTPIPE_CACHE,${oc.env:HOME}/.cache/giantpipe}"
@@ -214,8 +294,10 @@ class OptimConfig:
 
 
 GROUP_SCHEMAS = {
-    "model": {"giant_net": GiantNetConfig, "giant_conv": GiantConvConfig, "gnmt": GNMTConfig},
-    "data": {"stdlib_text": TextDataConfig, "translation": TranslationDataConfig},
+    "model": {"giant_net": GiantNetConfig, "giant_conv": GiantConvConfig, "gnmt": GNMTConfig,
+              "las": LASConfig},
+    "data": {"stdlib_text": TextDataConfig, "translation": TranslationDataConfig,
+             "speech": SpeechDataConfig},
     "loss": {"cross_entropy": CrossEntropyConfig, "mwer": MWERConfig},
     "strategy": {"single": SingleStrategyConfig, "pipeline": PipelineStrategyConfig},
     "trainer": {"default": TrainerConfig},
@@ -251,6 +333,8 @@ def validate(cfg) -> None:
             f"loss=mwer needs a sequence-to-sequence model with N-best decoding (gnmt or las), "
             f"not model={cfg_choice(cfg, 'model')}; use loss=cross_entropy"
         )
+    if loss.name == "mwer":
+        check_mwer_start(cfg)
     if strategy.name == "single":
         if trainer.devices != 1 or trainer.num_nodes != 1:
             raise ConfigError(
@@ -282,6 +366,21 @@ def validate(cfg) -> None:
         raise ConfigError(f"strategy.schedule={strategy.schedule!r}: choose gpipe or 1f1b")
     if strategy.checkpoint not in ("always", "except_last", "never"):
         raise ConfigError(f"strategy.checkpoint={strategy.checkpoint!r}: choose always, except_last or never")
+
+
+def check_mwer_start(cfg) -> None:
+    """MWER fine-tunes a trained model (its N-best lists are meaningless from random weights)."""
+    start = cfg.get("init_from") or cfg.get("ckpt_path")
+    if not start:
+        raise ConfigError(
+            "loss=mwer fine-tunes a trained model: give init_from=PATH, a cross-entropy checkpoint "
+            "such as outputs/las/<run>/checkpoints/last.ckpt (or ckpt_path=PATH to resume an MWER run)"
+        )
+    from pathlib import Path
+
+    if not Path(str(start)).exists():
+        key = "init_from" if cfg.get("init_from") else "ckpt_path"
+        raise ConfigError(f"{key}={start}: no such checkpoint file (loss=mwer starts from a trained model)")
 
 
 def check_partition(cfg) -> None:

@@ -317,7 +317,8 @@ class SpecAugment(nn.Module):
         self.time_masks, self.time_width = time_masks, time_width
         self.max_time_ratio, self.value = max_time_ratio, value
 
-    def forward(self, feats_tf: Tensor) -> Tensor:
+    def forward(self, feats_tf: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """`generator` makes the masks a function of its seed (per-sample keyed masks)."""
         if not self.training:
             return feats_tf
         out = feats_tf.clone()
@@ -326,9 +327,9 @@ class SpecAugment(nn.Module):
         for dim, count, width, size in ((1, self.freq_masks, self.freq_width, channels),
                                         (0, self.time_masks, max_t, frames)):
             for _ in range(count):
-                w = int(torch.randint(0, width + 1, ()))
+                w = int(torch.randint(0, width + 1, (), generator=generator))
                 if 0 < w < size:
-                    start = int(torch.randint(0, size - w + 1, ()))
+                    start = int(torch.randint(0, size - w + 1, (), generator=generator))
                     out.narrow(dim, start, w).fill_(self.value)
         return out
 
@@ -414,13 +415,21 @@ class SpeechDataset(Dataset):
         with torch.no_grad():
             return self.featurizer(torch.from_numpy(np.ascontiguousarray(audio)))
 
-    def __getitem__(self, index: int) -> dict:
-        feats = self.raw_features(index)
+    def normalize(self, feats: Tensor) -> Tensor:
+        if self.normalization == "utterance":
+            return normalize_utterance(feats)
+        if self.normalization == "global":
+            return (feats - self.stats.mean) / self.stats.std
+        return feats
+
+    def features_of(self, audio: np.ndarray) -> Tensor:
+        """Normalized features of any 16 kHz mono audio, as this split's items get them."""
         with torch.no_grad():
-            if self.normalization == "utterance":
-                feats = normalize_utterance(feats)
-            elif self.normalization == "global":
-                feats = (feats - self.stats.mean) / self.stats.std
+            return self.normalize(self.featurizer(torch.from_numpy(np.ascontiguousarray(audio))))
+
+    def __getitem__(self, index: int) -> dict:
+        with torch.no_grad():
+            feats = self.normalize(self.raw_features(index))
             if self.augment is not None:
                 feats = self.augment(feats)
         return {"features": feats, "tgt": self.vocab.encode(self.text(index)), "index": index}

@@ -1,0 +1,125 @@
+"""Speech data for Lightning: scanned once per process, length-bucketed, resumable.
+
+`prepare()` loads the configured source (the embedded eSpeak corpus, local transcript files or
+a Hugging Face dataset), scans it (unreadable, empty, silent and overlong audio and empty
+transcripts are skipped, counted and logged), builds the grapheme vocabulary on the training
+transcripts and the feature pipeline. Log-mel features are computed when a batch is loaded;
+SpecAugment is the task's (keyed per sample, so every pipeline layout draws the same masks).
+Batches come from `BucketBatchSampler` (similar lengths, shuffled order) through a
+`ResumableLoader`; evaluation batches are never smaller than a pipeline's micro-batch count.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning.pytorch as pl
+from omegaconf import OmegaConf
+
+from giantpipe.platform.config import ConfigError
+from giantpipe.platform.data.buckets import BucketBatchSampler
+from giantpipe.platform.data.sampling import ResumableLoader, SplitLoaders, replica_of
+from giantpipe.platform.data.speech import SPLITS, SpeechData, SpeechDataset, prepare_speech
+from giantpipe.platform.data.translation_module import EvalBucketSampler
+
+log = logging.getLogger(__name__)
+
+
+class SpeechDataModule(SplitLoaders, pl.LightningDataModule):
+    """Utterances per split, the grapheme vocabulary, bucketed batch loaders.
+
+    Args:
+        cfg: the `data` config (SpeechDataConfig).
+        batch_size: the global batch (all data-parallel replicas together).
+        seed: the batch-order seed.
+        min_eval_batch: the smallest evaluation batch (a pipeline's micro-batches x replicas).
+    """
+
+    def __init__(self, cfg, batch_size: int, seed: int, min_eval_batch: int = 1):
+        super().__init__()
+        self.cfg, self.batch_size, self.seed = cfg, batch_size, seed
+        self.min_eval_batch = min_eval_batch
+        self.data: SpeechData | None = None
+
+    def prepare(self) -> SpeechData:
+        """Load and scan the splits; idempotent, safe before the trainer exists."""
+        if self.data is None:
+            try:
+                self.data = prepare_speech(n_mels=self.cfg.n_mels, normalization=self.cfg.normalization,
+                                           spec_augment=False, max_seconds=self.cfg.max_seconds,
+                                           **self._source_kwargs())
+            except ValueError as err:
+                raise ConfigError(f"speech data: {err}") from None
+            missing = [s for s in SPLITS if s not in self.data.datasets or not len(self.data.datasets[s])]
+            if missing:
+                raise ConfigError(f"speech data has no usable {', '.join(missing)} utterances "
+                                  f"(skipped: {self.data.skipped}); give data.{missing[0]}_paths")
+            self._log_counts()
+        return self.data
+
+    def _source_kwargs(self) -> dict:
+        cfg = self.cfg
+        if cfg.source == "default":
+            return dict(source="default", train_size=cfg.train_size, val_size=cfg.val_size,
+                        test_size=cfg.test_size, seed=cfg.corpus_seed, noise_prob=cfg.noise_prob,
+                        cache_dir=Path(cfg.cache_dir).expanduser())
+        if cfg.source == "files":
+            files = {s: list(cfg.get(f"{s}_paths") or []) for s in SPLITS}
+            if not files["train"]:
+                raise ConfigError("data.source=files needs a transcript file per split: "
+                                  "data.train_paths=[train/trans.txt] data.validation_paths=[...] "
+                                  "data.test_paths=[...]")
+            for split, paths in files.items():
+                if len(paths) > 1:
+                    raise ConfigError(f"data.{split}_paths={paths}: give one transcript file per split")
+            missing = [p for paths in files.values() for p in paths if not Path(p).exists()]
+            if missing:
+                raise ConfigError(f"speech transcript files not found: {missing}")
+            return dict(source="files", files={s: p[0] for s, p in files.items() if p},
+                        audio_dir=cfg.audio_dir, text_field=cfg.text_field)
+        if cfg.source == "hf":
+            if not cfg.hf_name:
+                raise ConfigError("data.source=hf needs data.hf_name, e.g. data=librispeech")
+            return dict(source="hf", hf_name=cfg.hf_name, hf_config=cfg.hf_config,
+                        hf_splits=OmegaConf.to_container(cfg.hf_splits),
+                        audio_field=cfg.audio_field, text_field=cfg.text_field)
+        raise ConfigError(f"data.source={cfg.source!r}: choose default, files or hf")
+
+    def _log_counts(self) -> None:
+        for split, counts in self.data.skipped.items():
+            kept = len(self.data.datasets[split])
+            lost = {k: v for k, v in counts.items() if v}
+            log.info("speech %s: %d utterances%s", split, kept,
+                     f", skipped {sum(lost.values())} ({', '.join(f'{k} {v}' for k, v in lost.items())})"
+                     if lost else "")
+
+    # ----------------------------------------------------------- what the task needs
+    @property
+    def vocab(self):
+        return self.prepare().vocab
+
+    def dataset(self, split: str) -> SpeechDataset:
+        return self.prepare().datasets["validation" if split == "val" else split]
+
+    def references(self, split: str) -> list[str]:
+        """Normalized transcripts of a split, by dataset index (the batches' `index`)."""
+        dataset = self.dataset(split)
+        return [dataset.text(i) for i in range(len(dataset))]
+
+    # ----------------------------------------------------------- loaders
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare()
+
+    def _loader(self, split: str, shuffle: bool) -> ResumableLoader:
+        dataset = self.dataset(split)
+        replicas, replica = replica_of(self.trainer)
+        if shuffle:
+            sampler = BucketBatchSampler(dataset.lengths, self.batch_size, seed=self.seed,
+                                         num_replicas=replicas, replica=replica,
+                                         pool_batches=self.cfg.pool_batches)
+        else:
+            sampler = EvalBucketSampler(dataset.lengths, self.batch_size, self.min_eval_batch,
+                                        seed=self.seed, num_replicas=replicas, replica=replica)
+        return ResumableLoader(dataset, sampler, collate_fn=self.data.collator(),
+                               num_workers=self.cfg.num_workers)
