@@ -172,3 +172,12 @@ def test_missing_speech_files_get_one_clean_error(tmp_path):
                      tmp_path, check=False)
     assert proc.returncode != 0
     assert "speech transcript files not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_las_spells_wordpieces_too(tmp_path):
+    run_dir = tmp_path / "wp"
+    run_train(TINY_LAS + ["data.units=wordpieces", "data.vocab_size=60", f"hydra.run.dir={run_dir}"], tmp_path)
+    summary = read_summary(run_dir)
+    assert summary["steps"] == 3 and "test/wer" in summary["metrics"]
+    config = (run_dir / ".hydra" / "config.yaml").read_text()
+    assert "units: wordpieces" in config

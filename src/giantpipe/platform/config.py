@@ -212,6 +212,8 @@ class SpeechDataConfig:
     )
     audio_field: str = "audio"
     text_field: str = "text"
+    units: str = "graphemes"  # graphemes | wordpieces (BPE trained on the train transcripts)
+    vocab_size: int = 500  # units=wordpieces
     n_mels: int = 80  # log-mel, 25 ms window, 10 ms hop
     normalization: str = "utterance"  # utterance | global | none
     spec_augment: SpecAugmentConfig = field(default_factory=SpecAugmentConfig)

@@ -524,12 +524,13 @@ def load_sources(source: str = "default", *, files: PathSpec | Mapping[str, Path
 
 def prepare_speech(*, n_mels: int = 80, normalization: str = "utterance",
                    spec_augment: SpecAugment | bool = True, max_seconds: float | None = 30.0,
-                   **source) -> SpeechData:
-    """Load and scan the splits (`source` kwargs as in `load_sources`), build the grapheme
-    vocabulary on the training transcripts, and the datasets (SpecAugment on train only)."""
+                   units: str = "graphemes", vocab_size: int = 500, **source) -> SpeechData:
+    """Load and scan the splits (`source` kwargs as in `load_sources`), build the output units
+    on the training transcripts (graphemes, or BPE wordpieces of `vocab_size`), and the
+    datasets (SpecAugment on train only)."""
     sources = load_sources(**source)
     scans = {s: scan(src, max_seconds) for s, src in sources.items()}
-    vocab = GraphemeVocab.from_texts(scans["train"].texts)
+    vocab = output_units(units, scans["train"].texts, vocab_size, source.get("cache_dir"))
     featurizer = LogMel(n_mels)
     augment = SpecAugment() if spec_augment is True else spec_augment or None
     train = SpeechDataset(sources["train"], scans["train"], vocab, featurizer, "none")
@@ -539,3 +540,16 @@ def prepare_speech(*, n_mels: int = 80, normalization: str = "utterance",
     if not len(datasets["train"]):
         raise ValueError(f"no usable training audio (skipped: {scans['train'].skipped.as_dict()})")
     return SpeechData(datasets, vocab, {s: d.skipped.as_dict() for s, d in datasets.items()}, stats)
+
+
+def output_units(units: str, texts: Sequence[str], vocab_size: int, cache_dir: PathSpec | None):
+    """The speller's vocabulary: `GraphemeVocab`, or cached BPE `Wordpieces` (same interface)."""
+    if units == "graphemes":
+        return GraphemeVocab.from_texts(texts)
+    if units == "wordpieces":
+        from giantpipe.platform.data.wordpieces import cached_wordpieces
+
+        cache = Path(cache_dir) if cache_dir is not None else Path(
+            os.environ.get("GIANTPIPE_CACHE", Path.home() / ".cache" / "giantpipe"))
+        return cached_wordpieces(list(texts), cache / "wordpieces", vocab_size, "bpe", "speech")
+    raise ValueError(f"units={units!r}: choose graphemes or wordpieces")

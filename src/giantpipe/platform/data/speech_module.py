@@ -48,6 +48,7 @@ class SpeechDataModule(SplitLoaders, pl.LightningDataModule):
             try:
                 self.data = prepare_speech(n_mels=self.cfg.n_mels, normalization=self.cfg.normalization,
                                            spec_augment=False, max_seconds=self.cfg.max_seconds,
+                                           units=self.cfg.units, vocab_size=self.cfg.vocab_size,
                                            **self._source_kwargs())
             except ValueError as err:
                 raise ConfigError(f"speech data: {err}") from None
@@ -60,10 +61,11 @@ class SpeechDataModule(SplitLoaders, pl.LightningDataModule):
 
     def _source_kwargs(self) -> dict:
         cfg = self.cfg
+        cache = {"cache_dir": Path(cfg.cache_dir).expanduser()}
         if cfg.source == "default":
             return dict(source="default", train_size=cfg.train_size, val_size=cfg.val_size,
                         test_size=cfg.test_size, seed=cfg.corpus_seed, noise_prob=cfg.noise_prob,
-                        cache_dir=Path(cfg.cache_dir).expanduser())
+                        **cache)
         if cfg.source == "files":
             files = {s: list(cfg.get(f"{s}_paths") or []) for s in SPLITS}
             if not files["train"]:
@@ -77,13 +79,13 @@ class SpeechDataModule(SplitLoaders, pl.LightningDataModule):
             if missing:
                 raise ConfigError(f"speech transcript files not found: {missing}")
             return dict(source="files", files={s: p[0] for s, p in files.items() if p},
-                        audio_dir=cfg.audio_dir, text_field=cfg.text_field)
+                        audio_dir=cfg.audio_dir, text_field=cfg.text_field, **cache)
         if cfg.source == "hf":
             if not cfg.hf_name:
                 raise ConfigError("data.source=hf needs data.hf_name, e.g. data=librispeech")
             return dict(source="hf", hf_name=cfg.hf_name, hf_config=cfg.hf_config,
                         hf_splits=OmegaConf.to_container(cfg.hf_splits),
-                        audio_field=cfg.audio_field, text_field=cfg.text_field)
+                        audio_field=cfg.audio_field, text_field=cfg.text_field, **cache)
         raise ConfigError(f"data.source={cfg.source!r}: choose default, files or hf")
 
     def _log_counts(self) -> None:
