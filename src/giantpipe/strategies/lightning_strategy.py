@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.fabric.utilities.optimizer import _optimizer_to_device, _optimizers_to_device
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
@@ -42,6 +42,8 @@ from giantpipe.strategies.stage_checkpoint import (
     consolidate,
     load_shard,
     manifest_entry,
+    optimizer_param_names,
+    select_optimizer_state,
     shard_path,
     split_shard,
 )
@@ -219,12 +221,16 @@ class PipelineStrategy(DDPStrategy):
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
         """Replica 0 of each stage writes its shard; rank 0 then writes the manifest (stage_checkpoint)."""
         stage, replica = self.topology.coords(self.global_rank)
+        module = self.lightning_module
+        if "optimizer_states" in checkpoint:  # names make the optimizer state reshardable
+            checkpoint["optimizer_param_names"] = optimizer_param_names(self.optimizers, module)
         shard = split_shard(checkpoint)
         if replica == 0:
             atomic_save(shard, shard_path(filepath, stage, self.cfg.stages))
         self.barrier("giantpipe_shards_saved")
         if self.global_rank == 0:
-            checkpoint["giantpipe_shards"] = manifest_entry(filepath, self.cfg.stages)
+            order = [name for name, _ in module.named_parameters()]
+            checkpoint["giantpipe_shards"] = manifest_entry(filepath, self.cfg.stages, order)
             atomic_save(checkpoint, Path(filepath))
 
     def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
@@ -232,14 +238,20 @@ class PipelineStrategy(DDPStrategy):
             raise FileNotFoundError(f"checkpoint {checkpoint_path} does not exist")
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
         manifest = checkpoint.get("giantpipe_shards")
-        if manifest is None:  # a consolidated checkpoint: each stage takes its own weights
+        if manifest is None:  # a consolidated checkpoint: each stage takes its own share
             return checkpoint
         if manifest["stages"] != self.cfg.stages:
-            # Resharding: every stage's weights are read and each rank keeps its own; the
-            # optimizer state was laid out per stage, so it starts afresh.
-            log.warning("%s has %d stages, this run %d: resharding the weights; the optimizer state restarts",
-                        checkpoint_path, manifest["stages"], self.cfg.stages)
-            return consolidate(checkpoint_path)
+            # Resharding: every stage's shard is read, merged (optimizer states by parameter
+            # name), and each rank keeps its own share (load_model/optimizer_state_dict).
+            checkpoint = consolidate(checkpoint_path)
+            if checkpoint["optimizer_states"]:
+                log.info("%s has %d stages, this run %d: resharding weights and optimizer state",
+                         checkpoint_path, manifest["stages"], self.cfg.stages)
+            else:
+                log.warning("%s has %d stages, this run %d, and its shards do not name their optimizer's "
+                            "parameters: resharding the weights; the optimizer and LR schedule restart",
+                            checkpoint_path, manifest["stages"], self.cfg.stages)
+            return checkpoint
         checkpoint.update(load_shard(checkpoint_path, manifest, self.topology.stage_of(self.global_rank)))
         return checkpoint
 
@@ -249,6 +261,22 @@ class PipelineStrategy(DDPStrategy):
         if missing:
             raise ValueError(f"the checkpoint lacks {len(missing)} weights of this stage, e.g. {missing[:3]}")
         self.lightning_module.load_state_dict({k: checkpoint["state_dict"][k] for k in local}, strict=False)
+
+    def load_optimizer_state_dict(self, checkpoint) -> None:
+        """Each optimizer takes its parameters' state by name: any stage count saved it."""
+        saved_names = checkpoint.get("optimizer_param_names")
+        states = checkpoint["optimizer_states"]
+        if saved_names is None:
+            if states and self.cfg.stages > 1 and "giantpipe_shards" not in checkpoint:
+                log.warning("the checkpoint's optimizer state does not name its parameters, so it cannot be "
+                            "split into stages; the optimizer restarts (the weights are loaded)")
+                return
+            super().load_optimizer_state_dict(checkpoint)
+            return
+        local_names = optimizer_param_names(self.optimizers, self.lightning_module)
+        for optimizer, state, saved, local in zip(self.optimizers, states, saved_names, local_names, strict=True):
+            optimizer.load_state_dict(select_optimizer_state(state, saved, local))
+            _optimizer_to_device(optimizer, self.root_device)
 
     def remove_checkpoint(self, filepath) -> None:
         if self.global_rank == 0:

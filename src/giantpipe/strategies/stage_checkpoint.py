@@ -3,11 +3,18 @@
 Layout for a checkpoint `step300.ckpt` of a 2-stage run:
 
     step300.ckpt                 manifest: Lightning's trainer state + {"giantpipe_shards": ...}
-    step300.ckpt.stage0-of-2     stage 0: state_dict (its layers), optimizer_states, rng_states
+    step300.ckpt.stage0-of-2     stage 0: state_dict (its layers), optimizer_states, rng_states,
+                                 optimizer_param_names
     step300.ckpt.stage1-of-2     stage 1: ...
 
 Shards and manifest are written to a temporary name and renamed, shards first, so a crash
 mid-save never leaves a manifest that points at a missing or half-written shard.
+
+Resharding: an optimizer's state dict numbers its parameters 0, 1, ... in its own order, which
+differs with every stage count. Each shard therefore also names its parameters
+(`optimizer_param_names`: per optimizer, per parameter group), `consolidate` merges the shards'
+states by name into the order one device's optimizer has (the manifest's `param_order`), and
+`select_optimizer_state` cuts out any stage's share of it again, by name.
 """
 
 from __future__ import annotations
@@ -17,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-SHARD_KEYS = ("state_dict", "optimizer_states", "rng_states")
+SHARD_KEYS = ("state_dict", "optimizer_states", "rng_states", "optimizer_param_names")
+ParamNames = list[list[str]]  # one optimizer's parameter names, per parameter group
 
 
 def shard_path(filepath: str | Path, stage: int, num_stages: int) -> Path:
@@ -36,8 +44,17 @@ def split_shard(checkpoint: dict) -> dict:
     return {k: checkpoint.pop(k) for k in SHARD_KEYS if k in checkpoint}
 
 
-def manifest_entry(filepath: str | Path, num_stages: int) -> dict:
-    return {"stages": num_stages, "files": [shard_path(filepath, s, num_stages).name for s in range(num_stages)]}
+def manifest_entry(filepath: str | Path, num_stages: int, param_order: list[str] | None = None) -> dict:
+    """`param_order`: every parameter's name in the whole model's order (what one device's
+    optimizer follows), so that consolidated optimizer states index like one device's."""
+    files = [shard_path(filepath, s, num_stages).name for s in range(num_stages)]
+    return {"stages": num_stages, "files": files, "param_order": param_order}
+
+
+def optimizer_param_names(optimizers, module) -> list[ParamNames]:
+    """Per optimizer, per parameter group, the names (in `module`) of the parameters it holds."""
+    name_of = {id(p): n for n, p in module.named_parameters()}
+    return [[[name_of[id(p)] for p in group["params"]] for group in opt.param_groups] for opt in optimizers]
 
 
 def load_shard(manifest_path: str | Path, manifest: dict, stage: int) -> dict:
@@ -53,19 +70,79 @@ def load_shard(manifest_path: str | Path, manifest: dict, stage: int) -> dict:
 
 
 def consolidate(manifest_path: str | Path) -> dict:
-    """One ordinary Lightning checkpoint with every stage's weights (optimizer state dropped:
-    it is per stage). `strategy=single` loads it through ckpt_path, init_from or giantpipe-eval."""
+    """One ordinary Lightning checkpoint with every stage's weights and optimizer state (indexed
+    as one device's optimizer, and named in `optimizer_param_names`), the trainer state and the
+    LR schedulers. `strategy=single` loads it (ckpt_path, init_from, giantpipe-eval) and so does
+    a pipeline of any stage count. A checkpoint from before shards named their parameters keeps
+    only the weights: its optimizer and schedulers restart."""
     checkpoint = torch.load(manifest_path, map_location="cpu", weights_only=False)
     manifest = checkpoint.pop("giantpipe_shards", None)
     if manifest is None:
         raise ValueError(f"{manifest_path} is not a pipelined checkpoint (no stage manifest)")
-    state_dict = {}
-    for stage in range(manifest["stages"]):
-        shard = load_shard(manifest_path, manifest, stage)
-        state_dict.update(shard["state_dict"])
-        if stage == 0 and "rng_states" in shard:
-            checkpoint["rng_states"] = shard["rng_states"]
-    checkpoint["state_dict"] = state_dict
-    checkpoint["optimizer_states"] = []
-    checkpoint["lr_schedulers"] = []
+    shards = [load_shard(manifest_path, manifest, stage) for stage in range(manifest["stages"])]
+    checkpoint["state_dict"] = {k: v for shard in shards for k, v in shard["state_dict"].items()}
+    if "rng_states" in shards[0]:
+        checkpoint["rng_states"] = shards[0]["rng_states"]
+    merged = merge_optimizer_states(shards, manifest.get("param_order"))
+    if merged is None:
+        checkpoint["optimizer_states"], checkpoint["lr_schedulers"] = [], []
+    else:
+        checkpoint["optimizer_states"], checkpoint["optimizer_param_names"] = merged
     return checkpoint
+
+
+def merge_optimizer_states(shards: list[dict], param_order: list[str] | None = None
+                           ) -> tuple[list[dict], list[ParamNames]] | None:
+    """The stages' optimizer states as one optimizer's over the whole model: parameters of each
+    group in `param_order` (else stage by stage), hyperparameters from stage 0 (all stages
+    share them). None if a shard does not name its parameters."""
+    if not shards or any("optimizer_param_names" not in s for s in shards):
+        return None
+    position = {name: i for i, name in enumerate(param_order or [])}
+    states, names = [], []
+    for o, first in enumerate(shards[0]["optimizer_states"]):
+        by_name: dict[str, dict] = {}
+        group_names: ParamNames = [[] for _ in first["param_groups"]]
+        for shard in shards:
+            state, shard_names = shard["optimizer_states"][o], shard["optimizer_param_names"][o]
+            if len(shard_names) != len(group_names):
+                raise ValueError(f"stage shards disagree on optimizer {o}'s parameter groups")
+            for g, (group, group_of_names) in enumerate(zip(state["param_groups"], shard_names, strict=True)):
+                for name, pid in zip(group_of_names, group["params"], strict=True):
+                    group_names[g].append(name)
+                    if pid in state["state"]:
+                        by_name[name] = state["state"][pid]
+        if position:
+            group_names = [sorted(g, key=lambda n: position.get(n, len(position))) for g in group_names]
+        states.append(_indexed_state(by_name, group_names, first["param_groups"]))
+        names.append(group_names)
+    return states, names
+
+
+def select_optimizer_state(state: dict, saved_names: ParamNames, local_names: ParamNames) -> dict:
+    """An optimizer state dict for the parameters `local_names` (per group), taken by name
+    from `state`, whose parameters are named `saved_names`."""
+    if len(saved_names) != len(local_names):
+        raise ValueError(
+            f"the checkpoint's optimizer has {len(saved_names)} parameter groups, this run's {len(local_names)}; "
+            "resume with the same optimizer settings"
+        )
+    id_of = {n: pid for group, names in zip(state["param_groups"], saved_names, strict=True)
+             for n, pid in zip(names, group["params"], strict=True)}
+    missing = [n for names in local_names for n in names if n not in id_of]
+    if missing:
+        raise ValueError(f"the checkpoint's optimizer state lacks {len(missing)} parameters of this stage, "
+                         f"e.g. {missing[:3]}")
+    by_name = {n: state["state"][pid] for n, pid in id_of.items() if pid in state["state"]}
+    return _indexed_state(by_name, local_names, state["param_groups"])
+
+
+def _indexed_state(by_name: dict[str, dict], group_names: ParamNames, groups: list[dict]) -> dict:
+    """torch's optimizer state-dict layout: parameters numbered 0, 1, ... group after group."""
+    out_state, out_groups, index = {}, [], 0
+    for names, group in zip(group_names, groups, strict=True):
+        ids = list(range(index, index + len(names)))
+        out_state.update({i: by_name[n] for i, n in zip(ids, names) if n in by_name})
+        out_groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": ids})
+        index += len(names)
+    return {"state": out_state, "param_groups": out_groups}
