@@ -216,6 +216,7 @@ class SpeechDataConfig:
     vocab_size: int = 500  # units=wordpieces
     n_mels: int = 80  # log-mel, 25 ms window, 10 ms hop
     normalization: str = "utterance"  # utterance | global | none
+    cache_features: bool = True  # keep each utterance's log-mel frames in memory after first use
     spec_augment: SpecAugmentConfig = field(default_factory=SpecAugmentConfig)
     max_seconds: float | None = 30.0  # longer utterances are skipped (and counted)
     batch_size: int = 32  # global batch (all replicas together)

@@ -49,6 +49,7 @@ class SpeechDataModule(SplitLoaders, pl.LightningDataModule):
                 self.data = prepare_speech(n_mels=self.cfg.n_mels, normalization=self.cfg.normalization,
                                            spec_augment=False, max_seconds=self.cfg.max_seconds,
                                            units=self.cfg.units, vocab_size=self.cfg.vocab_size,
+                                           cache_features=self.cfg.cache_features,
                                            **self._source_kwargs())
             except ValueError as err:
                 raise ConfigError(f"speech data: {err}") from None
