@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from giantpipe.models.beam_search import beam_search
 from giantpipe.models.contract import build_materialized, materialize
-from giantpipe.models.las import LAS, pyramid_reduce, trim_speech_padding
+from giantpipe.models.las import LAS, pyramid_reduce, stack_frames, trim_speech_padding
 
 torch.set_num_threads(1)
 V, PAD, BOS, EOS, MELS = 12, 0, 1, 2, 8
@@ -211,3 +211,16 @@ def test_bad_arguments_say_what_is_wrong():
         LAS(10, listener_layers=3, pyramid_levels=3)
     with pytest.raises(ValueError, match="dropout"):
         LAS(10, dropout=1.0)
+
+
+def test_frame_stacking_divides_time_before_the_first_listener_layer():
+    x = torch.arange(2 * 7 * 2, dtype=torch.float32).reshape(2, 7, 2)
+    out, lengths = stack_frames(x, torch.tensor([7, 4]), 3)
+    assert out.shape == (2, 3, 6) and lengths.tolist() == [3, 2]
+    assert out[0, 2].tolist() == [12.0, 13.0, 0.0, 0.0, 0.0, 0.0]  # 7th frame, then zeros
+    assert out[1, 1].tolist() == [20.0, 21.0, 0.0, 0.0, 0.0, 0.0]  # frames past length 4 zeroed
+    model = build_materialized(lambda: LAS(10, n_mels=2, listener_hidden=3, listener_layers=2,
+                                           pyramid_levels=1, speller_hidden=4, frame_stack=3), 0)
+    assert model.reduction == 6
+    encoded = model.encode({"features": torch.randn(2, 13, 2), "feat_len": torch.tensor([13, 6])})
+    assert encoded["memory"].shape[1] == 3 and encoded["src_len"].tolist() == [3, 1]

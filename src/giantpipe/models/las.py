@@ -41,33 +41,39 @@ from giantpipe.models.seq2seq import AttentionSeq2Seq, State
 _REPEATED_PER_TARGET = ("memory", "src_mask", "src_len")
 
 
-def pyramid_reduce(x_btd: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-    """Concatenate frames 2t and 2t+1: (B,T,D) -> (B,ceil(T/2),2D); lengths -> ceil(len/2).
+def stack_frames(x_btd: Tensor, lengths: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Concatenate each run of `k` frames: (B,T,D) -> (B,ceil(T/k),kD); lengths -> ceil(len/k).
 
-    Frames past each length are zeroed first, so an odd-length utterance pairs its last
-    frame with zeros whatever the batch's padding holds.
+    Frames past each length are zeroed first, so an utterance's last group is completed with
+    zeros whatever the batch's padding holds.
     """
     b, t, d = x_btd.shape
     mask = torch.arange(t, device=x_btd.device) < lengths.to(x_btd.device).unsqueeze(1)
     x_btd = x_btd * mask.unsqueeze(-1).to(x_btd.dtype)
-    if t % 2:
-        x_btd = torch.cat([x_btd, x_btd.new_zeros(b, 1, d)], dim=1)
-    return x_btd.reshape(b, (t + 1) // 2, 2 * d), (lengths + 1) // 2
+    if t % k:
+        x_btd = torch.cat([x_btd, x_btd.new_zeros(b, k - t % k, d)], dim=1)
+    return x_btd.reshape(b, -(-t // k), k * d), (lengths + k - 1) // k
+
+
+def pyramid_reduce(x_btd: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+    """LAS's pyramid step: frames 2t and 2t+1 concatenated, (B,T,D) -> (B,ceil(T/2),2D)."""
+    return stack_frames(x_btd, lengths, 2)
 
 
 class ListenerLayer(BidirectionalEncoderLayer):
     """A BLSTM over the packed frames; `pyramidal` halves time first; `last` emits the memory."""
 
     def __init__(self, input_size: int, hidden_size: int, dropout: float, pyramidal: bool,
-                 last: bool, init_weight: float = 0.1) -> None:
-        super().__init__(input_size * (2 if pyramidal else 1), hidden_size, dropout,
-                         "memory" if last else "x", init_weight)
-        self.pyramidal, self.last = pyramidal, last
+                 last: bool, init_weight: float = 0.1, stack: int = 1) -> None:
+        stack = 2 if pyramidal else stack  # frames concatenated before the BLSTM
+        super().__init__(input_size * stack, hidden_size, dropout, "memory" if last else "x",
+                         init_weight)
+        self.pyramidal, self.last, self.stack = pyramidal, last, stack
 
     def forward(self, carry: Carry) -> Carry:
         carry = dict(carry)
-        if self.pyramidal:
-            carry["x"], carry["src_len"] = pyramid_reduce(carry["x"], carry["src_len"])
+        if self.stack > 1:
+            carry["x"], carry["src_len"] = stack_frames(carry["x"], carry["src_len"], self.stack)
         carry = super().forward(carry)
         if self.last:
             frames = torch.arange(carry["memory"].size(1), device=carry["memory"].device)
@@ -120,8 +126,9 @@ class SpellerProjection(nn.Module):
 class LAS(AttentionSeq2Seq):
     """Listener of (pyramidal) BLSTMs, attention, LSTM speller over graphemes.
 
-    `pyramid_levels` of the listener layers after the first halve time (reduction
-    2**pyramid_levels); the listener's memory is 2 * `listener_hidden` wide.
+    `pyramid_levels` of the listener layers after the first halve time, and the first reads
+    `frame_stack` frames at a time (low frame rate input: reduction frame_stack * 2**levels);
+    the listener's memory is 2 * `listener_hidden` wide.
     """
 
     def __init__(
@@ -138,6 +145,7 @@ class LAS(AttentionSeq2Seq):
         attention: str = "normalized_bahdanau",
         pad_id: int = 0,
         init_weight: float = 0.1,
+        frame_stack: int = 1,
     ) -> None:
         super().__init__()
         if listener_layers < 1 or speller_layers < 1:
@@ -149,15 +157,18 @@ class LAS(AttentionSeq2Seq):
                              f"listener_layers={listener_layers}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if frame_stack < 1:
+            raise ValueError(f"frame_stack must be >= 1, got {frame_stack}")
         h, w, memory = listener_hidden, init_weight, 2 * listener_hidden
-        self.pad_id, self.reduction = pad_id, 2 ** pyramid_levels
+        self.pad_id, self.reduction = pad_id, frame_stack * 2 ** pyramid_levels
 
         layers: list[nn.Module] = []
         names = []
         for k in range(listener_layers):
             pyramidal = 1 <= k <= pyramid_levels
             layers.append(ListenerLayer(n_mels if k == 0 else memory, h, dropout, pyramidal,
-                                        last=k == listener_layers - 1, init_weight=w))
+                                        last=k == listener_layers - 1, init_weight=w,
+                                        stack=frame_stack if k == 0 else 1))
             names.append(f"listener_{k + 1}" + ("_pyramid" if pyramidal else ""))
         self.encoder_indices = range(0, len(layers))
         e = embedding_size or speller_hidden

@@ -106,6 +106,7 @@ class LASConfig:
     listener_hidden: int = 256  # each direction of every BLSTM
     listener_layers: int = 4
     pyramid_levels: int = 3  # listener layers 2..levels+1 halve time: reduction 2**levels
+    frame_stack: int = 1  # the first listener layer reads this many frames at a time
     speller_hidden: int = 512
     speller_layers: int = 2
     embedding_size: int | None = None  # defaults to speller_hidden
