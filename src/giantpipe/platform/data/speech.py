@@ -65,8 +65,19 @@ class AudioSkipCounts:
 
 
 def to_mono_16k(array, sampling_rate: int) -> np.ndarray:
-    """float32 mono samples at 16 kHz (channels averaged; integer PCM scaled to [-1, 1])."""
-    audio = np.asarray(array)
+    """float32 mono samples at 16 kHz (channels averaged; integer PCM scaled to [-1, 1]).
+    AudioReadError for what is not audio: non-numeric or >2-D arrays, a rate that is not a
+    positive whole number of Hz."""
+    try:
+        audio = np.asarray(array)
+    except (ValueError, TypeError) as e:  # ragged lists
+        raise AudioReadError(f"audio array is not numeric ({e})") from None
+    if audio.dtype.kind not in "iufb" or audio.ndim not in (1, 2):
+        raise AudioReadError(f"audio array of dtype {audio.dtype} and shape {audio.shape} is not "
+                             "(samples,) or (samples, channels) of numbers")
+    if isinstance(sampling_rate, bool) or not isinstance(sampling_rate, (int, float, np.number)) \
+            or not math.isfinite(sampling_rate) or sampling_rate < 1 or sampling_rate != int(sampling_rate):
+        raise AudioReadError(f"sampling rate {sampling_rate!r} is not a positive whole number of Hz")
     if audio.dtype.kind in "iu":
         audio = audio.astype(np.float32) / float(np.iinfo(audio.dtype).max + 1)
     audio = audio.astype(np.float32, copy=False)
@@ -81,15 +92,39 @@ def to_mono_16k(array, sampling_rate: int) -> np.ndarray:
 
 
 def decode_audio(data: bytes | PathSpec) -> np.ndarray:
-    """Decode a file or encoded bytes (wav, flac, ogg, mp3) to float32 mono 16 kHz."""
+    """Decode a file or encoded bytes (wav, flac, ogg, mp3) to float32 mono 16 kHz;
+    AudioReadError if it cannot be read, or is a WAV file shorter than its header says."""
     import soundfile as sf
 
     try:
-        audio, rate = sf.read(io.BytesIO(data) if isinstance(data, bytes) else str(data),
-                              dtype="float32", always_2d=False)
+        if not isinstance(data, bytes):
+            data = Path(data).read_bytes()  # OSError (missing, a folder) -> unreadable
+        truncated = _wav_truncation(data)
+        if truncated:
+            raise AudioReadError(truncated)
+        audio, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=False)
+    except AudioReadError:
+        raise
     except Exception as e:  # soundfile raises LibsndfileError, RuntimeError, OSError, ...
         raise AudioReadError(str(e)) from e
     return to_mono_16k(audio, rate)
+
+
+def _wav_truncation(data: bytes) -> str | None:
+    """Why a RIFF/WAVE file is cut short (its data chunk promises more bytes than follow), else
+    None. libsndfile would quietly decode the prefix of a half-downloaded file."""
+    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return None
+    pos = 12
+    while pos + 8 <= len(data):
+        size = int.from_bytes(data[pos + 4 : pos + 8], "little")
+        if data[pos : pos + 4] == b"data":
+            if size in (0, 0xFFFFFFFF):  # streamed: length unknown
+                return None
+            have = len(data) - pos - 8
+            return f"truncated WAV: {size} bytes of audio announced, {have} present" if have < size else None
+        pos += 8 + size + (size & 1)
+    return "truncated WAV: no data chunk"
 
 
 class SpeechSource(ABC):
@@ -114,7 +149,10 @@ class RecordSource(SpeechSource):
 
     def load(self, index: int) -> tuple[np.ndarray, str]:
         record = self.records[index]
+        if not isinstance(record, Mapping):
+            raise AudioReadError(f"item {index} is a {type(record).__name__}, not a record")
         audio, text = record.get(self.audio_field), record.get(self.text_field)
+        text = text if isinstance(text, str) else ""  # no transcript: scan counts it
         if isinstance(audio, Mapping) and audio.get("array") is not None:
             if not audio.get("sampling_rate"):
                 raise AudioReadError("audio array without a sampling_rate")
@@ -127,10 +165,11 @@ class RecordSource(SpeechSource):
 
 
 class FileSource(RecordSource):
-    """Local audio files and their transcripts: a list of (path, text)."""
+    """Local audio files and their transcripts: a list of (path, text); a None path is an
+    item that cannot be read."""
 
-    def __init__(self, items: Sequence[tuple[Path, str]]) -> None:
-        super().__init__([{"audio": str(p), "text": t} for p, t in items])
+    def __init__(self, items: Sequence[tuple[Path | None, str]]) -> None:
+        super().__init__([{"audio": None if p is None else str(p), "text": t} for p, t in items])
 
 
 class SynthSource(SpeechSource):
@@ -156,23 +195,73 @@ def read_transcripts(path: PathSpec, audio_dir: PathSpec | None = None,
     Formats: `.jsonl` records and `.csv` with a header (HF audiofolder's `metadata.csv`), the
     file under `file_name`, `audio` or `path` and the transcript under `text_field`; any other
     file has one `name transcript` line per item (LibriSpeech `*.trans.txt`, Kaldi `text`),
-    where a name without a suffix is tried with .wav, .flac, .ogg and .mp3.
+    where a name without a suffix is tried with .wav, .flac, .ogg and .mp3. A line that cannot
+    be an item (not UTF-8, bad JSON, not a record, no usable file name) stays in the source as
+    an item without audio, so `scan` skips and counts it as unreadable.
     """
     path = Path(path)
-    if not path.exists():
-        raise ValueError(f"transcript file {path} does not exist")
+    if not path.is_file():
+        raise ValueError(f"transcript file {path} does not exist" if not path.exists()
+                         else f"transcript file {path} is not a file")
     root = Path(audio_dir) if audio_dir is not None else path.parent
-    if path.suffix in (".jsonl", ".csv"):
-        with open(path, encoding="utf-8", newline="") as f:
-            rows = ([json.loads(line) for line in f if line.strip()] if path.suffix == ".jsonl"
-                    else list(csv.DictReader(f)))
-        pairs = [(next((r[k] for k in ("file_name", "audio", "path") if r.get(k)), ""),
-                  r.get(text_field) or "") for r in rows]
+    raw = path.read_bytes()
+    if path.suffix == ".csv":
+        items = [_item(root, r.get("file_name") or r.get("audio") or r.get("path"), r.get(text_field))
+                 if r is not None else None for r in _csv_rows(raw)]
     else:
-        lines = path.read_text(encoding="utf-8").splitlines()
-        pairs = [(parts[0], parts[1] if len(parts) > 1 else "")
-                 for parts in (line.strip().split(None, 1) for line in lines) if parts]
-    return FileSource([(_resolve(root, name), text) for name, text in pairs])
+        items = []
+        for line in raw.splitlines():
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError:
+                items.append(None)
+                continue
+            if not line.strip():
+                continue
+            if path.suffix == ".jsonl":
+                try:
+                    row = json.loads(line)
+                except (ValueError, RecursionError):
+                    row = None
+                items.append(_item(root, next((row.get(k) for k in ("file_name", "audio", "path") if row.get(k)),
+                                              None), row.get(text_field))
+                             if isinstance(row, dict) else None)
+            else:
+                parts = line.strip().split(None, 1)
+                items.append(_item(root, parts[0], parts[1] if len(parts) > 1 else ""))
+    return FileSource([it or (None, "") for it in items])
+
+
+def _csv_rows(raw: bytes):
+    """Rows of a CSV file with a header as dicts; None for a row the csv module rejects (an
+    overlong field, say). Bytes that are not UTF-8 survive as surrogates, caught by `_item`."""
+    reader = csv.DictReader(io.StringIO(raw.decode("utf-8", "surrogateescape"), newline=""))
+    while True:
+        try:
+            yield next(reader)
+        except StopIteration:
+            return
+        except csv.Error:
+            yield None
+
+
+def _item(root: Path, name: object, text: object) -> tuple[Path, str] | None:
+    """(audio path, transcript) of a transcript row, or None if it names no usable file."""
+    if not isinstance(name, str) or not name or "\0" in name or not _is_unicode(name):
+        return None
+    try:
+        path = _resolve(root, name)
+    except (OSError, ValueError):  # a name too long for the file system
+        return None
+    return path, text if isinstance(text, str) and _is_unicode(text) else ""
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes (surrogateescape) or JSON's lone surrogates
+        return False
+    return True
 
 
 def _resolve(root: Path, name: str) -> Path:
@@ -206,8 +295,9 @@ class Scan:
 
 def scan(source: SpeechSource, max_seconds: float | None = 30.0,
          silence_peak: float = 1e-3) -> Scan:
-    """Decode every item once; skip (and count) unreadable, empty, silent (peak below
-    `silence_peak` of full scale) and overlong audio, and items without transcript text."""
+    """Decode every item once; skip (and count) unreadable (samples that are NaN or infinite
+    included), empty, silent (peak below `silence_peak` of full scale) and overlong audio, and
+    items without transcript text."""
     out = Scan()
     for i in range(len(source)):
         try:
@@ -217,7 +307,9 @@ def scan(source: SpeechSource, max_seconds: float | None = 30.0,
             continue
         if audio.size == 0:
             out.skipped.empty += 1
-        elif not np.isfinite(audio).all() or float(np.abs(audio).max()) < silence_peak:
+        elif not np.isfinite(audio).all():
+            out.skipped.unreadable += 1
+        elif float(np.abs(audio).max()) < silence_peak:
             out.skipped.silent += 1
         elif max_seconds is not None and audio.size > max_seconds * SAMPLE_RATE:
             out.skipped.too_long += 1

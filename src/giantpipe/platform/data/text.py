@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import sysconfig
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -55,44 +56,83 @@ def split_of(name: str, val_fraction: float, test_fraction: float) -> str:
     return "validation" if u < val_fraction else "test" if u < val_fraction + test_fraction else "train"
 
 
-def load_documents(cfg) -> dict[str, list[str]]:
-    """Texts per split from the configured source (`stdlib`, `hf` or `files`)."""
-    import datasets
+@dataclass
+class TextSkipCounts:
+    """What reading a text source dropped: documents with no text (or not text at all), and
+    lines of local files that are not UTF-8."""
 
+    empty_documents: int = 0
+    not_text_documents: int = 0
+    undecodable_lines: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in self.as_dict().items() if v) or "nothing"
+
+
+def read_text_file(path: str | Path, counts: TextSkipCounts) -> str:
+    """A file's text with universal newlines; lines that are not UTF-8 are dropped and counted
+    (one bad byte should not cost a corpus, nor end a run with a traceback)."""
+    lines = []
+    for raw in Path(path).read_bytes().splitlines(keepends=True):
+        try:
+            lines.append(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            counts.undecodable_lines += 1
+    return "".join(lines).replace("\r\n", "\n").replace("\r", "\n")
+
+
+def text_files(paths) -> list[str]:
+    """The files `data.paths` (files or globs, `~` expanded) name, sorted; ConfigError if a
+    path matches no file."""
+    matches = {p: sorted(f for f in glob.glob(os.path.expanduser(p), recursive=True) if os.path.isfile(f))
+               for p in paths}
+    missing = [p for p, found in matches.items() if not found]
+    if not paths or missing:
+        raise ConfigError(
+            f"data.paths {missing or '[]'}: no such files; give existing text files, e.g. data.paths=[notes.txt]"
+        )
+    return sorted({f for found in matches.values() for f in found})
+
+
+def load_documents(cfg) -> tuple[dict[str, list[str]], TextSkipCounts]:
+    """Texts per split from the configured source (`stdlib`, `hf` or `files`), and what was
+    skipped; ConfigError if a split ends up with no text."""
+    counts = TextSkipCounts()
     if cfg.source == "stdlib":
-        ds = datasets.Dataset.from_list(stdlib_documents(cfg.max_bytes))
-        names, texts = ds["name"], ds["text"]
+        docs = stdlib_documents(cfg.max_bytes)
+        names, texts = [d["name"] for d in docs], [d["text"] for d in docs]
     elif cfg.source == "files":
-        matches = {p: sorted(glob.glob(os.path.expanduser(p), recursive=True)) for p in cfg.paths}
-        missing = [p for p, found in matches.items() if not found]
-        if not cfg.paths or missing:
-            raise ConfigError(
-                f"data.paths {missing or '[]'}: no such files; give existing text files, e.g. data.paths=[notes.txt]"
-            )
-        files = sorted({f for found in matches.values() for f in found})
-        ds = datasets.load_dataset("text", data_files=files, split="train", sample_by="document")
-        names, texts = [f"{i}" for i in range(len(ds))], ds["text"]
+        files = text_files(cfg.paths)
+        names, texts = [f"{i}" for i in range(len(files))], [read_text_file(f, counts) for f in files]
     elif cfg.source == "hf":
+        import datasets
+
         ds = datasets.load_dataset(cfg.name, cfg.config_name, split=cfg.hf_split)
         names, texts = [f"{i}" for i in range(len(ds))], ds[cfg.text_field]
     else:
         raise ConfigError(f"data.source={cfg.source!r}: choose stdlib, hf or files")
     out = {s: [] for s in SPLITS}
-    empty = 0
     for name, text in zip(names, texts):
-        if not text or not text.strip():
-            empty += 1
+        if not isinstance(text, str):
+            counts.not_text_documents += 1
+            continue
+        if not text.strip():
+            counts.empty_documents += 1
             continue
         for k, block in enumerate(blocks(text)):
             out[split_of(f"{name}#{k}", cfg.val_fraction, cfg.test_fraction)].append(block)
-    if empty:
-        log.info("skipped %d empty documents", empty)
+    if any(counts.as_dict().values()):
+        log.info("text source: skipped %s", counts)
     if not all(out.values()):
         raise ConfigError(
-            f"the text source gave {', '.join(f'{len(v)} {k}' for k, v in out.items())} blocks; "
-            "every split needs text: add more (data.max_bytes, data.paths) or raise data.val_fraction"
+            f"the text source gave {', '.join(f'{len(v)} {k}' for k, v in out.items())} blocks "
+            f"(skipped: {counts}); every split needs text: add more (data.max_bytes, data.paths) "
+            "or raise data.val_fraction"
         )
-    return out
+    return out, counts
 
 
 def blocks(text: str, size: int = 4096) -> list[str]:
@@ -194,13 +234,13 @@ class TextDataModule(SplitLoaders, pl.LightningDataModule):
         return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
     def _build(self, cache: Path) -> None:
-        docs = load_documents(self.cfg)
+        docs, skipped = load_documents(self.cfg)
         if self.cfg.tokenizer == "bytes":
             tok = ByteTokenizer()
         else:
             tok = BPETokenizer(docs["train"], self.cfg.vocab_size, cache / "bpe.json")
         cache.mkdir(parents=True, exist_ok=True)
-        meta = {"vocab_size": tok.vocab_size}
+        meta = {"vocab_size": tok.vocab_size, **{f"skipped_{k}": v for k, v in skipped.as_dict().items()}}
         for split in SPLITS:
             text = "\n\n".join(docs[split])
             ids = np.asarray(tok.encode(text), dtype=np.int32)

@@ -94,6 +94,10 @@ def load_translation_splits(
         raise ValueError(f"unknown split names {sorted(unknown)}; use {SPLITS}")
     pairs = {s: p for s, (p, _) in loaded.items()}
     skipped = {s: c for s, (_, c) in loaded.items()}
+    for split in SPLITS:  # a split read from its own source must give pairs
+        if split in pairs and not pairs[split] and (split == "train" or len(pairs) > 1):
+            raise ValueError(f"no usable {split} pairs from source={source!r} "
+                             f"(skipped: {skipped[split].as_dict()}){_named(files, split)}")
     if set(pairs) == {"train"}:
         pairs = split_pairs(pairs["train"], val_size, test_size, seed)
         skipped = {s: skipped["train"] if s == "train" else SkipCounts() for s in SPLITS}
@@ -101,6 +105,12 @@ def load_translation_splits(
         raise ValueError(f"no training pairs from source={source!r} (skipped: "
                          f"{skipped.get('train', SkipCounts()).as_dict()})")
     return TranslationSplits(pairs, skipped)
+
+
+def _named(files, split: str) -> str:
+    """' in <file>' for the split's configured file(s), if any."""
+    spec = files.get(split) if isinstance(files, Mapping) else files
+    return f" in {spec}" if spec else ""
 
 
 def build_vocabularies(train_pairs: Sequence[Pair], vocab_size: int = 1000, kind: str = "bpe",
@@ -199,6 +209,10 @@ def prepare_translation(*, vocab_size: int = 1000, tokenizer_kind: str = "bpe",
                 for s, p in splits.pairs.items()}
     skipped = {s: (splits.skipped.get(s, SkipCounts()) + datasets[s].skipped).as_dict()
                for s in datasets}
+    for split, dataset in datasets.items():
+        if splits.pairs[split] and not len(dataset):
+            raise ValueError(f"no usable {split} pairs: all {len(splits.pairs[split])} were dropped "
+                             f"when tokenized (skipped: {skipped[split]}); raise data.max_tokens")
     return TranslationData(datasets, src_vocab, tgt_vocab, skipped)
 
 

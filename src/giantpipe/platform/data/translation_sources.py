@@ -1,8 +1,11 @@
 """Where translation pairs come from: the embedded default corpus, Hugging Face, local files.
 
-Every reader returns (pairs, SkipCounts): lines that are empty, longer than `max_words`,
-not valid UTF-8, or malformed (bad JSON, missing language, wrong column count) are skipped
-and counted by kind, so the platform can log what a corpus lost. Local formats: json (an
+Every reader returns (pairs, SkipCounts): lines that are empty, longer than `max_words` (or
+`MAX_CHARS_PER_WORD` characters a word), not valid UTF-8 (lone surrogates from JSON escapes
+included), or malformed (bad JSON, missing language, not a string, wrong column count) are
+skipped and counted by kind, so the platform can log what a corpus lost. What cannot be
+skipped line by line (a .json array that is not valid JSON, a missing file) is a ValueError
+naming the file. Local formats: json (an
 array of records) and jsonl in the Hugging Face translation schema
 `{"translation": {"en": ..., "de": ...}}` (flat `{"en": ..., "de": ...}` is accepted too),
 tsv (`src<TAB>tgt`) and parallel text (a source file and a target file, line by line).
@@ -21,6 +24,7 @@ from giantpipe.platform.data.verbalization_corpus import CORPUS_VERSION, generat
 
 Pair = tuple[str, str]
 SPLITS = ("train", "validation", "test")
+MAX_CHARS_PER_WORD = 40  # with max_words: a "sentence" of one 100k-character token is too long
 
 
 @dataclass
@@ -62,10 +66,25 @@ class _Filter:
         if not src or not tgt:
             self.counts.empty += 1
             return None
-        if self.max_words is not None and max(len(src.split()), len(tgt.split())) > self.max_words:
+        if not _is_unicode(src) or not _is_unicode(tgt):
+            self.counts.undecodable += 1
+            return None
+        if self.max_words is not None and (
+            max(len(src.split()), len(tgt.split())) > self.max_words
+            or max(len(src), len(tgt)) > self.max_words * MAX_CHARS_PER_WORD
+        ):
             self.counts.too_long += 1
             return None
         return src, tgt
+
+
+def _is_unicode(text: str) -> bool:
+    """False for strings holding lone surrogates (JSON's "\\ud800"): no tokenizer takes them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _decoded_lines(path: Path, counts: SkipCounts) -> Iterator[str | None]:
@@ -107,7 +126,11 @@ def read_json(path: str | Path, src_lang: str, tgt_lang: str,
     """A .jsonl file (one record a line) or a .json file holding a list of records."""
     path = Path(path)
     if path.suffix == ".json" and _first_char(path) == "[":
-        records = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            records = json.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+            raise ValueError(f"translation file {path} is not a valid JSON array of records ({err}); "
+                             "fix it, or write one record a line as .jsonl so bad lines are skipped") from None
         return read_records(records, src_lang, tgt_lang, max_words)
     counts = SkipCounts()
     keep, pairs = _Filter(max_words, counts), []
@@ -119,7 +142,7 @@ def read_json(path: str | Path, src_lang: str, tgt_lang: str,
             continue
         try:
             fields = _from_record(json.loads(line), src_lang, tgt_lang)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # bad JSON, or nested too deep
             fields = None
         if fields is None:
             counts.malformed += 1
@@ -149,17 +172,20 @@ def read_tsv(path: str | Path, max_words: int | None = 250) -> tuple[list[Pair],
 def read_parallel(src_path: str | Path, tgt_path: str | Path,
                   max_words: int | None = 250) -> tuple[list[Pair], SkipCounts]:
     """Line i of the source file translates to line i of the target file."""
-    counts = SkipCounts()
-    keep, pairs = _Filter(max_words, counts), []
-    src_lines = list(_decoded_lines(Path(src_path), counts))
-    tgt_lines = list(_decoded_lines(Path(tgt_path), counts))
+    for path in (src_path, tgt_path):
+        _check_file(Path(path))
+    src_lines = list(_decoded_lines(Path(src_path), SkipCounts()))
+    tgt_lines = list(_decoded_lines(Path(tgt_path), SkipCounts()))
     if len(src_lines) != len(tgt_lines):
         raise ValueError(f"parallel files differ in length: {src_path} has {len(src_lines)} lines, "
                          f"{tgt_path} has {len(tgt_lines)}; they must align line by line")
+    counts = SkipCounts()  # a pair with a line that is not UTF-8 on either side counts once
+    keep, pairs = _Filter(max_words, counts), []
     for src, tgt in zip(src_lines, tgt_lines):
-        if src is not None and tgt is not None and (pair := keep(src, tgt)) is not None:
+        if src is None or tgt is None:
+            counts.undecodable += 1
+        elif (pair := keep(src, tgt)) is not None:
             pairs.append(pair)
-    counts.undecodable = sum(1 for s, t in zip(src_lines, tgt_lines) if s is None or t is None)
     return pairs, counts
 
 
@@ -171,8 +197,7 @@ def read_files(paths: str | Path | Sequence[str | Path], src_lang: str, tgt_lang
             raise ValueError(f"give one json/jsonl/tsv file or a [source, target] pair, got {paths}")
         return read_parallel(paths[0], paths[1], max_words)
     path = Path(paths)
-    if not path.exists():
-        raise ValueError(f"translation file {path} does not exist")
+    _check_file(path)
     if path.suffix in (".json", ".jsonl"):
         return read_json(path, src_lang, tgt_lang, max_words)
     if path.suffix == ".tsv":
@@ -223,6 +248,13 @@ def default_corpus(cache_dir: str | Path, size: int = 40_000, seed: int = 0, val
         tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
         os.replace(tmp, path)  # atomic: concurrent ranks write identical files
     return paths
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise ValueError(f"translation file {path} does not exist")
+    if not path.is_file():
+        raise ValueError(f"translation file {path} is not a file")
 
 
 def _first_char(path: Path) -> str:
