@@ -61,7 +61,7 @@ def pyramid_reduce(x_btd: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class ListenerLayer(BidirectionalEncoderLayer):
-    """A BLSTM over the packed frames; `pyramidal` halves time first; `last` emits the memory."""
+    """A BLSTM over the frames; `pyramidal` halves time first; `last` emits the memory."""
 
     def __init__(self, input_size: int, hidden_size: int, dropout: float, pyramidal: bool,
                  last: bool, init_weight: float = 0.1, stack: int = 1) -> None:

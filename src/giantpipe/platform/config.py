@@ -278,6 +278,7 @@ class TrainerConfig:
     max_steps: int = 400
     max_epochs: int = -1
     val_check_interval: Any = 200
+    check_val_every_n_epoch: int | None = 1  # null: validate every val_check_interval steps across epochs
     limit_val_batches: Any = 20
     limit_test_batches: Any = 40
     log_every_n_steps: int = 10
