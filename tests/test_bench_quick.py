@@ -12,7 +12,8 @@ from conftest import REPO
 RUN_FIELDS = {
     "model", "impl", "stages", "micro_batches", "schedule", "checkpoint", "step_s", "steps_s",
     "baseline_s", "speedup", "speedup_of_fastest", "ideal_speedup", "samples_per_s",
-    "bubble_theoretical", "cpu_s", "cpu_ratio", "error",
+    "tokens_per_s", "baseline_threads_s", "speedup_vs_threads", "bubble_theoretical", "cpu_s",
+    "cpu_ratio", "error",
 }  # fmt: skip
 
 
@@ -27,7 +28,8 @@ def test_quick_benchmark_writes_valid_json(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.read_text())
     assert result["meta"]["quick"] is True and result["meta"]["threads_per_process"] == 1
-    assert set(result["models"]) == {"mlp", "giant", "seq"}
+    assert result["meta"]["split_backward"] is True
+    assert set(result["models"]) == {"mlp", "giant", "seq", "gnmt"}
     for model in result["models"].values():
         assert model["baseline_s"] > 0 and model["params"] > 0
     runs = result["runs"]
@@ -46,5 +48,16 @@ def test_quick_benchmark_writes_valid_json(tmp_path):
     assert {r["model"] for r in peers} == {"mlp", "giant"}  # the seq model changes shape: no peer
     assert any(r["error"] for r in peers if r["schedule"] == "1f1b" and r["micro_batches"] == 1)
     assert "vs_peer" in result["summary"]["mlp"] and "target_met" in result["summary"]["mlp"]
+    for name in ("mlp", "gnmt"):
+        assert "k1_engine_overhead" in result["summary"][name]
+        assert result["summary"][name]["best_n2_speedup_vs_threads"]["speedup_vs_threads"] > 0
+    # GNMT (#5): single vs 2-stage tokens/s at each M
+    gnmt = result["summary"]["gnmt"]["tokens_per_s"]
+    assert gnmt["single"] > 0
+    assert [r["micro_batches"] for r in gnmt["by_micro_batches"]] == [1, 4]
+    assert all(r["n2_tokens_per_s"] > 0 and r["n2_over_single"] > 0 for r in gnmt["by_micro_batches"])
+    assert {r["checkpoint"] for r in runs if r["model"] == "gnmt" and r["stages"] == 2} == {
+        "never", "always",
+    }  # fmt: skip
     assert list((tmp_path / "pictures").glob("timeline_mlp_N2_gpipe_M4.png"))
-    assert "speedup over 1 process" in proc.stdout
+    assert "speedup over 1 process" in proc.stdout and "gnmt: tokens/s" in proc.stdout

@@ -30,10 +30,13 @@ SEED, LR, STEPS, BATCH = 3, 0.5, 3, 8
 ATOL, RTOL = 1e-10, 1e-8  # float64 model: only summation order differs
 
 
-def config(balance, micro_batches, schedule, checkpoint, replicas=1, placement=None, **model):
+def config(
+    balance, micro_batches, schedule, checkpoint, replicas=1, placement=None, split=True, **model
+):
     return {
         "balance": balance, "micro_batches": micro_batches, "schedule": schedule,
         "checkpoint": checkpoint, "replicas": replicas, "placement": placement, "model": model,
+        "split_backward": split,
         "data": {"steps": STEPS, "size": BATCH, "seed": 11},
     }  # fmt: skip
 
@@ -50,6 +53,7 @@ def run_configs(rank: int, world_size: int, configs: list[dict]) -> list[dict]:
         engine = PipelineEngine(
             model, ToyLoss(), cfg["balance"], micro_batches=cfg["micro_batches"],
             topology=topology, schedule=cfg["schedule"], checkpoint=cfg["checkpoint"], seed=SEED,
+            split_backward=cfg["split_backward"],
         )  # fmt: skip
         global_batches = make_batches(**cfg["data"])
         batches = [replica_share(b, engine.replica, replicas) for b in global_batches]
@@ -125,6 +129,9 @@ GRID_2 = [
     config([5, 5], 8, "gpipe", "always"),
     config([5, 5], 8, "1f1b", "except_last"),
     config([3, 7], 4, "1f1b", "always"),
+    # the fused backward (split_backward=False) where the split one would run
+    config([5, 5], 4, "gpipe", "never", split=False),
+    config([5, 5], 8, "1f1b", "never", split=False),
 ]
 MODES = [
     config([4, 6], 4, s, c, dropout=0.3, batchnorm=True)
@@ -181,6 +188,7 @@ GRID_3 = [
     config([2, 3, 5], 8, "gpipe", "always"),
     config([4, 4, 2], 4, "1f1b", "never"),
     config([1, 8, 1], 4, "1f1b", "except_last"),
+    config([2, 3, 5], 4, "gpipe", "never"),  # a middle stage with a split backward
 ]
 
 
@@ -196,6 +204,7 @@ GRID_4 = [
     config([3, 3, 2, 2], 1, "gpipe", "except_last"),
     config([3, 3, 2, 2], 2, "1f1b", "always"),  # fewer micro-batches than stages
     config([3, 3, 2, 2], 8, "1f1b", "never"),
+    config([3, 3, 2, 2], 4, "gpipe", "never"),  # `enc` passes through stage 1's split backward
     config([2, 2, 3, 3], 4, "gpipe", "always"),
 ]
 GRID_DP = [

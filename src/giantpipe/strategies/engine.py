@@ -22,6 +22,11 @@ the forward's CPU and device RNG states are stashed and restored for the recompu
 dropout masks are the same, and BatchNorm running statistics are restored after it so they
 are updated once per micro-batch.
 
+Split backward (`split_backward=True`, the default): every stage but the first runs a
+micro-batch's backward as input gradients first, sent at once, and its weight gradients
+later (split_backward.py): at most `DEFERRED_WEIGHT_GRADS` micro-batches' weight halves wait,
+and the rest run at the step's end. Re-materialized micro-batches keep the fused backward.
+
 Receives go ahead of need: at a step's start a stage announces its M incoming carries
 (`Link.expect_carries`), and each backward's output gradients are posted as soon as the one
 before them arrived (`Link.post_grads`), so data crosses while the stage computes instead of
@@ -54,6 +59,14 @@ from giantpipe.models.contract import Batch, Carry, LayeredModel, SumLoss, batch
 from giantpipe.strategies.comm import Link, wants_grad
 from giantpipe.strategies.partition import stage_ranges, validate_balance
 from giantpipe.strategies.schedule import Action, Phase, forward_only_stage, stage_actions
+from giantpipe.strategies.split_backward import (
+    LOSS_KEY,
+    Segment,
+    forward_cut,
+    input_grads,
+    loss_cut,
+    weight_grads,
+)
 from giantpipe.strategies.timeline import StepTimeline, TimelineRecorder
 from giantpipe.strategies.topology import PipelineGroups, Topology
 
@@ -69,7 +82,11 @@ class _Step:
     training: bool
     normalizer: float | None = None  # set on the last stage when a loss is computed
     keep_outputs: bool = False
-    stash: dict[int, tuple[list[Tensor], object]] = field(default_factory=dict)
+    # micro-batch -> (inputs wanting gradients, sent tensors or the loss, segments or None)
+    stash: dict[int, tuple[list[Tensor], object, list[Segment] | None]] = field(
+        default_factory=dict
+    )
+    weight_work: list[tuple[int, list[Segment]]] = field(default_factory=list)  # deferred W
     loss: Tensor | None = None
     outputs: list[Carry] = field(default_factory=list)
     backward_order: list[int] = field(default_factory=list)  # this stage's backwards, in order
@@ -87,6 +104,9 @@ class PipelineEngine:
     """
 
     GRADS_AHEAD = 1  # gradient receives posted before the backward that needs them
+    # micro-batches whose weight gradients may wait after their input gradients were sent; one
+    # lets the last stage's final weight gradients overlap the previous stage's final backward
+    DEFERRED_WEIGHT_GRADS = 1
 
     def __init__(
         self,
@@ -102,6 +122,7 @@ class PipelineEngine:
         seed: int = 0,
         groups: PipelineGroups | None = None,
         timeline: bool = False,
+        split_backward: bool = True,
     ) -> None:
         distributed = dist.is_available() and dist.is_initialized()
         rank = dist.get_rank() if distributed else 0
@@ -146,6 +167,13 @@ class PipelineEngine:
         self.loss_fn = loss_fn
         self.layer_indices = stage_ranges(balance)[self.stage]
         self.module = _place_layers(model, self.layer_indices, self.device, seed)
+        # the first stage's input gradients go nowhere: its backward stays fused
+        self.split_backward = split_backward and not self.is_first
+        self._layer_params = {
+            i: [p for p in model.layers[i].parameters() if p.requires_grad]
+            for i in self.layer_indices
+        }
+        self._splittable: dict[int, bool] = {}  # layer -> its backward splits (split_backward.py)
 
         self.groups = groups or (topology.create_groups(rank) if distributed else PipelineGroups())
         prev_rank, next_rank = topology.prev_rank(rank), topology.next_rank(rank)
@@ -201,6 +229,7 @@ class PipelineEngine:
         step = self._start(batch, training=True, loss=True)
         for action in self._train_actions:
             self._run_action(action, step)
+        self._run_weight_grads(step, keep=0)
         self._wait_sends()
         if sync_gradients:
             self.all_reduce_gradients()
@@ -274,6 +303,7 @@ class PipelineEngine:
             if rec is not None:
                 rec.add("recv", i, begin, begin := perf_counter())
         inputs = [t for t in carry.values() if wants_grad(t)]
+        segments = None
         if step.training and self._recompute(i):
             out = checkpoint(
                 self._run_layers,
@@ -281,6 +311,10 @@ class PipelineEngine:
                 use_reentrant=False,
                 preserve_rng_state=True,
                 context_fn=self._context_fn(i),
+            )
+        elif step.training and self.split_backward:
+            out, segments = forward_cut(
+                self.module, self.layer_indices, carry, self._layer_params, self._splittable
             )
         else:
             out = self._run_layers(carry)
@@ -293,48 +327,77 @@ class PipelineEngine:
             if rec is not None:
                 rec.add("send", i, begin, perf_counter())
             if step.training:
-                step.stash[i] = (inputs, sent)
+                step.stash[i] = (inputs, sent, segments)
                 self._post_grads_ahead(step)
             return
         if step.keep_outputs:
             step.outputs.append(out)
         if step.normalizer is not None:
             assert step.micro_batches is not None
-            loss = self.loss_fn(out, step.micro_batches[i]) / step.normalizer
+            mb, normalizer = step.micro_batches[i], step.normalizer
+            if segments is not None:
+                loss, loss_segment = loss_cut(out, lambda c: self.loss_fn(c, mb) / normalizer)
+                segments.append(loss_segment)
+            else:
+                loss = self.loss_fn(out, mb) / normalizer
             step.loss = loss.detach() if step.loss is None else step.loss + loss.detach()
             if step.training:
-                step.stash[i] = (inputs, loss)
+                step.stash[i] = (inputs, loss, segments)
         if rec is not None:
             rec.add("forward", i, begin, perf_counter())
             rec.sample_memory()
 
     def _backward(self, i: int, step: _Step) -> None:
         rec = self._recorder
-        inputs, roots = step.stash.pop(i)
+        inputs, roots, segments = step.stash.pop(i)
         begin = perf_counter() if rec is not None else 0.0
         if self.is_last:
             assert isinstance(roots, Tensor)
-            if roots.requires_grad:
-                torch.autograd.backward(roots)
+            grads, keys = [torch.ones_like(roots)], [LOSS_KEY]
         else:
             assert self._next is not None and isinstance(roots, list)
             grads = self._next.recv_grads(roots)
+            keys = [k for k, t in segments[-1].outputs.items() if wants_grad(t)] if segments else []
             step.grads_taken += 1
             self._post_grads_ahead(step)  # the next backward's gradients arrive meanwhile
             if rec is not None:
                 rec.add("recv", i, begin, begin := perf_counter())
                 rec.sample_memory()
-            if roots:
-                torch.autograd.backward(roots, grads)
+        if segments is not None:
+            found = input_grads(segments, dict(zip(keys, grads, strict=True)))
+            leaves = segments[0].leaves
+            in_grads = [found.get(k) for k in leaves]
+            assert len(in_grads) == len(inputs), "a stage's inputs are its first layer's leaves"
+        else:
+            if isinstance(roots, list):
+                if roots:
+                    torch.autograd.backward(roots, grads)
+            elif roots.requires_grad:
+                torch.autograd.backward(roots)
+            in_grads = [t.grad for t in inputs]
         if rec is not None:
             rec.add("backward", i, begin, begin := perf_counter())
             rec.sample_memory()
         if self._prev is not None:
             self._prev.send_grads(
-                [t.grad if t.grad is not None else torch.zeros_like(t) for t in inputs]
+                [g if g is not None else torch.zeros_like(t) for g, t in zip(in_grads, inputs)]
             )
             if rec is not None:
                 rec.add("send", i, begin, perf_counter())
+        if segments is not None:
+            step.weight_work.append((i, segments))
+            self._run_weight_grads(step, keep=self.DEFERRED_WEIGHT_GRADS)
+
+    def _run_weight_grads(self, step: _Step, keep: int) -> None:
+        """Run the deferred weight-gradient halves, oldest first, until `keep` are left."""
+        rec = self._recorder
+        while len(step.weight_work) > keep:
+            i, segments = step.weight_work.pop(0)
+            begin = perf_counter() if rec is not None else 0.0
+            weight_grads(segments)
+            if rec is not None:
+                rec.add("weight", i, begin, perf_counter())
+                rec.sample_memory()
 
     def _post_grads_ahead(self, step: _Step) -> None:
         """Post the gradient receive of the next backwards whose forward is done, so the
@@ -346,7 +409,7 @@ class PipelineEngine:
             and step.grads_posted - step.grads_taken < self.GRADS_AHEAD
             and order[step.grads_posted] in step.stash
         ):
-            _, sent = step.stash[order[step.grads_posted]]
+            _, sent, _ = step.stash[order[step.grads_posted]]
             self._next.post_grads(sent)
             step.grads_posted += 1
 
@@ -497,11 +560,14 @@ def _buckets(tensors: list[Tensor], max_bytes: int) -> Iterator[list[Tensor]]:
 
 @contextmanager
 def _kept_buffers(modules: list[nn.Module]):
-    """Restore the modules' buffers on exit: a recompute must not update running statistics twice."""
+    """Restore the modules' buffers on exit: a recompute must not update running statistics twice.
+    The restore writes through `.data`, leaving the buffers' autograd version unchanged: a
+    deferred weight-gradient half may still hold them saved (BatchNorm saves its running
+    statistics, and the restore gives them back the very values it saved)."""
     saved = [(b, b.clone()) for m in modules for b in m.buffers(recurse=False)]
     try:
         yield
     finally:
         with torch.no_grad():
             for buffer, value in saved:
-                buffer.copy_(value)
+                buffer.data.copy_(value)

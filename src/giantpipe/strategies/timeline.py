@@ -1,8 +1,9 @@
 """What each stage did when: the pipeline's timeline, its bubble, its picture and its trace.
 
 The engine records, when asked (`PipelineEngine(timeline=True)` or `engine.timeline = True`),
-one `StepTimeline` per step and rank: an `Event` for every micro-batch's forward, backward and
-recompute and for every send, receive and wait, timed with `perf_counter` relative to the
+one `StepTimeline` per step and rank: an `Event` for every micro-batch's forward, backward
+(with a split backward: its input-gradient half, and a `weight` event for the other half) and
+recompute, and for every send, receive and wait, timed with `perf_counter` relative to the
 step's start, plus the stage's peak memory in the step. Off, the engine does one `is None`
 test per action and nothing else.
 
@@ -43,7 +44,9 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-COMPUTE_KINDS = ("forward", "backward")  # recompute runs inside a backward box
+# backward: a fused backward, or the input-gradient half of a split one (split_backward.py);
+# weight: the weight-gradient half; recompute runs inside a backward box
+COMPUTE_KINDS = ("forward", "backward", "weight")
 COMM_KINDS = ("recv", "send", "wait", "sync")  # sync: all-reduces of gradients and the loss
 KINDS = (*COMPUTE_KINDS, "recompute", *COMM_KINDS)
 
@@ -307,7 +310,7 @@ def bubble_fraction(timelines: Sequence[StepTimeline]) -> float:
 
 # -- outputs -----------------------------------------------------------------------------------
 
-_TRACE_NAMES = {"forward": "F", "backward": "B", "recompute": "R"}
+_TRACE_NAMES = {"forward": "F", "backward": "B", "weight": "W", "recompute": "R"}
 
 
 def to_chrome_trace(timelines: Sequence[StepTimeline]) -> dict:
@@ -351,7 +354,12 @@ def write_trace(timelines: Sequence[StepTimeline], path: str | Path) -> Path:
     return path
 
 
-_COLORS = {"forward": "#4C72B0", "backward": "#55A868", "recompute": "#C44E52"}
+_COLORS = {
+    "forward": "#4C72B0",
+    "backward": "#55A868",
+    "weight": "#8172B2",
+    "recompute": "#C44E52",
+}
 _COMM_COLOR = "#8C8C8C"
 
 

@@ -1,0 +1,237 @@
+"""`bench_pipeline.py`'s results: the JSON's rows and summaries from the measurements, and
+the printed tables (speedup and bubble, activation memory, tokens/s) with the summary lines."""
+
+from __future__ import annotations
+
+import statistics
+
+from bench_models import MODES, ModelSpec
+from giantpipe.strategies import timeline as tl
+
+SCHEDULES = ("gpipe", "1f1b")
+MLP_TARGET = 1.55
+
+
+def median(xs):
+    return statistics.median(xs) if xs else None
+
+
+def collect(spec: ModelSpec, parts: list[dict]) -> tuple[list[dict], float, float | None]:
+    """Rows of the JSON's `runs`, the median baseline step of all parts, and the median
+    baseline step with one thread per rank (None where not measured)."""
+    runs = []
+    all_base, all_threads = [], []
+    tokens = spec.mean_tokens
+    for part in parts:
+        base = median(part["baseline_steps_s"])
+        base_min = min(part["baseline_steps_s"], default=None)
+        base_cpu = part["baseline_cpu_s"]
+        threads = median(part.get("baseline_threads_steps_s", []))
+        all_base += part["baseline_steps_s"]
+        all_threads += part.get("baseline_threads_steps_s", [])
+        for row in part["rows"]:
+            cfg = row.pop("cfg")
+            n, m = cfg["stages"], cfg["micro_batches"]
+            steps = row.pop("steps_s")
+            step = median(steps)
+            runs.append({
+                "model": spec.name, **cfg, "step_s": step, "steps_s": steps,
+                "baseline_s": base, "speedup": base / step if step else None,
+                "speedup_of_fastest": base_min / min(steps) if step else None,
+                "baseline_threads_s": threads,
+                "speedup_vs_threads": threads / step if step and threads else None,
+                "ideal_speedup": n * m / (m + n - 1),
+                "samples_per_s": spec.samples / step if step else None,
+                "tokens_per_s": tokens / step if step and tokens else None,
+                "baseline_cpu_s": base_cpu,
+                "cpu_ratio": row["cpu_s"] / base_cpu if row.get("cpu_s") and base_cpu else None,
+                "bubble_theoretical": tl.theoretical_bubble(n, m), **row,
+            })  # fmt: skip
+    return runs, median(all_base), median(all_threads)
+
+
+def summarize(name: str, runs: list[dict]) -> dict:
+    mine = [r for r in runs if r["model"] == name and r["step_s"]]
+    n2 = [r for r in mine if r["impl"] == "giantpipe" and r["stages"] == 2]
+    best = max(n2, key=lambda r: r["speedup"], default=None)
+    out: dict = {}
+    if best:
+        out["best_n2_speedup"] = {
+            k: best[k] for k in ("speedup", "schedule", "micro_batches", "checkpoint")
+        }
+    vs = []
+    for peer in (r for r in mine if r["impl"] == "peer"):
+        ours = next((r for r in n2 if r["checkpoint"] == "never" and r["schedule"] == peer["schedule"]
+                     and r["micro_batches"] == peer["micro_batches"]), None)  # fmt: skip
+        if ours:
+            vs.append({"schedule": peer["schedule"], "micro_batches": peer["micro_batches"],
+                       "giantpipe_s": ours["step_s"], "peer_s": peer["step_s"],
+                       "peer_over_giantpipe": peer["step_s"] / ours["step_s"]})  # fmt: skip
+    if vs:
+        out["vs_peer"] = vs
+        out["beats_peer_everywhere"] = all(v["peer_over_giantpipe"] >= 1.0 for v in vs)
+    if name == "mlp" and best:
+        out["target_best_n2_speedup"] = MLP_TARGET
+        out["target_met"] = best["speedup"] >= MLP_TARGET
+        fastest = max(n2, key=lambda r: r["speedup_of_fastest"])
+        out["best_n2_speedup_of_fastest"] = {
+            k: fastest[k] for k in ("speedup_of_fastest", "schedule", "micro_batches", "checkpoint")
+        }
+    if best and best.get("schedule_efficiency"):
+        out["best_n2_speedup"]["schedule_efficiency"] = best["schedule_efficiency"]
+        out["best_n2_speedup"]["compute_s"] = best["compute_s"]
+    with_threads = [r for r in n2 if r.get("speedup_vs_threads")]
+    if with_threads:
+        top = max(with_threads, key=lambda r: r["speedup_vs_threads"])
+        out["best_n2_speedup_vs_threads"] = {
+            k: top[k] for k in ("speedup_vs_threads", "schedule", "micro_batches", "checkpoint")
+        }
+    k1 = next((r for r in mine if r["impl"] == "giantpipe" and r["stages"] == 1
+               and r["micro_batches"] == 1 and r["schedule"] == "gpipe"), None)  # fmt: skip
+    if k1:
+        out["k1_engine_overhead"] = k1["step_s"] / k1["baseline_s"] - 1.0
+    if any(r.get("tokens_per_s") for r in mine):
+        out["tokens_per_s"] = tokens_summary(mine)
+    return out
+
+
+def tokens_summary(runs: list[dict]) -> dict:
+    """Sequence models: tokens/s of one process (whole batch) and, per M, of the engine on one
+    and on two stages (the faster schedule, no re-materialization) with their ratios."""
+    base = next(r for r in runs if r["stages"] == 1)
+    single = base["tokens_per_s"] * base["step_s"] / base["baseline_s"]
+    per_m = []
+    for m in sorted({r["micro_batches"] for r in runs}):
+        row: dict = {"micro_batches": m}
+        for n in (1, 2):
+            cands = [r for r in runs if r["impl"] == "giantpipe" and r["stages"] == n
+                     and r["micro_batches"] == m and r["checkpoint"] == "never"]  # fmt: skip
+            if cands:
+                top = max(cands, key=lambda r: r["tokens_per_s"])
+                row[f"n{n}_tokens_per_s"] = top["tokens_per_s"]
+                row[f"n{n}_schedule"] = top["schedule"]
+                row[f"n{n}_over_single"] = top["speedup"]
+        per_m.append(row)
+    return {"single": single, "by_micro_batches": per_m}
+
+
+def print_tables(result: dict) -> None:
+    from rich.console import Console
+
+    console = Console(width=max(Console().width, 150))
+    for name, model in result["models"].items():
+        runs = [r for r in result["runs"] if r["model"] == name]
+        micro = sorted({r["micro_batches"] for r in runs})
+        console.print(_speed_table(name, model, runs, micro))
+        console.print(_memory_table(name, runs, micro))
+        summary = result["summary"].get(name, {})
+        if "tokens_per_s" in summary:
+            console.print(_tokens_table(name, summary["tokens_per_s"]))
+        for line in _summary_lines(name, model, summary):
+            console.print(line)
+
+
+def _grid(title: str, first: list[str], micro: list[int]):
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in first:
+        table.add_column(col)
+    for m in micro:
+        table.add_column(f"M={m}", justify="right")
+    return table
+
+
+def _speed_table(name: str, model: dict, runs: list[dict], micro: list[int]):
+    table = _grid(
+        f"{name}: {model['description']} - speedup over 1 process "
+        f"({model['baseline_s'] * 1e3:.0f} ms/step); bubble measured/theory",
+        ["impl", "N", "schedule", "remat"], micro,
+    )  # fmt: skip
+    groups: dict = {}
+    for r in runs:
+        key = (r["impl"], r["stages"], r["schedule"], r["checkpoint"])
+        groups.setdefault(key, {})[r["micro_batches"]] = r
+    for (impl, n, sched, mode), by_m in groups.items():
+        cells = []
+        for m in micro:
+            r = by_m.get(m)
+            if r is None or not r["step_s"]:
+                cells.append("n/a")
+                continue
+            cell = f"{r['speedup']:.2f}x"
+            if r.get("bubble_measured") is not None and n > 1:
+                cell += f" {r['bubble_measured']:.0%}/{r['bubble_theoretical']:.0%}"
+            cells.append(cell)
+        table.add_row(impl, str(n), sched, mode, *cells)
+    return table
+
+
+def _memory_table(name: str, runs: list[dict], micro: list[int]):
+    table = _grid(
+        f"{name}: peak activation memory, MB (stage 0 / stage 1), N=2", ["schedule", "remat"], micro
+    )
+    modes = sorted({r["checkpoint"] for r in runs if r["stages"] == 2}, key=MODES.index)
+    for sched in SCHEDULES:
+        for mode in modes:
+            cells = []
+            for m in micro:
+                r = next((r for r in runs if (r["impl"], r["stages"], r["schedule"], r["checkpoint"], r["micro_batches"])
+                          == ("giantpipe", 2, sched, mode, m)), None)  # fmt: skip
+                peaks = (r or {}).get("peak_step_mb")
+                ok = peaks and None not in peaks
+                cells.append("/".join(f"{p:.1f}" for p in peaks) if ok else "n/a")
+            table.add_row(sched, mode, *cells)
+    return table
+
+
+def _tokens_table(name: str, tokens: dict):
+    rows = tokens["by_micro_batches"]
+    table = _grid(
+        f"{name}: tokens/s; 1 process (whole batch) {tokens['single']:,.0f}; ratio to it",
+        ["engine"], [r["micro_batches"] for r in rows],
+    )  # fmt: skip
+    for n in (1, 2):
+        cells = []
+        for r in rows:
+            value = r.get(f"n{n}_tokens_per_s")
+            cells.append(
+                f"{value:,.0f} ({r[f'n{n}_over_single']:.2f}x, {r[f'n{n}_schedule']})"
+                if value
+                else "n/a"
+            )
+        table.add_row(f"{n} stage{'s' if n > 1 else ''}", *cells)
+    return table
+
+
+def _summary_lines(name: str, model: dict, summary: dict) -> list[str]:
+    lines = []
+    if "best_n2_speedup" in summary:
+        b = summary["best_n2_speedup"]
+        line = f"{name}: best N=2 speedup {b['speedup']:.2f}x ({b['schedule']}, M={b['micro_batches']}, {b['checkpoint']})"
+        if "schedule_efficiency" in b:
+            compute = "/".join(f"{c * 1e3:.0f}" for c in b["compute_s"])
+            line += (f"; stage compute {compute} ms, the schedule allows"
+                     f" {b['schedule_efficiency']:.0%} of the measured step time")  # fmt: skip
+        if "target_met" in summary:
+            line += f"; target {MLP_TARGET}x {'met' if summary['target_met'] else 'NOT met'}"
+            f = summary["best_n2_speedup_of_fastest"]
+            line += (f" (fastest rounds: {f['speedup_of_fastest']:.2f}x, {f['schedule']},"
+                     f" M={f['micro_batches']})")  # fmt: skip
+        if "beats_peer_everywhere" in summary:
+            worst = min(summary["vs_peer"], key=lambda v: v["peer_over_giantpipe"])
+            line += (f"; vs peer: {'faster or equal everywhere' if summary['beats_peer_everywhere'] else 'slower somewhere'}"
+                     f" (closest: {worst['schedule']} M={worst['micro_batches']}, peer/giantpipe time {worst['peer_over_giantpipe']:.2f})")  # fmt: skip
+        lines.append(line)
+    if "best_n2_speedup_vs_threads" in summary:
+        t = summary["best_n2_speedup_vs_threads"]
+        lines.append(
+            f"{name}: against 1 process with 2 threads ({model['baseline_threads_s'] * 1e3:.0f} ms/step):"
+            f" best N=2 {t['speedup_vs_threads']:.2f}x ({t['schedule']}, M={t['micro_batches']})"
+        )  # fmt: skip
+    if "k1_engine_overhead" in summary:
+        lines.append(
+            f"{name}: the engine with 1 stage, M=1 costs {summary['k1_engine_overhead']:+.1%} "
+            f"against the plain step; load average {model['loadavg_start']:.2f} -> {model['loadavg_end']:.2f}"
+        )  # fmt: skip
+    return lines
