@@ -20,6 +20,10 @@ import torch.multiprocessing as mp
 from giantpipe.platform.config import ConfigError
 
 EXTERNAL_LAUNCH_VARS = ("TORCHELASTIC_RUN_ID", "SLURM_PROCID", "LOCAL_RANK")
+# Once a worker failed, the others get this long to end by themselves, then SIGTERM, then as
+# long again before SIGKILL (torch's default is 30 s; a stage blocked in a receive, or stopped,
+# never handles SIGTERM, so the run would outlive strategy.timeout_s by half a minute).
+SHUTDOWN_GRACE_S = 3.0
 
 
 def launched_externally() -> bool:
@@ -48,8 +52,10 @@ def _worker(local_rank: int, world_size: int, port: int, fn, args) -> None:
 def spawn(fn, args: tuple, world_size: int, describe_rank) -> None:
     """Run `fn(*args)` in `world_size` fresh processes; raise ConfigError naming a failed rank."""
     try:
-        mp.start_processes(_worker, args=(world_size, free_port(), fn, args), nprocs=world_size,
-                           join=True, start_method="spawn")
+        context = mp.start_processes(_worker, args=(world_size, free_port(), fn, args), nprocs=world_size,
+                                     join=False, start_method="spawn")
+        while not context.join(grace_period=SHUTDOWN_GRACE_S):
+            pass
     except mp.ProcessExitedException as err:
         raise ConfigError(
             f"{describe_rank(err.error_index)} exited with code {err.exit_code}"

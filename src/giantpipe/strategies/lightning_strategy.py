@@ -7,22 +7,27 @@ Lightning zeroes them and `backward` hands them back. Optimizer and scheduler st
 gradient clipping (global norm across stages), logging and checkpoint callbacks stay
 Lightning's.
 
-Built on `DDPStrategy` for process-group setup and cluster environments, with three
+Built on `DDPStrategy` for process-group setup and cluster environments, with four
 deliberate differences: no DDP wrapper (replicas all-reduce inside each stage's group), no
-`_sync_module_states` (it would copy rank 0's stage over every other stage), and one
-checkpoint shard per stage (the default saves rank 0 only and loses the other stages).
+`_sync_module_states` (it would copy rank 0's stage over every other stage), one checkpoint
+shard per stage (the default saves rank 0 only and loses the other stages; shards reshard to
+any stage count, optimizer state included), and a rendezvous that names a stage that never
+joins (strategies/rendezvous.py).
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from lightning.fabric.utilities.distributed import _init_dist_connection
 from lightning.fabric.utilities.optimizer import _optimizer_to_device, _optimizers_to_device
+from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
@@ -30,22 +35,27 @@ from torch import Tensor
 from giantpipe.models.beam_search import BeamSearchResult
 from giantpipe.strategies.batchnorm import DeferredBatchNorm
 from giantpipe.strategies.engine import PipelineEngine
-from giantpipe.strategies.faults import maybe_inject
+from giantpipe.strategies.faults import maybe_inject, maybe_inject_in_save, maybe_skip_join
 from giantpipe.strategies.partition import (
     auto_balance,
     partition_table,
     validate_balance,
 )
 from giantpipe.strategies.pipelined_decoding import pipelined_beam_search
+from giantpipe.strategies.rendezvous import join_store
 from giantpipe.strategies.stage_checkpoint import (
     atomic_save,
     consolidate,
     load_shard,
     manifest_entry,
+    next_generation,
     optimizer_param_names,
+    read_manifest,
     select_optimizer_state,
     shard_path,
+    shard_stamp,
     split_shard,
+    stale_files,
 )
 from giantpipe.strategies.topology import Topology
 
@@ -55,8 +65,8 @@ log = logging.getLogger(__name__)
 class PipelineRunner:
     """The task's runner under the pipeline: each step runs the engine's schedule."""
 
-    def __init__(self, engine: PipelineEngine):
-        self.engine = engine
+    def __init__(self, engine: PipelineEngine, timeout_s: float = 1800.0):
+        self.engine, self.timeout_s = engine, timeout_s
         self.parked: list[Tensor | None] | None = None
         self.steps = 0
 
@@ -64,7 +74,7 @@ class PipelineRunner:
         params = list(self.engine.parameters())
         for p in params:  # the previous step's gradients are still there: Lightning zeroes later
             p.grad = None
-        maybe_inject(self.engine.stage, self.steps)
+        maybe_inject(self.engine.stage, self.steps, self.timeout_s)
         self.steps += 1
         with peers_named(self.engine):
             loss = self.engine.train_step(batch)
@@ -118,6 +128,7 @@ class PipelineStrategy(DDPStrategy):
         super().__init__(timeout=timedelta(seconds=cfg.timeout_s), **kwargs)
         self.cfg = cfg
         self.runner: PipelineRunner | None = None
+        self.saves = 0  # checkpoints this process has saved (fault injection counts them)
 
     # ------------------------------------------------------------------ placement
     @property
@@ -153,7 +164,7 @@ class PipelineStrategy(DDPStrategy):
             from rich.console import Console
 
             Console().print(partition_table(task.model, balance, ranks=ranks))
-        self.runner = PipelineRunner(engine)
+        self.runner = PipelineRunner(engine, self.cfg.timeout_s)
         return self.runner
 
     def resolve_balance(self, task) -> list[int]:
@@ -172,6 +183,26 @@ class PipelineStrategy(DDPStrategy):
         return validate_balance(list(balance), num_layers, self.cfg.stages)
 
     # ------------------------------------------------------------------ Lightning hooks
+    def setup_distributed(self) -> None:
+        """As DDP's, with a rendezvous that names a stage that never joins (strategies/rendezvous.py)."""
+        reset_seed()
+        self.set_world_ranks()
+        self._process_group_backend = self._get_process_group_backend()
+        if dist.is_initialized():
+            return
+        env = self.cluster_environment
+        maybe_skip_join(self.topology.stage_of(self.global_rank))
+
+        def describe(rank: int) -> str:
+            stage, replica = self.topology.coords(rank)
+            return f"stage {stage} (rank {rank}, replica {replica})"
+
+        store = join_store(env.main_address, env.main_port, self.global_rank, self.world_size, self._timeout,
+                           describe)
+        device_id = self.root_device if self.root_device.type != "cpu" else None
+        _init_dist_connection(env, self._process_group_backend, timeout=self._timeout, store=store,
+                              device_id=device_id)
+
     def model_to_device(self) -> None:
         """The engine already placed this stage's layers; the rest stay on meta."""
 
@@ -219,19 +250,29 @@ class PipelineStrategy(DDPStrategy):
         return {k: v for k, v in self.lightning_module.state_dict().items() if not v.is_meta}
 
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
-        """Replica 0 of each stage writes its shard; rank 0 then writes the manifest (stage_checkpoint)."""
+        """Replica 0 of each stage writes its shard, then rank 0 the manifest (stage_checkpoint):
+        shards under the names the current manifest at `filepath` does not use, stamped with
+        this save's id, so a crash anywhere in between leaves the previous checkpoint whole."""
         stage, replica = self.topology.coords(self.global_rank)
         module = self.lightning_module
         if "optimizer_states" in checkpoint:  # names make the optimizer state reshardable
             checkpoint["optimizer_param_names"] = optimizer_param_names(self.optimizers, module)
+        previous = read_manifest(filepath) if self.global_rank == 0 else None
+        generation, save_id = self.broadcast((next_generation(previous), uuid.uuid4().hex), src=0)
         shard = split_shard(checkpoint)
+        shard["giantpipe_shard"] = shard_stamp(stage, self.cfg.stages, save_id)
         if replica == 0:
-            atomic_save(shard, shard_path(filepath, stage, self.cfg.stages))
+            atomic_save(shard, shard_path(filepath, stage, self.cfg.stages, generation))
+            maybe_inject_in_save(stage, self.saves, self.cfg.timeout_s)
+        self.saves += 1
         self.barrier("giantpipe_shards_saved")
         if self.global_rank == 0:
             order = [name for name, _ in module.named_parameters()]
-            checkpoint["giantpipe_shards"] = manifest_entry(filepath, self.cfg.stages, order)
+            manifest = manifest_entry(filepath, self.cfg.stages, order, generation, save_id)
+            checkpoint["giantpipe_shards"] = manifest
             atomic_save(checkpoint, Path(filepath))
+            for stale in stale_files(filepath, previous, manifest):
+                stale.unlink(missing_ok=True)
 
     def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
         if not Path(checkpoint_path).exists():
@@ -280,8 +321,12 @@ class PipelineStrategy(DDPStrategy):
 
     def remove_checkpoint(self, filepath) -> None:
         if self.global_rank == 0:
-            for stage in range(self.cfg.stages):
-                shard_path(filepath, stage, self.cfg.stages).unlink(missing_ok=True)
+            manifest = read_manifest(filepath)
+            listed = [Path(filepath).parent / f for f in manifest["files"]] if manifest else []
+            for generation in (0, 1):  # and shards a crash left unlisted
+                listed += [shard_path(filepath, s, self.cfg.stages, generation) for s in range(self.cfg.stages)]
+            for path in listed:
+                path.unlink(missing_ok=True)
             Path(filepath).unlink(missing_ok=True)
 
 

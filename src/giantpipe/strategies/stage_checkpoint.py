@@ -8,7 +8,12 @@ Layout for a checkpoint `step300.ckpt` of a 2-stage run:
     step300.ckpt.stage1-of-2     stage 1: ...
 
 Shards and manifest are written to a temporary name and renamed, shards first, so a crash
-mid-save never leaves a manifest that points at a missing or half-written shard.
+mid-save never leaves a manifest that points at a missing or half-written shard. Saving again
+to the same path (`last.ckpt`, every few steps) writes the shards under the other of two
+names (`last.ckpt.stage0-of-2` / `last.ckpt.1.stage0-of-2`), never over the ones the current
+manifest lists, and removes those only after the new manifest is in place: a crash at any
+moment leaves the old checkpoint whole, never new shards under an old manifest. Every shard
+carries its save's id, so a shard that does not belong to its manifest is refused at load.
 
 Resharding: an optimizer's state dict numbers its parameters 0, 1, ... in its own order, which
 differs with every stage count. Each shard therefore also names its parameters
@@ -28,8 +33,30 @@ SHARD_KEYS = ("state_dict", "optimizer_states", "rng_states", "optimizer_param_n
 ParamNames = list[list[str]]  # one optimizer's parameter names, per parameter group
 
 
-def shard_path(filepath: str | Path, stage: int, num_stages: int) -> Path:
-    return Path(f"{filepath}.stage{stage}-of-{num_stages}")
+def shard_path(filepath: str | Path, stage: int, num_stages: int, generation: int = 0) -> Path:
+    infix = f".{generation}" if generation else ""
+    return Path(f"{filepath}{infix}.stage{stage}-of-{num_stages}")
+
+
+def read_manifest(filepath: str | Path) -> dict | None:
+    """The stage manifest of the checkpoint at `filepath`, or None (no file, unreadable, or
+    not a pipelined checkpoint)."""
+    try:
+        return torch.load(filepath, map_location="cpu", weights_only=False).get("giantpipe_shards")
+    except Exception:
+        return None
+
+
+def next_generation(previous: dict | None) -> int:
+    """The shard names a new save uses: not those of the manifest it replaces."""
+    return 1 - previous.get("generation", 0) if previous else 0
+
+
+def stale_files(filepath: str | Path, previous: dict | None, current: dict) -> list[Path]:
+    """Shard files of the replaced manifest that the new one does not list (to delete)."""
+    if not previous:
+        return []
+    return [Path(filepath).parent / f for f in previous["files"] if f not in current["files"]]
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -44,11 +71,18 @@ def split_shard(checkpoint: dict) -> dict:
     return {k: checkpoint.pop(k) for k in SHARD_KEYS if k in checkpoint}
 
 
-def manifest_entry(filepath: str | Path, num_stages: int, param_order: list[str] | None = None) -> dict:
+def manifest_entry(filepath: str | Path, num_stages: int, param_order: list[str] | None = None,
+                   generation: int = 0, save_id: str | None = None) -> dict:
     """`param_order`: every parameter's name in the whole model's order (what one device's
     optimizer follows), so that consolidated optimizer states index like one device's."""
-    files = [shard_path(filepath, s, num_stages).name for s in range(num_stages)]
-    return {"stages": num_stages, "files": files, "param_order": param_order}
+    files = [shard_path(filepath, s, num_stages, generation).name for s in range(num_stages)]
+    return {"stages": num_stages, "files": files, "param_order": param_order, "generation": generation,
+            "save_id": save_id}
+
+
+def shard_stamp(stage: int, num_stages: int, save_id: str) -> dict:
+    """What a shard records of its save, checked against the manifest at load."""
+    return {"stage": stage, "stages": num_stages, "save_id": save_id}
 
 
 def optimizer_param_names(optimizers, module) -> list[ParamNames]:
@@ -64,9 +98,17 @@ def load_shard(manifest_path: str | Path, manifest: dict, stage: int) -> dict:
             f"checkpoint shard {shard_file} of stage {stage} is missing; the checkpoint {manifest_path} is incomplete"
         )
     try:
-        return torch.load(shard_file, map_location="cpu", weights_only=False)
+        shard = torch.load(shard_file, map_location="cpu", weights_only=False)
     except Exception as err:
         raise ValueError(f"checkpoint shard {shard_file} of stage {stage} cannot be read ({err})") from None
+    stamp = shard.get("giantpipe_shard")
+    if stamp is not None and stamp != shard_stamp(stage, manifest["stages"], manifest.get("save_id")):
+        raise ValueError(
+            f"checkpoint shard {shard_file} of stage {stage} belongs to another save (stage {stamp['stage']} of "
+            f"{stamp['stages']}, save {stamp['save_id']}) than {manifest_path} (save {manifest.get('save_id')}); "
+            "the checkpoint is mismatched"
+        )
+    return shard
 
 
 def consolidate(manifest_path: str | Path) -> dict:
