@@ -90,6 +90,21 @@ def test_text_files_skip_and_count_undecodable_lines_and_empty_documents(files, 
         assert kept_chars == sum(len(d) for d in expected_docs)  # every good character, once
 
 
+def test_an_edited_text_file_is_read_again_not_served_from_the_cache(tmp_path):
+    from giantpipe.platform.data.text import TextDataModule
+
+    corpus = tmp_path / "notes.txt"
+    corpus.write_text(GOOD_TEXT)
+    cfg = TEXT_FILES.copy()
+    cfg.paths, cfg.cache_dir = [str(corpus)], str(tmp_path / "cache")
+    before = TextDataModule(cfg, 8, 0)
+    before.prepare()
+    corpus.write_text(GOOD_TEXT.replace("some text", "more words"))
+    after = TextDataModule(cfg, 8, 0)
+    after.prepare()
+    assert after.stats["train_tokens"] != before.stats["train_tokens"]  # re-tokenized
+
+
 def test_text_blocks_cover_a_document_exactly():
     text = "a" * 10_000 + "\n" + "b\n" * 5000 + "tail"
     assert "".join(blocks(text)) == text

@@ -230,8 +230,10 @@ class TextDataModule(SplitLoaders, pl.LightningDataModule):
     def _key(self) -> str:
         fields = ("source", "name", "config_name", "paths", "max_bytes", "tokenizer", "vocab_size",
                   "val_fraction", "test_fraction")
-        blob = json.dumps({f: str(self.cfg.get(f)) for f in fields}, sort_keys=True)
-        return hashlib.sha1(blob.encode()).hexdigest()[:16]
+        blob = {f: str(self.cfg.get(f)) for f in fields}
+        if self.cfg.source == "files":  # an edited, added or removed file gets a new key
+            blob["files"] = [(f, os.path.getsize(f), os.path.getmtime(f)) for f in text_files(self.cfg.paths)]
+        return hashlib.sha1(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
     def _build(self, cache: Path) -> None:
         docs, skipped = load_documents(self.cfg)
