@@ -21,7 +21,7 @@ from giantpipe.models.contract import Batch, LayeredModel, SumLoss, materialize
 from giantpipe.models.keyed_dropout import KEY, sample_keys
 from giantpipe.platform.config import ConfigError
 from giantpipe.platform.data.sampling import replica_of
-from giantpipe.strategies.stage_checkpoint import consolidate
+from giantpipe.strategies.stage_checkpoint import consolidate, optimizer_param_names
 
 
 class LocalRunner:
@@ -93,8 +93,11 @@ class Task(pl.LightningModule):
 
     # ----------------------------------------------------------- exact resume
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Save the RNG streams too, so a resumed run draws the same dropout masks."""
+        """Save the RNG streams too, so a resumed run draws the same dropout masks, and the
+        optimizer's parameter names, so a pipeline of any stage count can take its state."""
         checkpoint["rng_states"] = rng_states()
+        if self.trainer.optimizers and "optimizer_param_names" not in checkpoint:
+            checkpoint["optimizer_param_names"] = optimizer_param_names(self.trainer.optimizers, self)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "rng_states" in checkpoint:
