@@ -12,7 +12,8 @@ from omegaconf import OmegaConf
 
 from conftest import read_summary, run_train
 from giantpipe.platform.config import ConfigError
-from giantpipe.platform.data.translation_module import EvalBucketSampler, TranslationDataModule
+from giantpipe.platform.data.buckets import EvalBucketSampler
+from giantpipe.platform.data.translation_module import TranslationDataModule
 from giantpipe.platform.data.verbalization_corpus import generate_pairs
 from giantpipe.platform.preflight import check, compose_train
 

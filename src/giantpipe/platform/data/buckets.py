@@ -14,7 +14,12 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from giantpipe.platform.data.sampling import GlobalBatchSampler
+from giantpipe.platform.data.sampling import (
+    GlobalBatchSampler,
+    ResumableLoader,
+    SplitLoaders,
+    replica_of,
+)
 
 
 class BucketBatchSampler(GlobalBatchSampler):
@@ -52,3 +57,48 @@ class BucketBatchSampler(GlobalBatchSampler):
         for batch in self.global_batches()[skip:]:
             per_replica = -(-len(batch) // self.num_replicas)
             yield batch[self.replica * per_replica:(self.replica + 1) * per_replica]
+
+
+class EvalBucketSampler(BucketBatchSampler):
+    """Evaluation batches sorted by length, none smaller than `min_batch` (a short last batch
+    joins the one before it), so a pipeline can always cut every batch into its micro-batches."""
+
+    def __init__(self, lengths: Sequence[int], global_batch: int, min_batch: int = 1, **kwargs):
+        super().__init__(lengths, global_batch, shuffle=False, drop_last=False, **kwargs)
+        self.min_batch = min_batch
+
+    def global_batches(self) -> list[list[int]]:
+        batches = super().global_batches()
+        if len(batches) > 1 and len(batches[-1]) < self.min_batch:
+            batches[-2:] = [batches[-2] + batches[-1]]
+        return batches
+
+    def __len__(self) -> int:
+        return len(self.global_batches())
+
+
+class BucketedLoaders(SplitLoaders):
+    """Lightning's dataloader hooks over length-bucketed, resumable batches, for a data module
+    with `dataset(split)` (items with `lengths`), `data.collator()`, `batch_size`, `seed`,
+    `min_eval_batch` and `cfg.pool_batches` / `cfg.num_workers`."""
+
+    def _loader(self, split: str, shuffle: bool) -> ResumableLoader:
+        dataset = self.dataset(split)
+        replicas, replica = replica_of(self.trainer)
+        if shuffle:
+            sampler = BucketBatchSampler(dataset.lengths, self.batch_size, seed=self.seed,
+                                         num_replicas=replicas, replica=replica,
+                                         pool_batches=self.cfg.pool_batches)
+        else:
+            sampler = EvalBucketSampler(dataset.lengths, self.batch_size, self.min_eval_batch,
+                                        seed=self.seed, num_replicas=replicas, replica=replica)
+        return ResumableLoader(dataset, sampler, collate_fn=self.data.collator(),
+                               num_workers=self.cfg.num_workers)
+
+
+def skip_summary(counts: dict[str, int]) -> str:
+    """", skipped 3 (empty 1, malformed 2)" for the nonzero counts, or "" when none."""
+    lost = {k: v for k, v in counts.items() if v}
+    if not lost:
+        return ""
+    return f", skipped {sum(lost.values())} ({', '.join(f'{k} {v}' for k, v in lost.items())})"

@@ -18,15 +18,13 @@ import lightning.pytorch as pl
 from omegaconf import OmegaConf
 
 from giantpipe.platform.config import ConfigError
-from giantpipe.platform.data.buckets import BucketBatchSampler
-from giantpipe.platform.data.sampling import ResumableLoader, SplitLoaders, replica_of
+from giantpipe.platform.data.buckets import BucketedLoaders, skip_summary
 from giantpipe.platform.data.speech import SPLITS, SpeechData, SpeechDataset, prepare_speech
-from giantpipe.platform.data.translation_module import EvalBucketSampler
 
 log = logging.getLogger(__name__)
 
 
-class SpeechDataModule(SplitLoaders, pl.LightningDataModule):
+class SpeechDataModule(BucketedLoaders, pl.LightningDataModule):
     """Utterances per split, the grapheme vocabulary, bucketed batch loaders.
 
     Args:
@@ -91,11 +89,8 @@ class SpeechDataModule(SplitLoaders, pl.LightningDataModule):
 
     def _log_counts(self) -> None:
         for split, counts in self.data.skipped.items():
-            kept = len(self.data.datasets[split])
-            lost = {k: v for k, v in counts.items() if v}
-            log.info("speech %s: %d utterances%s", split, kept,
-                     f", skipped {sum(lost.values())} ({', '.join(f'{k} {v}' for k, v in lost.items())})"
-                     if lost else "")
+            log.info("speech %s: %d utterances%s", split, len(self.data.datasets[split]),
+                     skip_summary(counts))
 
     # ----------------------------------------------------------- what the task needs
     @property
@@ -113,16 +108,3 @@ class SpeechDataModule(SplitLoaders, pl.LightningDataModule):
     # ----------------------------------------------------------- loaders
     def setup(self, stage: str | None = None) -> None:
         self.prepare()
-
-    def _loader(self, split: str, shuffle: bool) -> ResumableLoader:
-        dataset = self.dataset(split)
-        replicas, replica = replica_of(self.trainer)
-        if shuffle:
-            sampler = BucketBatchSampler(dataset.lengths, self.batch_size, seed=self.seed,
-                                         num_replicas=replicas, replica=replica,
-                                         pool_batches=self.cfg.pool_batches)
-        else:
-            sampler = EvalBucketSampler(dataset.lengths, self.batch_size, self.min_eval_batch,
-                                        seed=self.seed, num_replicas=replicas, replica=replica)
-        return ResumableLoader(dataset, sampler, collate_fn=self.data.collator(),
-                               num_workers=self.cfg.num_workers)

@@ -24,8 +24,7 @@ import torch
 from omegaconf import OmegaConf
 
 from giantpipe.platform.config import ConfigError
-from giantpipe.platform.data.buckets import BucketBatchSampler
-from giantpipe.platform.data.sampling import ResumableLoader, SplitLoaders, replica_of
+from giantpipe.platform.data.buckets import BucketedLoaders, skip_summary
 from giantpipe.platform.data.translation import (
     TranslationData,
     TranslationDataset,
@@ -40,25 +39,7 @@ log = logging.getLogger(__name__)
 PREPARED_VERSION = 1
 
 
-class EvalBucketSampler(BucketBatchSampler):
-    """Evaluation batches sorted by length, none smaller than `min_batch` (a short last batch
-    joins the one before it), so a pipeline can always cut every batch into its micro-batches."""
-
-    def __init__(self, lengths: Sequence[int], global_batch: int, min_batch: int = 1, **kwargs):
-        super().__init__(lengths, global_batch, shuffle=False, drop_last=False, **kwargs)
-        self.min_batch = min_batch
-
-    def global_batches(self) -> list[list[int]]:
-        batches = super().global_batches()
-        if len(batches) > 1 and len(batches[-1]) < self.min_batch:
-            batches[-2:] = [batches[-2] + batches[-1]]
-        return batches
-
-    def __len__(self) -> int:
-        return len(self.global_batches())
-
-
-class TranslationDataModule(SplitLoaders, pl.LightningDataModule):
+class TranslationDataModule(BucketedLoaders, pl.LightningDataModule):
     """Tokenized sentence pairs per split, wordpiece vocabularies, bucketed batch loaders.
 
     Args:
@@ -169,11 +150,8 @@ class TranslationDataModule(SplitLoaders, pl.LightningDataModule):
 
     def _log_counts(self) -> None:
         for split, counts in self.data.skipped.items():
-            kept = len(self.data.datasets[split])
-            lost = {k: v for k, v in counts.items() if v}
-            log.info("translation %s: %d pairs%s", split, kept,
-                     f", skipped {sum(lost.values())} ({', '.join(f'{k} {v}' for k, v in lost.items())})"
-                     if lost else "")
+            log.info("translation %s: %d pairs%s", split, len(self.data.datasets[split]),
+                     skip_summary(counts))
 
     # ----------------------------------------------------------- what the task needs
     @property
@@ -194,19 +172,6 @@ class TranslationDataModule(SplitLoaders, pl.LightningDataModule):
     # ----------------------------------------------------------- loaders
     def setup(self, stage: str | None = None) -> None:
         self.prepare()
-
-    def _loader(self, split: str, shuffle: bool) -> ResumableLoader:
-        dataset = self.dataset(split)
-        replicas, replica = replica_of(self.trainer)
-        if shuffle:
-            sampler = BucketBatchSampler(dataset.lengths, self.batch_size, seed=self.seed,
-                                         num_replicas=replicas, replica=replica,
-                                         pool_batches=self.cfg.pool_batches)
-        else:
-            sampler = EvalBucketSampler(dataset.lengths, self.batch_size, self.min_eval_batch,
-                                        seed=self.seed, num_replicas=replicas, replica=replica)
-        return ResumableLoader(dataset, sampler, collate_fn=self.data.collator(),
-                               num_workers=self.cfg.num_workers)
 
 
 def _split_name(split: str) -> str:
