@@ -39,11 +39,23 @@ non_positive = st.sampled_from(["strategy.stages", "strategy.replicas", "strateg
 bad_enum = st.tuples(st.sampled_from(["strategy.schedule", "strategy.checkpoint"]), names).map(
     lambda kv: PIPE + ["trainer.devices=2", f"{kv[0]}={kv[1]}"]
 )
+seq2seq = st.sampled_from(["model=gnmt", "model=las"])
+family_mismatch = st.tuples(seq2seq, st.sampled_from(["data=stdlib_text", "data=translation_default",
+                                                      "data=speech_default"])).filter(
+    lambda md: (md[0] == "model=gnmt") != (md[1] == "data=translation_default")
+).map(list)
+mwer_start = st.tuples(seq2seq, st.sampled_from([[], ["init_from=/nonexistent/last.ckpt"],
+                                                 ["ckpt_path=/nonexistent/x.ckpt"]])).map(
+    lambda ms: [ms[0], "loss=mwer", *ms[1]]
+)
+too_many_stages = st.tuples(seq2seq, st.integers(20, 60)).map(
+    lambda ms: [ms[0], *PIPE, f"strategy.stages={ms[1]}", f"trainer.devices={ms[1]}"]
+)
 invalid = st.one_of(unknown_key, unknown_choice, wrong_type, bad_world, too_many_micro, bad_balance, non_positive,
-                    bad_enum)
+                    bad_enum, family_mismatch, mwer_start, too_many_stages)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
 @given(invalid)
 def test_every_generated_invalid_config_gets_one_clean_error(overrides):
     started = time.perf_counter()
