@@ -26,9 +26,9 @@ Models (`--models`, all by default; definitions in bench_models.py):
          on synthetic sentence pairs of varying lengths, trimmed per micro-batch like `seq`;
          M in {1, 2, 4, 8}, re-materialization never and always (no peer: shapes change)
 
-For each model: N=1 (one process; M micro-batches = gradient accumulation) and N=2 stages,
-M in {1, 2, 4, 8, 16}, schedules gpipe and 1f1b, re-materialization never (and, for N=2,
-except_last and always), and for fixed-shape models the same stages run by
+For each model: N=1 (one process; M micro-batches = gradient accumulation, the gpipe order:
+with one stage 1f1b runs the same operations) and N=2 stages, M in {1, 2, 4, 8, 16}, schedules
+gpipe and 1f1b, re-materialization never, except_last and always, and for fixed-shape models the same stages run by
 `torch.distributed.pipelining` (`PipelineStage` with `ScheduleGPipe` / `Schedule1F1B`).
 After the timed rounds each giantpipe configuration runs three steps with its timeline on:
 measured bubble, per-stage compute / communication time and peak memory.
@@ -141,8 +141,8 @@ class Config:
 
 
 def configs_for(spec: ModelSpec, stages: int, micro: tuple[int, ...]) -> list[Config]:
-    if stages == 1:
-        return [Config("giantpipe", 1, m, s, "never") for s in SCHEDULES for m in micro]
+    if stages == 1:  # one stage: both schedules run the same operations (M-way accumulation)
+        return [Config("giantpipe", 1, m, "gpipe", "never") for m in micro]
     out = [Config("giantpipe", 2, m, s, c) for c in spec.modes for s in SCHEDULES for m in micro]
     if spec.peer_keys is not None:
         out += [Config("peer", 2, m, s, "never") for s in SCHEDULES for m in micro]

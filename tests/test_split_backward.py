@@ -6,7 +6,11 @@ import torch
 from torch import nn
 
 from giantpipe.models.contract import LayeredModel, build_materialized
-from giantpipe.strategies.split_backward import forward_cut, input_grads, loss_cut, weight_grads
+from giantpipe.strategies.split_backward import (
+    WeightGradStore,
+    arm_linear_layers,
+    defer_weight_grads,
+)
 from pipeline_harness import Block, ToyLoss, ToySeq2Seq, make_batches
 
 # layers 3..8 of the toy: blocks, then attention over `enc`, which enters the stage made by
@@ -21,10 +25,16 @@ def stage_input(model, batch):
     return {k: v.clone().requires_grad_(v.is_floating_point()) for k, v in carry.items()}
 
 
+def linear_weights(model, layers):
+    """The parameters whose gradients wait for W: every nn.Linear's weight."""
+    return {
+        id(m.weight) for i in layers for m in model.layers[i].modules() if isinstance(m, nn.Linear)
+    }
+
+
 def test_input_then_weight_gradients_equal_a_fused_backward():
     model = build_materialized(lambda: ToySeq2Seq(), seed=5)
     batch = make_batches(1, 6, seed=4)[0]
-    params = {i: list(model.layers[i].parameters()) for i in STAGE}
     # d(loss)/d(h) and d(loss)/d(enc) as the next stage would send them
     head = torch.randn(6, batch["mask"].shape[1], 8, dtype=torch.float64)
 
@@ -34,45 +44,73 @@ def test_input_then_weight_gradients_equal_a_fused_backward():
     fused_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
 
-    split_in = stage_input(model, batch)
-    splittable: dict[int, bool] = {}
-    out, segments = forward_cut(model, STAGE, split_in, params, splittable)
-    # blocks split (their Linear's input edge leads to no weight); attention stays whole (its
-    # query product's input edge leads to the query weights: W would redo it)
-    assert splittable == {3: True, 4: True, 5: True, 6: False, 7: True, 8: False}
-    found = input_grads(segments, {"h": head, "enc": head.flip(0)})
     for i in STAGE:
-        touched = [p.grad is not None for p in params[i]]
-        assert touched == [not splittable[i]] * len(touched), f"layer {i} after the I half"
+        arm_linear_layers(model.layers[i])
+    split_in, store = stage_input(model, batch), WeightGradStore()
+    with defer_weight_grads(store):
+        out = model.run_layers(dict(split_in), STAGE)
+    torch.autograd.backward([out["h"], out["enc"]], [head, head.flip(0)])  # I
+    deferred = linear_weights(model, STAGE)
+    assert len(store.work) == len(deferred) > 0
+    for name, p in model.named_parameters():
+        if name in fused_grads:  # linear weights wait for W; biases and the rest are done
+            assert (p.grad is None) == (id(p) in deferred), name
     for key in ("h", "enc"):
-        assert torch.allclose(found[key], fused_in[key].grad, atol=1e-12), key
-    weight_grads(segments)
-    assert not segments
+        assert torch.allclose(split_in[key].grad, fused_in[key].grad, atol=1e-12), key
+    store.run()  # W
+    assert not store.work
     split_grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert split_grads.keys() == fused_grads.keys() and split_grads
     for name, grad in fused_grads.items():
         assert torch.allclose(split_grads[name], grad, atol=1e-12), name
 
 
-def test_loss_segment_on_the_last_stage():
+def test_loss_on_the_last_stage_and_accumulation_across_micro_batches():
     model = build_materialized(lambda: ToySeq2Seq(), seed=5)
-    batch = make_batches(1, 6, seed=4)[0]
+    batches = make_batches(2, 6, seed=4)
     last = range(3, 10)
-    params = {i: list(model.layers[i].parameters()) for i in last}
 
-    fused_in = stage_input(model, batch)
-    (ToyLoss()(model.run_layers(dict(fused_in), last), batch) / 7).backward()
+    for batch in batches:
+        fused_in = stage_input(model, batch)
+        (ToyLoss()(model.run_layers(dict(fused_in), last), batch) / 7).backward()
     fused_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
 
-    split_in = stage_input(model, batch)
-    out, segments = forward_cut(model, last, split_in, params, {})
-    loss, segment = loss_cut(out, lambda carry: ToyLoss()(carry, batch) / 7)
-    found = input_grads([*segments, segment], {"loss": torch.ones_like(loss)})
-    weight_grads(segments)
-    assert torch.allclose(found["h"], fused_in["h"].grad, atol=1e-6)
+    for i in last:
+        arm_linear_layers(model.layers[i])
+    stores = []
+    for batch in batches:  # I of both micro-batches, then W of both (W lags behind I)
+        split_in, store = stage_input(model, batch), WeightGradStore()
+        with defer_weight_grads(store):
+            out = model.run_layers(dict(split_in), last)
+        (ToyLoss()(out, batch) / 7).backward()
+        stores.append(store)
+    for store in stores:
+        store.run()
     for name, grad in fused_grads.items():
-        assert torch.allclose(model.get_parameter(name).grad, grad, atol=1e-6), name
+        assert torch.allclose(model.get_parameter(name).grad, grad, atol=1e-12), name
+
+
+def test_only_armed_layers_with_gradients_defer_and_only_inside_the_context():
+    torch.manual_seed(0)
+    mine, foreign = nn.Linear(4, 4), nn.Linear(4, 4)
+    assert arm_linear_layers(mine) == 1
+    x = torch.randn(3, 4, requires_grad=True)
+    expected = torch.autograd.grad(foreign(mine(x)).sum(), mine.weight)[0]
+    mine(x).sum().backward()  # outside the context: a plain linear layer
+    assert torch.equal(mine.weight.grad, expected.new_ones(4, 1) * x.sum(0))
+    mine.zero_grad(set_to_none=True)
+    store = WeightGradStore()
+    with defer_weight_grads(store):
+        y = foreign(mine(x)).sum()
+        with torch.no_grad():
+            mine(x)  # no graph: nothing to defer
+    y.backward()
+    assert mine.weight.grad is None and mine.bias.grad is not None
+    assert foreign.weight.grad is not None
+    assert len(store.work) == 1
+    store.run()
+    assert torch.allclose(mine.weight.grad, expected, atol=1e-6)
 
 
 class Recurrent(nn.Module):
@@ -115,7 +153,7 @@ class Mixed(LayeredModel):
         )
 
 
-def test_layers_whose_backward_cannot_split_stay_whole():
+def test_layers_without_linear_weights_keep_their_gradients_in_the_input_half():
     torch.manual_seed(0)
     model = Mixed()
     mask = torch.ones(3, 5, dtype=torch.bool)
@@ -127,14 +165,15 @@ def test_layers_whose_backward_cannot_split_stay_whole():
     fused_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
 
-    split_in = {"h": h.clone().requires_grad_(), "mask": mask}
-    params = {i: list(model.layers[i].parameters()) for i in layers}
-    splittable: dict[int, bool] = {}
-    out, segments = forward_cut(model, layers, split_in, params, splittable)
-    # the blocks split (a Linear under a residual); the LSTM and the custom Function do not
-    assert splittable == {0: True, 1: False, 2: False, 3: True}
-    found = input_grads(segments, {"h": head})
-    weight_grads(segments)
-    assert torch.allclose(found["h"], fused_in["h"].grad, atol=1e-6)
+    assert arm_linear_layers(model) == 2
+    split_in, store = {"h": h.clone().requires_grad_(), "mask": mask}, WeightGradStore()
+    with defer_weight_grads(store):
+        out = model.run_layers(dict(split_in), layers)
+    out["h"].backward(head)
+    # the LSTM and the custom Function have every gradient after I; the blocks' weights wait
+    waiting = {n for n, p in model.named_parameters() if p.grad is None}
+    assert waiting == {"layers.0.lin.weight", "layers.3.lin.weight"}
+    assert torch.allclose(split_in["h"].grad, fused_in["h"].grad, atol=1e-6)
+    store.run()
     for name, grad in fused_grads.items():
         assert torch.allclose(model.get_parameter(name).grad, grad, atol=1e-6), name

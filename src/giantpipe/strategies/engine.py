@@ -23,9 +23,10 @@ dropout masks are the same, and BatchNorm running statistics are restored after 
 are updated once per micro-batch.
 
 Split backward (`split_backward=True`, the default): every stage but the first runs a
-micro-batch's backward as input gradients first, sent at once, and its weight gradients
-later (split_backward.py): at most `DEFERRED_WEIGHT_GRADS` micro-batches' weight halves wait,
-and the rest run at the step's end. Re-materialized micro-batches keep the fused backward.
+micro-batch's backward without its linear layers' weight products, sends the input gradients
+at once, and runs those products later (split_backward.py): at most `DEFERRED_WEIGHT_GRADS`
+micro-batches' weight products wait, and the rest run at the step's end. Re-materialized
+micro-batches keep the fused backward.
 
 Receives go ahead of need: at a step's start a stage announces its M incoming carries
 (`Link.expect_carries`), and each backward's output gradients are posted as soon as the one
@@ -60,12 +61,9 @@ from giantpipe.strategies.comm import Link, wants_grad
 from giantpipe.strategies.partition import stage_ranges, validate_balance
 from giantpipe.strategies.schedule import Action, Phase, forward_only_stage, stage_actions
 from giantpipe.strategies.split_backward import (
-    LOSS_KEY,
-    Segment,
-    forward_cut,
-    input_grads,
-    loss_cut,
-    weight_grads,
+    WeightGradStore,
+    arm_linear_layers,
+    defer_weight_grads,
 )
 from giantpipe.strategies.timeline import StepTimeline, TimelineRecorder
 from giantpipe.strategies.topology import PipelineGroups, Topology
@@ -82,11 +80,12 @@ class _Step:
     training: bool
     normalizer: float | None = None  # set on the last stage when a loss is computed
     keep_outputs: bool = False
-    # micro-batch -> (inputs wanting gradients, sent tensors or the loss, segments or None)
-    stash: dict[int, tuple[list[Tensor], object, list[Segment] | None]] = field(
+    # micro-batch -> (inputs wanting gradients, sent tensors or the loss, deferred weight
+    # products or None)
+    stash: dict[int, tuple[list[Tensor], object, WeightGradStore | None]] = field(
         default_factory=dict
     )
-    weight_work: list[tuple[int, list[Segment]]] = field(default_factory=list)  # deferred W
+    weight_work: list[tuple[int, WeightGradStore]] = field(default_factory=list)  # deferred W
     loss: Tensor | None = None
     outputs: list[Carry] = field(default_factory=list)
     backward_order: list[int] = field(default_factory=list)  # this stage's backwards, in order
@@ -169,11 +168,15 @@ class PipelineEngine:
         self.module = _place_layers(model, self.layer_indices, self.device, seed)
         # the first stage's input gradients go nowhere: its backward stays fused
         self.split_backward = split_backward and not self.is_first
-        self._layer_params = {
-            i: [p for p in model.layers[i].parameters() if p.requires_grad]
-            for i in self.layer_indices
-        }
-        self._splittable: dict[int, bool] = {}  # layer -> its backward splits (split_backward.py)
+        # the first and the last backward of the step: where the previous stage waits for
+        # this one (pipeline fill and drain); in between, the slower of the two stages sets
+        # the pace whether or not the weight products wait
+        self._split_micro_batches = (
+            {self._backward_order[0], self._backward_order[-1]} if self.split_backward else set()
+        )
+        if self.split_backward:
+            for i in self.layer_indices:
+                arm_linear_layers(self.module.layers[i])
 
         self.groups = groups or (topology.create_groups(rank) if distributed else PipelineGroups())
         prev_rank, next_rank = topology.prev_rank(rank), topology.next_rank(rank)
@@ -303,7 +306,7 @@ class PipelineEngine:
             if rec is not None:
                 rec.add("recv", i, begin, begin := perf_counter())
         inputs = [t for t in carry.values() if wants_grad(t)]
-        segments = None
+        store = None
         if step.training and self._recompute(i):
             out = checkpoint(
                 self._run_layers,
@@ -312,10 +315,10 @@ class PipelineEngine:
                 preserve_rng_state=True,
                 context_fn=self._context_fn(i),
             )
-        elif step.training and self.split_backward:
-            out, segments = forward_cut(
-                self.module, self.layer_indices, carry, self._layer_params, self._splittable
-            )
+        elif step.training and i in self._split_micro_batches:
+            store = WeightGradStore()
+            with defer_weight_grads(store):
+                out = self._run_layers(carry)
         else:
             out = self._run_layers(carry)
         if not self.is_last:
@@ -327,74 +330,58 @@ class PipelineEngine:
             if rec is not None:
                 rec.add("send", i, begin, perf_counter())
             if step.training:
-                step.stash[i] = (inputs, sent, segments)
+                step.stash[i] = (inputs, sent, store)
                 self._post_grads_ahead(step)
             return
         if step.keep_outputs:
             step.outputs.append(out)
         if step.normalizer is not None:
             assert step.micro_batches is not None
-            mb, normalizer = step.micro_batches[i], step.normalizer
-            if segments is not None:
-                loss, loss_segment = loss_cut(out, lambda c: self.loss_fn(c, mb) / normalizer)
-                segments.append(loss_segment)
-            else:
-                loss = self.loss_fn(out, mb) / normalizer
+            loss = self.loss_fn(out, step.micro_batches[i]) / step.normalizer
             step.loss = loss.detach() if step.loss is None else step.loss + loss.detach()
             if step.training:
-                step.stash[i] = (inputs, loss, segments)
+                step.stash[i] = (inputs, loss, store)
         if rec is not None:
             rec.add("forward", i, begin, perf_counter())
             rec.sample_memory()
 
     def _backward(self, i: int, step: _Step) -> None:
         rec = self._recorder
-        inputs, roots, segments = step.stash.pop(i)
+        inputs, roots, store = step.stash.pop(i)
         begin = perf_counter() if rec is not None else 0.0
-        if self.is_last:
-            assert isinstance(roots, Tensor)
-            grads, keys = [torch.ones_like(roots)], [LOSS_KEY]
+        if isinstance(roots, Tensor):  # the last stage's loss
+            if roots.requires_grad:
+                torch.autograd.backward(roots)
         else:
-            assert self._next is not None and isinstance(roots, list)
+            assert self._next is not None
             grads = self._next.recv_grads(roots)
-            keys = [k for k, t in segments[-1].outputs.items() if wants_grad(t)] if segments else []
             step.grads_taken += 1
             self._post_grads_ahead(step)  # the next backward's gradients arrive meanwhile
             if rec is not None:
                 rec.add("recv", i, begin, begin := perf_counter())
                 rec.sample_memory()
-        if segments is not None:
-            found = input_grads(segments, dict(zip(keys, grads, strict=True)))
-            leaves = segments[0].leaves
-            in_grads = [found.get(k) for k in leaves]
-            assert len(in_grads) == len(inputs), "a stage's inputs are its first layer's leaves"
-        else:
-            if isinstance(roots, list):
-                if roots:
-                    torch.autograd.backward(roots, grads)
-            elif roots.requires_grad:
-                torch.autograd.backward(roots)
-            in_grads = [t.grad for t in inputs]
+            if roots:
+                torch.autograd.backward(roots, grads)
         if rec is not None:
             rec.add("backward", i, begin, begin := perf_counter())
             rec.sample_memory()
         if self._prev is not None:
             self._prev.send_grads(
-                [g if g is not None else torch.zeros_like(t) for g, t in zip(in_grads, inputs)]
+                [t.grad if t.grad is not None else torch.zeros_like(t) for t in inputs]
             )
             if rec is not None:
                 rec.add("send", i, begin, perf_counter())
-        if segments is not None:
-            step.weight_work.append((i, segments))
+        if store is not None:
+            step.weight_work.append((i, store))
             self._run_weight_grads(step, keep=self.DEFERRED_WEIGHT_GRADS)
 
     def _run_weight_grads(self, step: _Step, keep: int) -> None:
-        """Run the deferred weight-gradient halves, oldest first, until `keep` are left."""
+        """Run the deferred weight products, oldest micro-batch first, until `keep` are left."""
         rec = self._recorder
         while len(step.weight_work) > keep:
-            i, segments = step.weight_work.pop(0)
+            i, store = step.weight_work.pop(0)
             begin = perf_counter() if rec is not None else 0.0
-            weight_grads(segments)
+            store.run()
             if rec is not None:
                 rec.add("weight", i, begin, perf_counter())
                 rec.sample_memory()
