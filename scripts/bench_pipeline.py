@@ -35,7 +35,9 @@ measured bubble, per-stage compute / communication time and peak memory.
 
 JSON (`--out`, default bench_pipeline.json):
   meta     torch version, device, backend, cpu_count, threads_per_process (1), reps, quick,
-           split_backward (the engine's; false with --fused-backward), started (ISO time),
+           split_backward (the engine's; false with --fused-backward), keep_freed_memory
+           (glibc keeps freed memory mapped, as in giantpipe-train: platform/allocator.py;
+           every process of the run, baseline and peer included), started (ISO time),
            seconds (whole run), loadavg_start / loadavg_end (1-min load average)
   models   {name: {description, batch (first batch's shapes), layers, balance (N=2), params,
                    baseline_s (median s/step of every baseline round, 1 thread),
@@ -100,6 +102,7 @@ from torch import nn
 from bench_models import MODEL_NAMES, SEED, ModelSpec, make_spec
 from bench_results import SCHEDULES, collect, median, print_tables, summarize
 from giantpipe.models.contract import LayeredModel, build_materialized
+from giantpipe.platform.allocator import keep_freed_memory
 from giantpipe.strategies import timeline as tl
 from giantpipe.strategies.engine import PipelineEngine
 
@@ -371,6 +374,7 @@ def measure(spec: ModelSpec, stages: int, opts: Options, device, pictures: Path 
 
 
 def _worker(rank, world, port, names, opts: Options, out_dir, pictures):
+    keep_freed_memory()
     torch.set_num_threads(1)
     cuda = opts.device_type == "cuda"
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
@@ -419,6 +423,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pictures", default=None, help="folder for timeline PNG + trace (M=4)")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    kept = keep_freed_memory()  # as giantpipe-train does: baseline, engine and peer alike
     torch.set_num_threads(1)
     opts = Options(
         quick=args.quick,
@@ -460,7 +465,7 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__, "device": args.device,
         "backend": "nccl" if args.device == "cuda" else "gloo", "cpu_count": os.cpu_count(),
         "threads_per_process": 1, "reps": opts.reps, "quick": args.quick,
-        "split_backward": opts.split_backward, "started": started,
+        "split_backward": opts.split_backward, "keep_freed_memory": kept, "started": started,
         "seconds": time.perf_counter() - clock, "loadavg_start": load_start,
         "loadavg_end": os.getloadavg()[0],
     }  # fmt: skip

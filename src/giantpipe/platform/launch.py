@@ -17,6 +17,7 @@ import sys
 
 import torch.multiprocessing as mp
 
+from giantpipe.platform.allocator import keep_freed_memory
 from giantpipe.platform.config import ConfigError
 
 EXTERNAL_LAUNCH_VARS = ("TORCHELASTIC_RUN_ID", "SLURM_PROCID", "LOCAL_RANK")
@@ -42,6 +43,7 @@ def _worker(local_rank: int, world_size: int, port: int, fn, args) -> None:
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size), RANK=str(local_rank),
         LOCAL_RANK=str(local_rank), NODE_RANK="0", LOCAL_WORLD_SIZE=str(world_size),
     )
+    keep_freed_memory()  # for a parent that did not set the environment before spawning
     try:
         fn(*args)
     except ConfigError as err:

@@ -16,6 +16,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from giantpipe.platform import preflight
+from giantpipe.platform.allocator import keep_freed_memory
 from giantpipe.platform.build import build_callbacks, build_loggers, build_task, build_trainer
 from giantpipe.platform.config import ConfigError, register_schemas, validate
 from giantpipe.platform.launch import launched_externally, spawn
@@ -114,6 +115,7 @@ def hydra_app(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     """Check the whole command line first (one clear message, exit 2), then hand over to Hydra."""
+    keep_freed_memory()
     register_schemas()
     args = sys.argv[1:]
     if not HELP_FLAGS & set(args):

@@ -337,8 +337,8 @@ def global_grad_norm(parameters, replicas: int = 1) -> Tensor:
     grads = [p.grad for p in parameters if p.grad is not None]
     device = parameters[0].device if parameters else torch.device("cpu")  # NCCL needs device tensors
     squares = torch.zeros((), dtype=torch.float64, device=device)
-    if grads:
-        squares = torch.stack([g.detach().double().pow(2).sum() for g in grads]).sum()
+    if grads:  # per-tensor norms in one foreach kernel, as clip_grad_norm_ computes them
+        squares = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True).double().square()
     if dist.is_initialized():
         dist.all_reduce(squares)
     return (squares / replicas).sqrt()
