@@ -199,8 +199,9 @@ def test_pipeline_metrics_callback_logs_and_draws_once_when_registered_twice(tmp
     logged = [r for r in rows if r.get("pipeline/bubble")]
     assert len(logged) == 3
     for name in ("pipeline/bubble_theory", "pipeline/stage0/compute_s", "pipeline/stage1/comm_s",
-                 "pipeline/stage1/peak_mem_mb", "pipeline/step_s"):  # fmt: skip
+                 "pipeline/stage1/peak_mem_mb", "pipeline/step_s", "train/samples_per_s"):  # fmt: skip
         assert logged[-1][name], name
+    assert all(float(r["train/samples_per_s"]) > 0 for r in logged)  # every step, every logger
     assert float(logged[-1]["pipeline/bubble_theory"]) == pytest.approx(1 / 5)  # M=4 by default
     assert 0.0 <= float(logged[-1]["pipeline/bubble"]) < 1.0
     assert (run_dir / "pipeline" / "timeline.png").exists()

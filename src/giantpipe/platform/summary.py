@@ -11,12 +11,16 @@ import torch
 
 
 class ThroughputMonitor(pl.Callback):
-    """Training wall time and samples/tokens per second (validation time excluded)."""
+    """Training wall time and samples/tokens per second (validation time excluded), for the
+    summary, and each step's rates logged as `train/samples_per_s` and `train/tokens_per_s`
+    (sequence models): one data-parallel replica's batch over the step's time from batch start
+    to batch end (forward, backward, optimizer; data loading excluded)."""
 
     def __init__(self):
         self.train_time = 0.0
         self.last_val_step = -1
         self._t0 = None
+        self._seen = (0, 0)  # samples and tokens counted before this batch
 
     def on_validation_end(self, trainer, pl_module):
         if not trainer.sanity_checking:
@@ -24,11 +28,19 @@ class ThroughputMonitor(pl.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._t0 = time.perf_counter()
+        self._seen = (pl_module.samples_seen, pl_module.tokens_seen)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self._t0 is not None:
-            self.train_time += time.perf_counter() - self._t0
-            self._t0 = None
+        if self._t0 is None:
+            return
+        step_s = time.perf_counter() - self._t0
+        self.train_time += step_s
+        self._t0 = None
+        samples, tokens = pl_module.samples_seen - self._seen[0], pl_module.tokens_seen - self._seen[1]
+        rates = {"train/samples_per_s": samples / step_s}
+        if tokens:
+            rates["train/tokens_per_s"] = tokens / step_s
+        pl_module.log_dict(rates, on_step=True, on_epoch=False, batch_size=1)
 
     def rates(self, pl_module) -> dict[str, float]:
         if self.train_time <= 0:
