@@ -105,6 +105,10 @@ def test_only_armed_layers_with_gradients_defer_and_only_inside_the_context():
         y = foreign(mine(x)).sum()
         with torch.no_grad():
             mine(x)  # no graph: nothing to defer
+        lone = nn.Linear(4, 4, bias=False)  # no input gradient, no bias: nothing to defer
+        arm_linear_layers(lone)
+        lone(x.detach()).sum().backward()
+    assert lone.weight.grad is not None
     y.backward()
     assert mine.weight.grad is None and mine.bias.grad is not None
     assert foreign.weight.grad is not None

@@ -14,10 +14,10 @@ to one input-gradient box, and the last stage's final weight gradients overlap t
 stage's final backward.
 
 How: `arm_linear_layers` gives each `nn.Linear` of the stage a forward that, inside
-`defer_weight_grads(store)` (the engine's training forwards), runs `_DeferredLinear`: its
-backward computes the input and bias gradients and hands the (weight, input, output gradient)
-triple to the micro-batch's `WeightGradStore` instead of the weight gradient;
-`WeightGradStore.run` does those products later. Outside that context (evaluation, decoding,
+`defer_weight_grads(store)` (the engine's training forwards), multiplies by a *detached*
+weight, so autograd computes only the input and bias gradients, and hooks the output: its
+gradient, with the weight and the input, goes to the micro-batch's `WeightGradStore`, whose
+`run` does the weight products later. Outside that context (evaluation, decoding,
 re-materialized micro-batches) the layers run `F.linear` as before. Nothing runs twice: I is
 the fused backward minus the weight products, W is exactly them. Everything else (LSTMs,
 attention kernels, normalizations, embeddings, custom autograd Functions, `F.linear` called
@@ -59,28 +59,6 @@ class WeightGradStore:
         self.work.clear()
 
 
-class _DeferredLinear(torch.autograd.Function):
-    """`F.linear` whose backward defers the weight gradient to a `WeightGradStore`."""
-
-    @staticmethod
-    def forward(ctx, inputs, weight, bias, store):
-        ctx.save_for_backward(inputs, weight)
-        ctx.store = store
-        ctx.bias_dims = None if bias is None else inputs.dim() - 1
-        return F.linear(inputs, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        inputs, weight = ctx.saved_tensors
-        grad_in = grad_out.matmul(weight) if ctx.needs_input_grad[0] else None
-        if ctx.needs_input_grad[1]:
-            ctx.store.work.append((weight, inputs, grad_out))
-        grad_bias = None
-        if ctx.bias_dims is not None and ctx.needs_input_grad[2]:
-            grad_bias = grad_out.sum(tuple(range(ctx.bias_dims))) if ctx.bias_dims else grad_out
-        return grad_in, None, grad_bias, None
-
-
 _active: list[WeightGradStore] = []  # the store of the forward running now, if any
 
 
@@ -95,12 +73,14 @@ def defer_weight_grads(store: WeightGradStore) -> Iterator[None]:
 
 
 def _linear_forward(layer: nn.Linear, inputs: Tensor) -> Tensor:
-    weight = layer.weight
-    if not (_active and weight.requires_grad and torch.is_grad_enabled()):
-        return F.linear(inputs, weight, layer.bias)
+    weight, bias = layer.weight, layer.bias
+    output_gets_grad = inputs.requires_grad or (bias is not None and bias.requires_grad)
+    if not (_active and weight.requires_grad and output_gets_grad and torch.is_grad_enabled()):
+        return F.linear(inputs, weight, bias)  # (with no other path to the output, the weight
+        # gradient is the only one: nothing to gain by deferring it)
     # a detached weight: autograd computes the input and bias gradients only; the output's
     # gradient hook hands the weight product to the store
-    out = F.linear(inputs, weight.detach(), layer.bias)
+    out = F.linear(inputs, weight.detach(), bias)
     work = _active[-1].work
     out.register_hook(lambda grad_out: work.append((weight, inputs, grad_out)))
     return out
