@@ -22,11 +22,11 @@ the forward's CPU and device RNG states are stashed and restored for the recompu
 dropout masks are the same, and BatchNorm running statistics are restored after it so they
 are updated once per micro-batch.
 
-Split backward (`split_backward=True`, the default): every stage but the first runs a
-micro-batch's backward without its linear layers' weight products, sends the input gradients
-at once, and runs those products later (split_backward.py): at most `DEFERRED_WEIGHT_GRADS`
-micro-batches' weight products wait, and the rest run at the step's end. Re-materialized
-micro-batches keep the fused backward.
+Split backward (`split_backward=True`, the default): on every stage but the first, the first
+and the last backward of a step run without their linear layers' weight products, send the
+input gradients at once, and run those products later (split_backward.py): at most
+`DEFERRED_WEIGHT_GRADS` micro-batches' weight products wait, and the rest run at the step's
+end. Re-materialized micro-batches keep the fused backward.
 
 Receives go ahead of need: at a step's start a stage announces its M incoming carries
 (`Link.expect_carries`), and each backward's output gradients are posted as soon as the one
