@@ -181,3 +181,23 @@ def test_layers_without_linear_weights_keep_their_gradients_in_the_input_half():
     store.run()
     for name, grad in fused_grads.items():
         assert torch.allclose(model.get_parameter(name).grad, grad, atol=1e-6), name
+
+
+def test_weight_products_under_autocast_match_autograd():
+    """bf16-mixed (the default precision on GPU): the output gradient is bf16, the weight and
+    the saved input float32."""
+    torch.manual_seed(0)
+    fused, split = nn.Linear(8, 8), nn.Linear(8, 8)
+    split.load_state_dict(fused.state_dict())
+    arm_linear_layers(split)
+    x = torch.randn(4, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused(x).float().square().sum().backward()
+        store = WeightGradStore()
+        with defer_weight_grads(store):
+            out = split(x)
+    out.float().square().sum().backward()
+    store.run()
+    assert split.weight.grad.dtype == torch.float32
+    assert torch.allclose(split.weight.grad, fused.weight.grad, rtol=1e-2, atol=1e-2)
+    assert torch.allclose(split.bias.grad, fused.bias.grad, rtol=1e-2, atol=1e-2)

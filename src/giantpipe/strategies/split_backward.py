@@ -47,11 +47,13 @@ class WeightGradStore:
 
     def run(self) -> None:
         """Accumulate every deferred weight gradient into `.grad` (as autograd would: the
-        first gradient is stored, later ones added) and drop the saved tensors."""
+        first gradient is stored, later ones added) and drop the saved tensors. Under
+        autocast the product runs in the output gradient's dtype, as autograd's would, and
+        lands in the weight's."""
         for weight, inputs, grad_out in self.work:
             grad = grad_out.reshape(-1, grad_out.shape[-1]).t().mm(
-                inputs.reshape(-1, inputs.shape[-1])
-            )
+                inputs.reshape(-1, inputs.shape[-1]).to(grad_out.dtype)
+            ).to(weight.dtype)
             if weight.grad is None:
                 weight.grad = grad
             else:
