@@ -164,3 +164,14 @@ def test_timeline_flag_logs_pipeline_metrics_and_draws_the_schedule(tmp_path):
     assert "pipeline/bubble" in header and "pipeline/stage1/compute_s" in header
     assert (run_dir / "pipeline" / "timeline.png").stat().st_size > 1000
     assert json.loads((run_dir / "pipeline" / "timeline.trace.json").read_text())
+
+
+def test_bf16_mixed_precision_pipeline_follows_one_device(tmp_path):
+    """bf16-mixed (the default on GPU) through the pipeline, its split backward included."""
+    base = TINY + ["model.dropout=0", "trainer.max_steps=4", "logger=csv", "trainer.precision=bf16-mixed"]
+    run_train(base + [f"hydra.run.dir={tmp_path / 'single'}"], tmp_path)
+    run_train(base + PIPE2 + ["strategy.micro_batches=2", f"hydra.run.dir={tmp_path / 'pipe'}"], tmp_path)
+    expected, got = losses(tmp_path / "single"), losses(tmp_path / "pipe")
+    assert sorted(got) == sorted(expected) == [0, 1, 2, 3]
+    for step in got:
+        assert got[step] == pytest.approx(expected[step], rel=1e-3), step
