@@ -37,18 +37,21 @@ class ThroughputMonitor(pl.Callback):
         self.train_time += step_s
         self._t0 = None
         samples, tokens = pl_module.samples_seen - self._seen[0], pl_module.tokens_seen - self._seen[1]
-        rates = {"train/samples_per_s": samples / step_s}
-        if tokens:
-            rates["train/tokens_per_s"] = tokens / step_s
-        pl_module.log_dict(rates, on_step=True, on_epoch=False, batch_size=1)
+        rates = per_second(samples, tokens, step_s)
+        pl_module.log_dict({f"train/{k}": v for k, v in rates.items()}, on_step=True, on_epoch=False, batch_size=1)
 
     def rates(self, pl_module) -> dict[str, float]:
         if self.train_time <= 0:
             return {}
-        out = {"samples_per_s": pl_module.samples_seen / self.train_time}
-        if pl_module.tokens_seen:
-            out["tokens_per_s"] = pl_module.tokens_seen / self.train_time
-        return out
+        return per_second(pl_module.samples_seen, pl_module.tokens_seen, self.train_time)
+
+
+def per_second(samples: int, tokens: int, seconds: float) -> dict[str, float]:
+    """samples_per_s, and tokens_per_s where tokens are counted (token models)."""
+    out = {"samples_per_s": samples / seconds}
+    if tokens:
+        out["tokens_per_s"] = tokens / seconds
+    return out
 
 
 def to_number(value):

@@ -166,15 +166,13 @@ class PipelineEngine:
         self.loss_fn = loss_fn
         self.layer_indices = stage_ranges(balance)[self.stage]
         self.module = _place_layers(model, self.layer_indices, self.device, seed)
-        # the first stage's input gradients go nowhere: its backward stays fused
-        self.split_backward = split_backward and not self.is_first
-        # the first and the last backward of the step: where the previous stage waits for
-        # this one (pipeline fill and drain); in between, the slower of the two stages sets
-        # the pace whether or not the weight products wait
-        self._split_micro_batches = (
-            {self._backward_order[0], self._backward_order[-1]} if self.split_backward else set()
-        )
-        if self.split_backward:
+        # Split backwards: the first and the last of the step, where the previous stage waits
+        # for this one (pipeline fill and drain); in between, the slower of the two stages sets
+        # the pace whether or not the weight products wait. The first stage's input gradients
+        # go nowhere: its backward stays fused.
+        self._split_micro_batches: set[int] = set()
+        if split_backward and not self.is_first:
+            self._split_micro_batches = {self._backward_order[0], self._backward_order[-1]}
             for i in self.layer_indices:
                 arm_linear_layers(self.module.layers[i])
 

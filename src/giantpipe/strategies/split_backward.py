@@ -77,9 +77,9 @@ def defer_weight_grads(store: WeightGradStore) -> Iterator[None]:
 def _linear_forward(layer: nn.Linear, inputs: Tensor) -> Tensor:
     weight, bias = layer.weight, layer.bias
     output_gets_grad = inputs.requires_grad or (bias is not None and bias.requires_grad)
+    # with no other gradient path to the output, the weight's is the only one: keep it fused
     if not (_active and weight.requires_grad and output_gets_grad and torch.is_grad_enabled()):
-        return F.linear(inputs, weight, bias)  # (with no other path to the output, the weight
-        # gradient is the only one: nothing to gain by deferring it)
+        return F.linear(inputs, weight, bias)
     # a detached weight: autograd computes the input and bias gradients only; the output's
     # gradient hook hands the weight product to the store
     out = F.linear(inputs, weight.detach(), bias)
