@@ -70,6 +70,26 @@ class Embedding(nn.Module):
         return self(carry), state
 
 
+class TargetEmbedding(Embedding):
+    """`tgt_in` -> `y`. Several targets per source, `tgt_in` (B,R,U) (MWER's N-best lists),
+    become B*R rows with the encoder outputs repeated, so the encoder runs once per source."""
+
+    repeated_per_target = ("memory", "src_mask", "src_len")
+
+    def __init__(self, vocab_size: int, dim: int, pad_id: int, init_weight: float = 0.1) -> None:
+        super().__init__(vocab_size, dim, pad_id, "tgt_in", "y", init_weight)
+
+    def forward(self, carry: Carry) -> Carry:
+        carry = dict(carry)
+        if carry["tgt_in"].dim() == 3:
+            per_item = carry["tgt_in"].size(1)
+            carry["tgt_in"] = carry["tgt_in"].flatten(0, 1)
+            for key in self.repeated_per_target:
+                if key in carry:
+                    carry[key] = carry[key].repeat_interleave(per_item, dim=0)
+        return super().forward(carry)
+
+
 class SourceEmbedding(Embedding):
     """`src` -> `x`, plus the padding mask `src_mask` (B,S) that attention needs later."""
 
@@ -265,7 +285,8 @@ class GNMT(AttentionSeq2Seq):
     """GNMT v2: bidirectional first encoder layer, residuals from layer 3, attention at decoder 1.
 
     Batches hold `src` (B,S), `src_len` (B,), `tgt_in` (B,T) = bos + y and, for the loss and
-    `split`, `tgt_out` (B,T) = y + eos and optionally `tgt_len` (B,).
+    `split`, `tgt_out` (B,T) = y + eos and optionally `tgt_len` (B,). Several targets per
+    source, (B,R,T) (MWER's N-best lists), give logits (B*R,T,V) (`TargetEmbedding`).
 
     Args:
         src_vocab_size, tgt_vocab_size: separate embeddings, never tied, so that any layer can
@@ -316,7 +337,7 @@ class GNMT(AttentionSeq2Seq):
                                        init_weight=w))
             names.append(f"encoder_{k}")
         self.encoder_indices = range(0, len(layers))
-        layers.append(Embedding(tgt_vocab_size, e, pad_id, "tgt_in", "y", w))
+        layers.append(TargetEmbedding(tgt_vocab_size, e, pad_id, w))
         layers.append(AttentionDecoderLayer(e, h, memory_size, dropout, attention, w))
         names += ["tgt_embedding", "decoder_1_attention"]
         for k in range(2, num_decoder_layers + 1):
@@ -349,7 +370,7 @@ def trim_padding(batch: Batch, pad_id: int = 0) -> Batch:
     if "tgt_len" in batch:
         tgt_len = int(batch["tgt_len"].max())
     elif "tgt_out" in batch:
-        tgt_len = int((batch["tgt_out"] != pad_id).sum(1).max())
+        tgt_len = int((batch["tgt_out"] != pad_id).sum(-1).max())
     else:
         tgt_len = None
     out = {}
@@ -357,6 +378,6 @@ def trim_padding(batch: Batch, pad_id: int = 0) -> Batch:
         if v.dim() >= 2 and k.startswith("src"):
             v = v[:, :src_len]
         elif v.dim() >= 2 and k.startswith("tgt") and tgt_len is not None:
-            v = v[:, :tgt_len]
+            v = v[..., :tgt_len]  # (B,T) or N-best (B,R,T)
         out[k] = v
     return out

@@ -34,11 +34,9 @@ from giantpipe.models.gnmt import (
     AttentionDecoderLayer,
     BidirectionalEncoderLayer,
     DecoderLayer,
-    Embedding,
+    TargetEmbedding,
 )
 from giantpipe.models.seq2seq import AttentionSeq2Seq, State
-
-_REPEATED_PER_TARGET = ("memory", "src_mask", "src_len")
 
 
 def stack_frames(x_btd: Tensor, lengths: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -81,21 +79,8 @@ class ListenerLayer(BidirectionalEncoderLayer):
         return carry
 
 
-class SpellerEmbedding(Embedding):
+class SpellerEmbedding(TargetEmbedding):
     """`tgt_in` -> `y`; a (B,R,U) `tgt_in` becomes B*R rows, with the listener outputs repeated."""
-
-    def __init__(self, vocab_size: int, dim: int, pad_id: int, init_weight: float = 0.1) -> None:
-        super().__init__(vocab_size, dim, pad_id, "tgt_in", "y", init_weight)
-
-    def forward(self, carry: Carry) -> Carry:
-        carry = dict(carry)
-        if carry["tgt_in"].dim() == 3:
-            per_item = carry["tgt_in"].size(1)
-            carry["tgt_in"] = carry["tgt_in"].flatten(0, 1)
-            for key in _REPEATED_PER_TARGET:
-                if key in carry:
-                    carry[key] = carry[key].repeat_interleave(per_item, dim=0)
-        return super().forward(carry)
 
 
 class SpellerProjection(nn.Module):

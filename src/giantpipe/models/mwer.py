@@ -1,10 +1,15 @@
 """Minimum word error rate training (Prabhavalkar et al. 2018) in the pipeline's SumLoss form.
 
-Per utterance x with reference y* and an N-best list y_1..y_N from beam search:
+Per utterance x with reference y* and an N-best list y_1..y_N from beam search (or N samples
+from the model, MRT-style: `models/candidate_sampling.py`; repeats count once):
 
     P^(y_i|x) = P(y_i|x) / sum_j P(y_j|x)                (softmax of the list's log-probs)
-    L_MWER    = sum_i P^(y_i|x) * (W(y_i, y*) - W^)      W: word edit distance, W^: list mean
+    L_MWER    = sum_i P^(y_i|x) * (W(y_i, y*) - W^)      W: the risk, W^: its list mean
     L         = L_MWER + ce_weight * CE(y*)               CE = -log P(y* | x), lambda = 0.01
+
+W is word edit distance in MWER; any sentence risk of `models/risks.py` (1 - GLEU is GNMT's
+expected-reward refinement, 1 - sentence BLEU Shen et al.'s MRT) is computed on detokenized
+text the same way.
 
 log P(y_i|x) is recomputed with teacher forcing, so it carries gradients; W and W^ are
 constants. Subtracting W^ changes the loss value, not its gradient (sum_i P^ = 1); it keeps
@@ -17,11 +22,11 @@ How the platform runs it (the N-best lists never split across micro-batches):
    decoder is pipelined).
 2. `batch = nbest_batch(batch, result, decode=vocab.decode, bos_id=..., eos_id=..., pad_id=...)`
    replaces `tgt_in`/`tgt_out` by (B, N+1, U) tensors, rows 0..N-1 the hypotheses and row N the
-   reference, and adds `nbest_errors` (B, N) (word errors, float) and `nbest_mask` (B, N)
-   (False where beam search found fewer than N). Every tensor keeps dim 0 = B, so `split`
-   cuts micro-batches between utterances, never inside an N-best list.
+   reference, and adds `nbest_errors` (B, N) (the risks, float) and `nbest_mask` (B, N)
+   (False where beam search found fewer than N, or for a repeated sample). Every tensor keeps
+   dim 0 = B, so `split` cuts micro-batches between utterances, never inside an N-best list.
 3. With gradients, the ordinary pipelined forward: the model runs its encoder once per
-   utterance and its decoder over the B*(N+1) teacher-forced rows (LAS's speller embedding
+   utterance and its decoder over the B*(N+1) teacher-forced rows (the target embedding
    flattens (B, N+1, U) and repeats the memory), giving logits (B*(N+1), U, V).
 4. `MWERLoss()(out, micro_batch)` sums the per-utterance losses of a micro-batch;
    `normalizer(batch)` is the number of utterances, so the gradients equal the mini-batch's.
@@ -37,18 +42,14 @@ from torch import Tensor
 
 from giantpipe.models.beam_search import BeamSearchResult
 from giantpipe.models.contract import Batch, Carry
+from giantpipe.models.risks import Risk, edit_distance, word_errors
 
 
 def word_edit_distance(reference: str | Sequence[str], hypothesis: str | Sequence[str]) -> int:
     """Levenshtein distance between word sequences (substitutions + deletions + insertions)."""
     ref = reference.split() if isinstance(reference, str) else list(reference)
     hyp = hypothesis.split() if isinstance(hypothesis, str) else list(hypothesis)
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        diagonal, row[0] = row[0], i
-        for j, h in enumerate(hyp, 1):
-            diagonal, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diagonal + (r != h))
-    return row[-1]
+    return edit_distance(ref, hyp)
 
 
 def word_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -> float:
@@ -84,31 +85,34 @@ def mwer_from_logprobs(log_probs: Tensor, word_errors: Tensor,
     return (posterior * (errors - mean) * mask).sum(-1)
 
 
-def nbest_word_errors(hypotheses: Sequence[Sequence[str]], references: Sequence[str],
-                      n: int) -> Tensor:
-    """W(y_i, y*) as a (B, n) float tensor; hypotheses[b] may hold fewer than n texts."""
-    errors = torch.zeros(len(references), n)
+def nbest_risks(hypotheses: Sequence[Sequence[str]], references: Sequence[str], n: int,
+                risk: Risk = word_errors) -> Tensor:
+    """risk(y_i, y*) as a (B, n) float tensor (word errors: MWER's W); hypotheses[b] may hold
+    fewer than n texts."""
+    errors = torch.zeros(len(references), n, dtype=torch.float64)
     for b, (hyps, ref) in enumerate(zip(hypotheses, references)):
         for i, hyp in enumerate(hyps[:n]):
-            errors[b, i] = word_edit_distance(ref, hyp)
+            errors[b, i] = risk(hyp, ref)
     return errors
 
 
 def nbest_batch(batch: Batch, result: BeamSearchResult, decode: Callable[[Sequence[int]], str], *,
                 bos_id: int, eos_id: int, pad_id: int,
-                references: Sequence[str] | None = None) -> Batch:
+                references: Sequence[str] | None = None, risk: Risk = word_errors) -> Batch:
     """The teacher-forcing batch for MWER: see step 2 of the module docstring.
 
-    The reference is read from `tgt_out` (y + eos); its text for W is `decode(y)` unless
-    `references` are given.
+    The reference is read from `tgt_out` (y + eos); its text for the risk is `decode(y)` unless
+    `references` are given. `risk` scores detokenized texts (`models/risks.py`); its values go
+    to `nbest_errors`. Repeated hypotheses (sampled candidates) count once: a repeat is masked.
     """
     refs = [row[row != pad_id][:-1].tolist() for row in batch["tgt_out"]]  # drop eos
     n = max((len(h) for h in result.hypotheses), default=0)
     hyps = [[h.tokens for h in hs] for hs in result.hypotheses]
     if references is None:
         references = [decode(r) for r in refs]
-    errors = nbest_word_errors([[decode(t) for t in hs] for hs in hyps], references, n)
-    mask = torch.tensor([[i < len(hs) for i in range(n)] for hs in hyps], dtype=torch.bool)
+    errors = nbest_risks([[decode(t) for t in hs] for hs in hyps], references, n, risk)
+    mask = torch.tensor([[i < len(hs) and hs[i] not in hs[:i] for i in range(n)] for hs in hyps],
+                        dtype=torch.bool)
     rows = [[*(hs + [[]] * (n - len(hs))), ref] for hs, ref in zip(hyps, refs)]
     longest = max(len(t) for r in rows for t in r) + 1
     tgt_in = torch.full((len(rows), n + 1, longest), pad_id, dtype=torch.long)
@@ -120,7 +124,7 @@ def nbest_batch(batch: Batch, result: BeamSearchResult, decode: Callable[[Sequen
     device = batch["tgt_out"].device
     out = {k: v for k, v in batch.items() if k != "tgt_len"}
     out.update(tgt_in=tgt_in.to(device), tgt_out=tgt_out.to(device),
-               nbest_errors=errors.to(device), nbest_mask=mask.to(device))
+               nbest_errors=errors.to(device, torch.get_default_dtype()), nbest_mask=mask.to(device))
     return out
 
 

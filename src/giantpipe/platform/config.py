@@ -235,12 +235,15 @@ class CrossEntropyConfig:
 
 @dataclass
 class MWERConfig:
-    """Minimum word error rate over N-best lists (Prabhavalkar et al. 2018)."""
+    """Minimum risk over N candidates (Prabhavalkar et al. 2018; GNMT's expected GLEU; MRT)."""
 
     name: str = "mwer"
-    nbest: int = 4
-    ce_weight: float = 0.01
+    nbest: int = 4  # N: beam-search hypotheses or samples per item
+    ce_weight: float = 0.01  # + ce_weight x CE (MWER 0.01, GNMT's alpha 0.017)
     label_smoothing: float = 0.0
+    risk: str = "word_errors"  # word_errors | char_errors | gleu | sentence_bleu | chrf
+    candidates: str = "beam"  # beam (N-best list) | sample (N samples, MRT-style)
+    sample_temperature: float = 1.0  # candidates=sample draws from softmax(logits / temperature)
 
 
 # ---------------------------------------------------------------- strategy
@@ -339,6 +342,7 @@ def validate(cfg) -> None:
             f"not model={cfg_choice(cfg, 'model')}; use loss=cross_entropy"
         )
     if loss.name == "mwer":
+        check_mwer(loss)
         check_mwer_start(cfg)
     if strategy.name == "single":
         if trainer.devices != 1 or trainer.num_nodes != 1:
@@ -371,6 +375,19 @@ def validate(cfg) -> None:
         raise ConfigError(f"strategy.schedule={strategy.schedule!r}: choose gpipe or 1f1b")
     if strategy.checkpoint not in ("always", "except_last", "never"):
         raise ConfigError(f"strategy.checkpoint={strategy.checkpoint!r}: choose always, except_last or never")
+
+
+def check_mwer(loss) -> None:
+    """The risk, the candidates and their count name something that exists."""
+    from giantpipe.models.risks import RISKS
+
+    if loss.risk not in RISKS:
+        raise ConfigError(f"loss.risk={loss.risk!r}: choose one of {', '.join(RISKS)}")
+    if loss.candidates not in ("beam", "sample"):
+        raise ConfigError(f"loss.candidates={loss.candidates!r}: choose beam (N-best list) or sample")
+    if loss.nbest < 1 or loss.sample_temperature <= 0:
+        raise ConfigError(f"loss.nbest={loss.nbest} and loss.sample_temperature="
+                          f"{loss.sample_temperature} must be positive")
 
 
 def check_mwer_start(cfg) -> None:

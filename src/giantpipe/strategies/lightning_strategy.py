@@ -41,7 +41,7 @@ from giantpipe.strategies.partition import (
     partition_table,
     validate_balance,
 )
-from giantpipe.strategies.pipelined_decoding import pipelined_beam_search
+from giantpipe.strategies.pipelined_decoding import pipelined_beam_search, pipelined_sample
 from giantpipe.strategies.rendezvous import join_store
 from giantpipe.strategies.stage_checkpoint import (
     atomic_save,
@@ -91,6 +91,10 @@ class PipelineRunner:
         """Beam search through the pipeline (all its ranks together); every rank gets the
         result one device would (strategies/pipelined_decoding.py)."""
         return pipelined_beam_search(self.engine, batch, **search)
+
+    def sample(self, batch, **sampling) -> BeamSearchResult:
+        """Sampled candidates through the pipeline, the same as one device's."""
+        return pipelined_sample(self.engine, batch, **sampling)
 
     def restore_gradients(self, scale: float) -> None:
         if self.parked is None:

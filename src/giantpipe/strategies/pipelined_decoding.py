@@ -19,6 +19,8 @@ model work is spread out. For a 2-stage GNMT cut inside the decoder:
   with the attention weights (for the coverage penalty) to every rank of the pipeline.
 - Because every rank receives the very same tensors, every rank's top-k, finished lists and
   reorders are identical to one another and to a single-device search.
+- Sampled candidates (`pipelined_sample`, for risk training) run the same steps: every rank
+  draws the same tokens from the shared log-probabilities and keyed noise.
 
 Models provide `encoder_indices`, `decoder_indices`, `first_carry`, `init_step_states`,
 `step_layers` and `reorder_step_states` (GNMT, LAS); this module never looks inside a layer.
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from giantpipe.models.beam_search import BeamSearchResult, beam_search
+from giantpipe.models.candidate_sampling import sample_candidates
 from giantpipe.models.contract import Batch, Carry, batch_size
 
 State = dict[int, dict[str, Tensor]]
@@ -167,10 +170,22 @@ def pipelined_beam_search(engine, batch: Batch, **search) -> BeamSearchResult:
     """Beam search over `batch` through the engine's pipeline; every rank of the pipeline calls
     it together and gets the same result, equal to `beam_search` on one device. `search` takes
     `beam_search`'s keyword arguments (bos_id, eos_id, beam_size, alpha, beta, max_len, ...)."""
+    return _through_pipeline(engine, batch, beam_search, search)
+
+
+@torch.no_grad()
+def pipelined_sample(engine, batch: Batch, **sampling) -> BeamSearchResult:
+    """`sample_candidates` through the engine's pipeline (every rank together, with the same
+    `keys`): the same samples as one device, since every rank sees the last stage's
+    log-probabilities and draws from the same keyed noise."""
+    return _through_pipeline(engine, batch, sample_candidates, sampling)
+
+
+def _through_pipeline(engine, batch: Batch, search_fn, kwargs: dict) -> BeamSearchResult:
     decoder = decoder_for_engine(engine)
     batch = {k: v.to(engine.device) for k, v in batch.items()}
     try:
         encoded, src_len = decoder.encode(batch)
-        return beam_search(decoder, encoded, src_len, **search)
+        return search_fn(decoder, encoded, src_len, **kwargs)
     finally:
         decoder.wait()

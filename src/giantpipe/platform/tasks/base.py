@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from giantpipe.models.beam_search import BeamSearchResult, beam_search
+from giantpipe.models.candidate_sampling import sample_candidates
 from giantpipe.models.contract import Batch, LayeredModel, SumLoss, materialize
 from giantpipe.models.keyed_dropout import KEY, sample_keys
 from giantpipe.platform.config import ConfigError
@@ -42,6 +43,12 @@ class LocalRunner:
         """Beam search over a batch (`beam_search`'s keyword arguments) for seq2seq models."""
         encoded = self.model.encode(batch)
         return beam_search(self.model.step_decoder(), encoded, encoded["src_len"], **search)
+
+    @torch.no_grad()
+    def sample(self, batch: Batch, **sampling) -> BeamSearchResult:
+        """Sampled candidates over a batch (`sample_candidates`' keyword arguments)."""
+        encoded = self.model.encode(batch)
+        return sample_candidates(self.model.step_decoder(), encoded, encoded["src_len"], **sampling)
 
 
 class Task(pl.LightningModule):

@@ -8,9 +8,14 @@ end of the epoch (`score`: BLEU for translation, WER for speech). Sample outputs
 table: a wandb Table when wandb logs the run, TensorBoard text when TensorBoard does, and
 always `samples/<split>_step<N>.md` in the run directory.
 
-With `loss=mwer` every training step first decodes an N-best list per item, with no
-gradients and the model in eval mode (no dropout), through the same runner; the
-teacher-forced forward then runs on `nbest_batch`'s (B, N+1, U) targets (`models/mwer.py`).
+With `loss=mwer` every training step first decodes N candidates per item, with no
+gradients and the model in eval mode (no dropout), through the same runner: the N-best list
+of beam search (`loss.candidates=beam`) or N samples (`sample`, at `loss.sample_temperature`).
+Sampling is keyed like SpecAugment, by (seed, step, position in the global batch) in training
+and by (seed, dataset index) in evaluation, so one device and any pipeline layout draw the
+same candidates. Each candidate is scored by `loss.risk` on detokenized text
+(`models/risks.py`), and the teacher-forced forward runs on `nbest_batch`'s (B, N+1, U)
+targets (`models/mwer.py`).
 """
 
 from __future__ import annotations
@@ -21,12 +26,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from giantpipe.models.keyed_dropout import sample_keys
 from giantpipe.models.losses import TokenCrossEntropy
 from giantpipe.models.mwer import MWERLoss, nbest_batch
+from giantpipe.models.risks import risk_named
 from giantpipe.platform.data.sampling import replica_of
 from giantpipe.platform.tasks.base import Task
 
 SEARCH_KEYS = ("beam_size", "alpha", "beta", "max_len", "max_len_a", "max_len_b")
+LENGTH_KEYS = ("max_len", "max_len_a", "max_len_b")
+_CANDIDATE_SALT = 0xC0FFEE  # sampling keys: apart from dropout's and SpecAugment's
+_EVAL_STEP = -1  # the "step" of evaluation's sampling keys
 
 
 class Seq2SeqTask(Task):
@@ -34,7 +44,8 @@ class Seq2SeqTask(Task):
 
     Args:
         model_factory: builds the attention seq2seq model on the meta device.
-        loss: the `loss` config: `cross_entropy` (label_smoothing) or `mwer` (nbest, ce_weight).
+        loss: the `loss` config: `cross_entropy` (label_smoothing) or `mwer` (nbest, ce_weight,
+            risk, candidates, sample_temperature).
         decode: beam search settings (`DecodeConfig`).
         tgt_vocab: the target vocabulary (pad/bos/eos ids, `decode`, `decode_batch`).
     """
@@ -50,6 +61,9 @@ class Seq2SeqTask(Task):
                                         target_key="tgt_out")
         super().__init__(model_factory, loss_fn, optim, seed)
         self.nbest = loss.nbest if loss.name == "mwer" else 0
+        if self.nbest:
+            self.risk = risk_named(loss.risk)
+            self.candidates, self.temperature = loss.candidates, loss.sample_temperature
         self.decode_cfg = dict(decode)
         self.tgt_vocab = tgt_vocab
         self.hypotheses: dict[str, list[tuple[int, str]]] = {"val": [], "test": []}
@@ -78,29 +92,54 @@ class Seq2SeqTask(Task):
     def training_step(self, batch, batch_idx):
         batch = self.prepare_train_batch(batch, batch_idx)
         if self.nbest:
-            batch = self.with_nbest(batch)
+            batch = self.with_nbest(batch, self.candidate_keys(batch, batch_idx))
         return super().training_step(batch, batch_idx)
 
     def prepare_train_batch(self, batch, batch_idx):
         """A hook for training-only input transforms (SpecAugment)."""
         return batch
 
-    def with_nbest(self, batch):
-        """Replace the targets by the N-best lists plus the reference (see the module docstring)."""
+    def candidate_keys(self, batch, batch_idx: int | None = None):
+        """Each item's sampling key: (seed, step, position in the global batch) in training,
+        (seed, dataset index) in evaluation (`batch_idx` None)."""
+        seed = self.seed ^ _CANDIDATE_SALT
+        if batch_idx is None:
+            return torch.cat([sample_keys(seed, _EVAL_STEP, int(i), 1) for i in batch["index"]])
+        size = self.batch_items(batch)
+        _, replica = replica_of(self.trainer)
+        return sample_keys(seed, self.global_step * 65_537 + batch_idx, replica * size, size)
+
+    def with_nbest(self, batch, keys):
+        """Replace the targets by the N candidates plus the reference (see the module docstring)."""
         was_training = self.model.training
         self.model.eval()
         try:
-            result = self.runner.decode(batch, **self.search_kwargs(
-                beam_size=max(self.nbest, self.decode_cfg.get("beam_size", 1)), n_best=self.nbest))
+            if self.candidates == "sample":
+                result = self.runner.sample(batch, **self.sample_kwargs(keys))
+            else:
+                result = self.runner.decode(batch, **self.search_kwargs(
+                    beam_size=max(self.nbest, self.decode_cfg.get("beam_size", 1)),
+                    n_best=self.nbest))
         finally:
             self.model.train(was_training)
         vocab = self.tgt_vocab
         return nbest_batch(batch, result, vocab.decode, bos_id=vocab.bos_id, eos_id=vocab.eos_id,
-                           pad_id=vocab.pad_id)
+                           pad_id=vocab.pad_id, risk=self.risk)
+
+    def sample_kwargs(self, keys) -> dict:
+        kwargs = {k: self.decode_cfg[k] for k in LENGTH_KEYS if k in self.decode_cfg}
+        kwargs.update(keys=keys, samples=self.nbest, temperature=self.temperature,
+                      bos_id=self.tgt_vocab.bos_id, eos_id=self.tgt_vocab.eos_id,
+                      banned_ids=(self.tgt_vocab.pad_id, self.tgt_vocab.bos_id))
+        return kwargs
 
     # ----------------------------------------------------------- evaluation
     def _eval_step(self, batch, split: str) -> None:
-        loss = self.runner.eval_loss(self.with_nbest(batch) if self.nbest else batch)
+        if self.nbest:
+            batch_for_loss = self.with_nbest(batch, self.candidate_keys(batch))
+        else:
+            batch_for_loss = batch
+        loss = self.runner.eval_loss(batch_for_loss)
         self.log(f"{split}/loss", loss, batch_size=self.batch_items(batch), prog_bar=split == "val")
         if self.trainer.sanity_checking:  # an untrained model decodes to the length limit: skip
             return
