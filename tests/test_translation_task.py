@@ -3,7 +3,9 @@ pipeline), giantpipe-eval on a split and on stdin."""
 
 from __future__ import annotations
 
+import csv
 import json
+import re
 import subprocess
 import sys
 
@@ -119,12 +121,19 @@ def test_local_files_train_and_translate_from_stdin(tmp_path):
     assert "BLEU" in proc.stderr
 
 
-def test_two_stage_pipeline_reports_bleu_like_one_device(tmp_path):
+@pytest.fixture(scope="module")
+def single_ce(tmp_path_factory):
+    """A tiny GNMT cross-entropy run on one device (also the start of risk training)."""
+    base = tmp_path_factory.mktemp("gnmt_single")
+    run_train(TINY_GNMT + ["logger=none", f"hydra.run.dir={base / 'run'}"], base)
+    return base / "run"
+
+
+def test_two_stage_pipeline_reports_bleu_like_one_device(tmp_path, single_ce):
     pipe = ["strategy=pipeline", "strategy.stages=2", "trainer.devices=2", "strategy.micro_batches=4"]
-    runs = {}
-    for name, extra in (("single", []), ("pipe", pipe)):
-        run_train(TINY_GNMT + extra + ["logger=none", f"hydra.run.dir={tmp_path / name}"], tmp_path)
-        runs[name] = read_summary(tmp_path / name)["metrics"]
+    run_train(TINY_GNMT + pipe + ["logger=none", f"hydra.run.dir={tmp_path / 'pipe'}"], tmp_path)
+    runs = {"single": read_summary(single_ce)["metrics"],
+            "pipe": read_summary(tmp_path / "pipe")["metrics"]}
     for key in ("val/bleu", "test/bleu", "test/loss", "val/loss"):
         assert runs["pipe"][key] == pytest.approx(runs["single"][key], rel=1e-4, abs=1e-4), key
     out = tmp_path / "eval.json"
@@ -136,3 +145,45 @@ def test_two_stage_pipeline_reports_bleu_like_one_device(tmp_path):
 def test_decode_settings_reach_the_task():
     cfg = compose_train(["model=gnmt", "model.decode.beam_size=3", "model.decode.beta=0.0"])
     assert OmegaConf.to_container(cfg.model.decode)["beam_size"] == 3
+
+
+def train_losses(run_dir) -> dict[int, float]:
+    rows = csv.DictReader((run_dir / "csv" / "metrics.csv").open())
+    return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
+
+
+def test_risk_training_configs_compose_and_bad_choices_fail_early():
+    cfg = compose_train(["experiment=gnmt_mwer"])
+    assert (cfg.loss.name, cfg.loss.risk, cfg.loss.candidates, cfg.loss.ce_weight) == (
+        "mwer", "gleu", "beam", 0.017)
+    start = f"init_from={__file__}"
+    check(["experiment=gnmt_mwer", start])
+    for risk in ("word_errors", "char_errors", "gleu", "sentence_bleu", "chrf"):
+        check(["model=gnmt", "loss=mwer", f"loss.risk={risk}", "loss.candidates=sample", start])
+    for bad, says in (("loss.risk=bleu", "loss.risk='bleu': choose one of word_errors"),
+                      ("loss.candidates=nbest", "loss.candidates='nbest': choose beam"),
+                      ("loss.sample_temperature=0", "must be positive"),
+                      ("loss.nbest=0", "must be positive")):
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            check(["model=gnmt", "loss=mwer", bad, start])
+    with pytest.raises(ConfigError, match="init_from=PATH"):
+        check(["experiment=gnmt_mwer"])
+
+
+def test_sampled_gleu_risk_training_pipelined_like_one_device(tmp_path, single_ce):
+    """giantpipe-train: risk training from a CE run (1 - GLEU over 3 sampled candidates, keyed
+    by step and position in the batch) on one device and on 2 stages."""
+    risk = ["loss=mwer", "loss.risk=gleu", "loss.candidates=sample", "loss.nbest=3",
+            "loss.sample_temperature=1.5", "logger=csv",
+            f"init_from={single_ce / 'checkpoints' / 'last.ckpt'}"]
+    pipe = ["strategy=pipeline", "strategy.stages=2", "trainer.devices=2", "strategy.micro_batches=4"]
+    for name, extra in (("one", []), ("two", pipe)):
+        run_train(TINY_GNMT + risk + extra + [f"hydra.run.dir={tmp_path / name}"], tmp_path)
+    expected, got = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
+    assert len(got) == 4 and sorted(got) == sorted(expected)
+    for step in got:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
+    one, two = read_summary(tmp_path / "one"), read_summary(tmp_path / "two")
+    assert one["choices"]["loss"] == "mwer"
+    for key in ("test/bleu", "test/loss", "val/loss"):
+        assert two["metrics"][key] == pytest.approx(one["metrics"][key], rel=1e-4, abs=1e-4), key
