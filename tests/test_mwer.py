@@ -186,3 +186,21 @@ def test_mwer_data_flow_through_las():
 def test_mwer_loss_refuses_a_plain_batch():
     with pytest.raises(ValueError, match="nbest_batch"):
         MWERLoss()({"logits": torch.zeros(2, 3, 4)}, {"tgt_out": torch.zeros(2, 3, dtype=int)})
+
+
+def test_repeated_samples_count_once():
+    """Sampled candidates may repeat: a repeat is masked out of the renormalization and the mean,
+    so the loss equals that of the list without it."""
+    vocab = GraphemeVocab(list(" ab"))
+    a, b = vocab.encode("a")[0], vocab.encode("b")[0]
+    batch = {"tgt_out": torch.tensor([[a, EOS]])}
+    repeated = BeamSearchResult([[Hypothesis([a], -1.0, -1.0), Hypothesis([b], -2.0, -2.0),
+                                  Hypothesis([a], -1.0, -1.0)]])
+    unique = BeamSearchResult([repeated.hypotheses[0][:2]])
+    out = {k: nbest_batch(batch, r, vocab.decode, bos_id=BOS, eos_id=EOS, pad_id=PAD)
+           for k, r in (("repeated", repeated), ("unique", unique))}
+    assert out["repeated"]["nbest_mask"].tolist() == [[True, True, False]]
+    log_probs = torch.tensor([[-1.0, -2.0, -1.0]])
+    assert torch.allclose(
+        mwer_from_logprobs(log_probs, out["repeated"]["nbest_errors"], out["repeated"]["nbest_mask"]),
+        mwer_from_logprobs(log_probs[:, :2], out["unique"]["nbest_errors"], out["unique"]["nbest_mask"]))
