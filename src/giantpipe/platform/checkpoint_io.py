@@ -1,4 +1,4 @@
-"""Checkpoint files that are never half-written: serialize to a temporary file, then rename."""
+"""Checkpoint files that are never half-written, read whatever their kind."""
 
 from __future__ import annotations
 
@@ -6,20 +6,24 @@ from pathlib import Path
 
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from giantpipe.strategies.stage_checkpoint import atomic_save, consolidate
+from giantpipe.platform.config import ConfigError
+from giantpipe.strategies.stage_checkpoint import CheckpointError, atomic_save, load_checkpoint
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """A kill at any moment leaves either the previous checkpoint or the new one at `path`.
 
-    Loading a pipelined checkpoint (a manifest and its stage shards) in a one-device run
-    consolidates it first, optimizer state included, so `strategy=single ckpt_path=...`
-    resumes a pipelined run where it stopped.
+    Loading goes through the checkpoint format module (strategies/stage_checkpoint.py): a
+    pipelined checkpoint (a manifest and its stage shards, each verified) is consolidated first,
+    optimizer state included, so `strategy=single ckpt_path=...` resumes a pipelined run where it
+    stopped. A bad checkpoint is one `ConfigError` line naming the file and stage.
     """
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         atomic_save(checkpoint, Path(path))
 
     def load_checkpoint(self, path, *args, **kwargs) -> dict:
-        checkpoint = super().load_checkpoint(path, *args, **kwargs)
-        return consolidate(path) if "giantpipe_shards" in checkpoint else checkpoint
+        try:
+            return load_checkpoint(path)
+        except CheckpointError as err:
+            raise ConfigError(str(err)) from None

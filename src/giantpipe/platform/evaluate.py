@@ -15,8 +15,9 @@ import lightning.pytorch as pl
 import torch
 from omegaconf import OmegaConf
 
+from giantpipe.platform.checkpoint_io import AtomicCheckpointIO
 from giantpipe.platform.config import ConfigError
-from giantpipe.strategies.stage_checkpoint import atomic_save, consolidate
+from giantpipe.strategies.stage_checkpoint import CheckpointError, load_checkpoint
 
 SPLITS = {"val": "validate", "validation": "validate", "test": "test"}
 
@@ -40,27 +41,16 @@ def evaluate(ckpt: Path, split: str, overrides: list[str]) -> dict:
     if split not in SPLITS:
         raise ConfigError(f"--split {split}: choose one of {', '.join(SPLITS)}")
     cfg = run_config(ckpt, overrides)
-    if "giantpipe_shards" in torch.load(ckpt, map_location="cpu", weights_only=False):
-        merged = ckpt.with_name(f"{ckpt.stem}.consolidated.ckpt")  # a pipelined checkpoint: one file first
-        atomic_save(consolidate(ckpt), merged)
-        ckpt = merged
     data, task, _ = build_task(cfg)
+    # AtomicCheckpointIO reads any checkpoint kind (a pipelined one is consolidated in memory)
     trainer = pl.Trainer(accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
+                         plugins=[AtomicCheckpointIO()],
                          enable_progress_bar=False, use_distributed_sampler=False,
                          limit_val_batches=cfg.trainer.limit_val_batches,
                          limit_test_batches=cfg.trainer.limit_test_batches)
     run = getattr(trainer, SPLITS[split])
     metrics = {k: float(v) for k, v in run(task, datamodule=data, ckpt_path=str(ckpt), verbose=False)[0].items()}
     return metrics
-
-
-def single_file(ckpt: Path) -> Path:
-    """A pipelined checkpoint (manifest + stage shards) consolidated into one file; else `ckpt`."""
-    if "giantpipe_shards" not in torch.load(ckpt, map_location="cpu", weights_only=False):
-        return ckpt
-    merged = ckpt.with_name(f"{ckpt.stem}.consolidated.ckpt")
-    atomic_save(consolidate(ckpt), merged)
-    return merged
 
 
 def load_for_inference(ckpt: Path, overrides: list[str], family: str, what: str):
@@ -77,8 +67,12 @@ def load_for_inference(ckpt: Path, overrides: list[str], family: str, what: str)
     data, task, _ = build_task(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     materialize(task.model, range(len(task.model.layers)), device, cfg.seed)
-    state = torch.load(single_file(ckpt), map_location=device, weights_only=False)
+    try:
+        state = load_checkpoint(ckpt)  # any kind: one file, or a manifest and its stage shards
+    except CheckpointError as err:
+        raise ConfigError(str(err)) from None
     task.load_state_dict(state["state_dict"])
+    task.to(device)
     task.runner = LocalRunner(task.model, task.loss_fn)
     task.eval()
     return cfg, data, task, device

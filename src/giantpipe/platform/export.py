@@ -1,5 +1,8 @@
 """`giantpipe-export CKPT [--out PATH]`: consolidate a pipelined checkpoint's stage shards into
-one ordinary checkpoint that `strategy=single` (or any stage count, via init_from) loads."""
+one ordinary checkpoint that `strategy=single` (or any stage count, via init_from) loads.
+
+Every shard is verified against the checksum its manifest recorded, so an export never carries
+a corrupt shard into a file that no longer knows it was one."""
 
 from __future__ import annotations
 
@@ -7,20 +10,23 @@ import argparse
 import sys
 from pathlib import Path
 
-from giantpipe.strategies.stage_checkpoint import atomic_save, consolidate
+from giantpipe.strategies.stage_checkpoint import (
+    CONSOLIDATED_SUFFIX,
+    atomic_save,
+    consolidate,
+    consolidated_path,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="giantpipe-export", description=__doc__.splitlines()[0])
     parser.add_argument("ckpt", type=Path, help="the manifest of a pipelined checkpoint (e.g. checkpoints/last.ckpt)")
-    parser.add_argument("--out", type=Path, help="output file (default: <ckpt stem>.consolidated.ckpt beside it)")
+    parser.add_argument("--out", type=Path, help=f"output file (default: <ckpt stem>{CONSOLIDATED_SUFFIX} beside it)")
     args = parser.parse_args(argv)
-    out = args.out or args.ckpt.with_name(f"{args.ckpt.stem}.consolidated.ckpt")
+    out = args.out or consolidated_path(args.ckpt)
     try:
-        if not args.ckpt.exists():
-            raise FileNotFoundError(f"checkpoint {args.ckpt} does not exist")
         checkpoint = consolidate(args.ckpt)
-    except (FileNotFoundError, ValueError) as err:
+    except ValueError as err:  # CheckpointError: missing, unreadable, mismatched or corrupt
         print(f"giantpipe-export: error: {err}", file=sys.stderr)
         sys.exit(2)
     atomic_save(checkpoint, out)

@@ -44,12 +44,15 @@ from giantpipe.strategies.partition import (
 from giantpipe.strategies.pipelined_decoding import pipelined_beam_search, pipelined_sample
 from giantpipe.strategies.rendezvous import join_store
 from giantpipe.strategies.stage_checkpoint import (
+    MANIFEST,
     atomic_save,
     consolidate,
+    is_manifest,
     load_shard,
     manifest_entry,
     next_generation,
     optimizer_param_names,
+    read_file,
     read_manifest,
     select_optimizer_state,
     shard_path,
@@ -254,41 +257,47 @@ class PipelineStrategy(DDPStrategy):
         return {k: v for k, v in self.lightning_module.state_dict().items() if not v.is_meta}
 
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
-        """Replica 0 of each stage writes its shard, then rank 0 the manifest (stage_checkpoint):
-        shards under the names the current manifest at `filepath` does not use, stamped with
-        this save's id, so a crash anywhere in between leaves the previous checkpoint whole."""
+        """Replica 0 of each stage writes its shard, then rank 0 the manifest (stage_checkpoint)
+        with every shard's SHA-256: shards under the names the current manifest at `filepath`
+        does not use, stamped with this save's id, so a crash anywhere in between leaves the
+        previous checkpoint whole. (The task added the optimizer's parameter names.)"""
         stage, replica = self.topology.coords(self.global_rank)
-        module = self.lightning_module
-        if "optimizer_states" in checkpoint:  # names make the optimizer state reshardable
-            checkpoint["optimizer_param_names"] = optimizer_param_names(self.optimizers, module)
         previous = read_manifest(filepath) if self.global_rank == 0 else None
         generation, save_id = self.broadcast((next_generation(previous), uuid.uuid4().hex), src=0)
         shard = split_shard(checkpoint)
         shard["giantpipe_shard"] = shard_stamp(stage, self.cfg.stages, save_id)
+        digest = None
         if replica == 0:
-            atomic_save(shard, shard_path(filepath, stage, self.cfg.stages, generation))
+            digest = atomic_save(shard, shard_path(filepath, stage, self.cfg.stages, generation))
             maybe_inject_in_save(stage, self.saves, self.cfg.timeout_s)
         self.saves += 1
-        self.barrier("giantpipe_shards_saved")
+        digests = self.gather_digests((stage, digest))  # also the barrier: every shard is on disk
         if self.global_rank == 0:
-            order = [name for name, _ in module.named_parameters()]
-            manifest = manifest_entry(filepath, self.cfg.stages, order, generation, save_id)
-            checkpoint["giantpipe_shards"] = manifest
+            order = [name for name, _ in self.lightning_module.named_parameters()]
+            manifest = manifest_entry(filepath, self.cfg.stages, order, generation, save_id, digests)
+            checkpoint[MANIFEST] = manifest
             atomic_save(checkpoint, Path(filepath))
             for stale in stale_files(filepath, previous, manifest):
                 stale.unlink(missing_ok=True)
 
+    def gather_digests(self, mine: tuple[int, str | None]) -> list[str]:
+        """Every stage's shard checksum, in stage order (from the replica that wrote it)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return [mine[1]]
+        gathered: list = [None] * self.world_size
+        dist.all_gather_object(gathered, mine)
+        by_stage = {stage: digest for stage, digest in gathered if digest is not None}
+        return [by_stage[s] for s in range(self.cfg.stages)]
+
     def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
-        if not Path(checkpoint_path).exists():
-            raise FileNotFoundError(f"checkpoint {checkpoint_path} does not exist")
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-        manifest = checkpoint.get("giantpipe_shards")
-        if manifest is None:  # a consolidated checkpoint: each stage takes its own share
+        checkpoint = read_file(checkpoint_path)
+        if not is_manifest(checkpoint):  # one file (consolidated or strategy=single): each stage takes its share
             return checkpoint
+        manifest = checkpoint[MANIFEST]
         if manifest["stages"] != self.cfg.stages:
             # Resharding: every stage's shard is read, merged (optimizer states by parameter
             # name), and each rank keeps its own share (load_model/optimizer_state_dict).
-            checkpoint = consolidate(checkpoint_path)
+            checkpoint = consolidate(checkpoint_path, checkpoint)
             if checkpoint["optimizer_states"]:
                 log.info("%s has %d stages, this run %d: resharding weights and optimizer state",
                          checkpoint_path, manifest["stages"], self.cfg.stages)
@@ -312,7 +321,7 @@ class PipelineStrategy(DDPStrategy):
         saved_names = checkpoint.get("optimizer_param_names")
         states = checkpoint["optimizer_states"]
         if saved_names is None:
-            if states and self.cfg.stages > 1 and "giantpipe_shards" not in checkpoint:
+            if states and self.cfg.stages > 1 and not is_manifest(checkpoint):
                 log.warning("the checkpoint's optimizer state does not name its parameters, so it cannot be "
                             "split into stages; the optimizer restarts (the weights are loaded)")
                 return

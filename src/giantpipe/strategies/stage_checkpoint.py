@@ -1,11 +1,13 @@
-"""Checkpoints of a pipelined run: one shard per stage plus a manifest, and their consolidation.
+"""The checkpoint format: one module reads and writes every kind giantpipe makes.
 
-Layout for a checkpoint `step300.ckpt` of a 2-stage run:
+Three kinds, all read by `load_checkpoint` as one ordinary Lightning checkpoint:
 
-    step300.ckpt                 manifest: Lightning's trainer state + {"giantpipe_shards": ...}
-    step300.ckpt.stage0-of-2     stage 0: state_dict (its layers), optimizer_states, rng_states,
-                                 optimizer_param_names
-    step300.ckpt.stage1-of-2     stage 1: ...
+    last.ckpt                    one file (strategy=single)
+    step300.ckpt                 a pipelined run's manifest: Lightning's trainer state +
+                                 {"giantpipe_shards": {"files", "sha256", "save_id", ...}}
+    step300.ckpt.stage0-of-2     stage 0's shard: state_dict (its layers), optimizer_states,
+                                 rng_states, optimizer_param_names
+    last.consolidated.ckpt       a manifest and its shards merged into one file (giantpipe-export)
 
 Shards and manifest are written to a temporary name and renamed, shards first, so a crash
 mid-save never leaves a manifest that points at a missing or half-written shard. Saving again
@@ -13,7 +15,9 @@ to the same path (`last.ckpt`, every few steps) writes the shards under the othe
 names (`last.ckpt.stage0-of-2` / `last.ckpt.1.stage0-of-2`), never over the ones the current
 manifest lists, and removes those only after the new manifest is in place: a crash at any
 moment leaves the old checkpoint whole, never new shards under an old manifest. Every shard
-carries its save's id, so a shard that does not belong to its manifest is refused at load.
+carries its save's id, so a shard that does not belong to its manifest is refused at load, and
+the manifest holds each shard's SHA-256 (what `sha256sum` prints), so a shard changed on disk
+after the save (bit rot, a bad copy) is refused before a single weight is used.
 
 Resharding: an optimizer's state dict numbers its parameters 0, 1, ... in its own order, which
 differs with every stage count. Each shard therefore also names its parameters
@@ -24,11 +28,14 @@ states by name into the order one device's optimizer has (the manifest's `param_
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
 import torch
 
+MANIFEST = "giantpipe_shards"  # the key that makes a checkpoint file a manifest
+CONSOLIDATED_SUFFIX = ".consolidated.ckpt"
 SHARD_KEYS = ("state_dict", "optimizer_states", "rng_states", "optimizer_param_names")
 ParamNames = list[list[str]]  # one optimizer's parameter names, per parameter group
 
@@ -38,13 +45,53 @@ def shard_path(filepath: str | Path, stage: int, num_stages: int, generation: in
     return Path(f"{filepath}{infix}.stage{stage}-of-{num_stages}")
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable, incomplete, mismatched or corrupt; the message
+    names the file (and the stage, for a shard)."""
+
+
+def read_file(path: str | Path) -> dict:
+    """The dict stored in one checkpoint file (a manifest stays a manifest)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({first_line(err)})") from None
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path} is not a checkpoint (it holds a {type(checkpoint).__name__})")
+    return checkpoint
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Any checkpoint giantpipe wrote (one file, a manifest and its shards, or a consolidated
+    file) as one ordinary Lightning checkpoint, every shard verified."""
+    checkpoint = read_file(path)
+    return consolidate(path, checkpoint) if is_manifest(checkpoint) else checkpoint
+
+
+def is_manifest(checkpoint: dict) -> bool:
+    return MANIFEST in checkpoint
+
+
+def consolidated_path(path: str | Path) -> Path:
+    """Where giantpipe-export writes the one-file form of the manifest at `path`."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}{CONSOLIDATED_SUFFIX}")
+
+
 def read_manifest(filepath: str | Path) -> dict | None:
     """The stage manifest of the checkpoint at `filepath`, or None (no file, unreadable, or
     not a pipelined checkpoint)."""
     try:
-        return torch.load(filepath, map_location="cpu", weights_only=False).get("giantpipe_shards")
-    except Exception:
+        return read_file(filepath).get(MANIFEST)
+    except CheckpointError:
         return None
+
+
+def first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def next_generation(previous: dict | None) -> int:
@@ -59,11 +106,24 @@ def stale_files(filepath: str | Path, previous: dict | None, current: dict) -> l
     return [Path(filepath).parent / f for f in previous["files"] if f not in current["files"]]
 
 
-def atomic_save(obj, path: Path) -> None:
+def atomic_save(obj, path: Path) -> str:
+    """Write `obj` to a temporary name, then rename it to `path`; return the file's SHA-256."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     torch.save(obj, tmp)
+    digest = sha256(tmp)
     tmp.replace(path)
+    return digest
+
+
+def sha256(path: Path) -> str:
+    """The file's SHA-256 in hex, as `sha256sum` prints it (read in 4 MiB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
 
 
 def split_shard(checkpoint: dict) -> dict:
@@ -72,12 +132,13 @@ def split_shard(checkpoint: dict) -> dict:
 
 
 def manifest_entry(filepath: str | Path, num_stages: int, param_order: list[str] | None = None,
-                   generation: int = 0, save_id: str | None = None) -> dict:
+                   generation: int = 0, save_id: str | None = None, sha256: list[str] | None = None) -> dict:
     """`param_order`: every parameter's name in the whole model's order (what one device's
-    optimizer follows), so that consolidated optimizer states index like one device's."""
+    optimizer follows), so that consolidated optimizer states index like one device's;
+    `sha256`: each stage's shard file's checksum, in stage order."""
     files = [shard_path(filepath, s, num_stages, generation).name for s in range(num_stages)]
     return {"stages": num_stages, "files": files, "param_order": param_order, "generation": generation,
-            "save_id": save_id}
+            "save_id": save_id, "sha256": sha256}
 
 
 def shard_stamp(stage: int, num_stages: int, save_id: str) -> dict:
@@ -92,18 +153,28 @@ def optimizer_param_names(optimizers, module) -> list[ParamNames]:
 
 
 def load_shard(manifest_path: str | Path, manifest: dict, stage: int) -> dict:
+    """Stage `stage`'s shard of the manifest at `manifest_path`, after checking that it exists,
+    has the checksum the manifest recorded and belongs to the same save."""
     shard_file = Path(manifest_path).parent / manifest["files"][stage]
     if not shard_file.exists():
-        raise FileNotFoundError(
+        raise CheckpointError(
             f"checkpoint shard {shard_file} of stage {stage} is missing; the checkpoint {manifest_path} is incomplete"
+        )
+    expected = (manifest.get("sha256") or [None] * manifest["stages"])[stage]
+    if expected is not None and (actual := sha256(shard_file)) != expected:
+        raise CheckpointError(
+            f"checkpoint shard {shard_file} of stage {stage} is corrupt: its SHA-256 is {actual[:16]}..., the "
+            f"manifest {manifest_path} recorded {expected[:16]}... at save; resume from another checkpoint"
         )
     try:
         shard = torch.load(shard_file, map_location="cpu", weights_only=False)
     except Exception as err:
-        raise ValueError(f"checkpoint shard {shard_file} of stage {stage} cannot be read ({err})") from None
+        raise CheckpointError(
+            f"checkpoint shard {shard_file} of stage {stage} cannot be read ({first_line(err)})"
+        ) from None
     stamp = shard.get("giantpipe_shard")
     if stamp is not None and stamp != shard_stamp(stage, manifest["stages"], manifest.get("save_id")):
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint shard {shard_file} of stage {stage} belongs to another save (stage {stamp['stage']} of "
             f"{stamp['stages']}, save {stamp['save_id']}) than {manifest_path} (save {manifest.get('save_id')}); "
             "the checkpoint is mismatched"
@@ -111,16 +182,16 @@ def load_shard(manifest_path: str | Path, manifest: dict, stage: int) -> dict:
     return shard
 
 
-def consolidate(manifest_path: str | Path) -> dict:
+def consolidate(manifest_path: str | Path, checkpoint: dict | None = None) -> dict:
     """One ordinary Lightning checkpoint with every stage's weights and optimizer state (indexed
     as one device's optimizer, and named in `optimizer_param_names`), the trainer state and the
     LR schedulers. `strategy=single` loads it (ckpt_path, init_from, giantpipe-eval) and so does
     a pipeline of any stage count. A checkpoint from before shards named their parameters keeps
     only the weights: its optimizer and schedulers restart."""
-    checkpoint = torch.load(manifest_path, map_location="cpu", weights_only=False)
-    manifest = checkpoint.pop("giantpipe_shards", None)
+    checkpoint = dict(read_file(manifest_path) if checkpoint is None else checkpoint)
+    manifest = checkpoint.pop(MANIFEST, None)
     if manifest is None:
-        raise ValueError(f"{manifest_path} is not a pipelined checkpoint (no stage manifest)")
+        raise CheckpointError(f"{manifest_path} is not a pipelined checkpoint (no stage manifest)")
     shards = [load_shard(manifest_path, manifest, stage) for stage in range(manifest["stages"])]
     checkpoint["state_dict"] = {k: v for shard in shards for k, v in shard["state_dict"].items()}
     if "rng_states" in shards[0]:

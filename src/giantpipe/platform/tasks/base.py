@@ -22,7 +22,11 @@ from giantpipe.models.contract import Batch, LayeredModel, SumLoss, materialize
 from giantpipe.models.keyed_dropout import KEY, sample_keys
 from giantpipe.platform.config import ConfigError
 from giantpipe.platform.data.sampling import replica_of
-from giantpipe.strategies.stage_checkpoint import consolidate, optimizer_param_names
+from giantpipe.strategies.stage_checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    optimizer_param_names,
+)
 
 
 class LocalRunner:
@@ -83,9 +87,10 @@ class Task(pl.LightningModule):
         """Start from a checkpoint's weights (fresh optimizer and step count), e.g. a CE model for MWER."""
         if not Path(path).exists():
             raise ConfigError(f"init_from={path}: no such checkpoint file")
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if "giantpipe_shards" in state:  # a pipelined checkpoint: gather every stage's weights
-            state = consolidate(path)
+        try:
+            state = load_checkpoint(path)  # any kind: one file, or a manifest and its stage shards
+        except CheckpointError as err:
+            raise ConfigError(f"init_from={path}: {err}") from None
         self._pending_weights = state.get("state_dict", state)
 
     def on_fit_start(self) -> None:
@@ -103,7 +108,7 @@ class Task(pl.LightningModule):
         """Save the RNG streams too, so a resumed run draws the same dropout masks, and the
         optimizer's parameter names, so a pipeline of any stage count can take its state."""
         checkpoint["rng_states"] = rng_states()
-        if self.trainer.optimizers and "optimizer_param_names" not in checkpoint:
+        if self.trainer.optimizers and "optimizer_states" in checkpoint:
             checkpoint["optimizer_param_names"] = optimizer_param_names(self.trainer.optimizers, self)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
