@@ -11,6 +11,8 @@ Kinds, injected in stage `stage` at the start of its training step `step`:
                (after the process group's timeout); its sockets stay open, as in a real
                partition, so nobody sees a "connection closed"
     nojoin     (no step) the stage never joins the process group: it hangs before the rendezvous
+    nan        the stage's first layer outputs NaN for this one step (its weights stay finite)
+    nangrad    the gradient of the stage's first weight is NaN for this one step (the loss is finite)
 
 With `save=N` instead of `step=`, the fault fires inside the stage's N-th checkpoint save
 (counting from 0), right after it wrote its shard and before the manifest: the moment a
@@ -28,7 +30,7 @@ import time
 
 _SPEC = os.environ.get("GIANTPIPE_FAULT")
 FAULT = dict(item.split("=", 1) for item in _SPEC.split(",")) if _SPEC else None
-KINDS = ("raise", "exit", "kill", "stop", "partition", "nojoin")
+KINDS = ("raise", "exit", "kill", "stop", "partition", "nojoin", "nan", "nangrad")
 # What a partitioned process can no longer do (torch.distributed's point-to-point and collectives).
 COMMUNICATION = ("send", "recv", "isend", "irecv", "batch_isend_irecv", "all_reduce", "reduce", "broadcast",
                  "all_gather", "all_gather_into_tensor", "reduce_scatter", "all_to_all", "gather", "scatter",
@@ -41,12 +43,33 @@ def _fires(stage: int) -> str | None:
     return FAULT.get("kind", "raise")
 
 
-def maybe_inject(stage: int, step: int, timeout_s: float = 1800.0) -> None:
+def maybe_inject(stage: int, step: int, timeout_s: float = 1800.0, layers=()):
     """Inject the configured fault if this is its stage and training step (`step=N`);
-    `timeout_s` is how long a partitioned process's own waits last (the group's timeout)."""
+    `timeout_s` is how long a partitioned process's own waits last (the group's timeout);
+    `layers`: the stage's layers (kinds nan, nangrad). Returns a function that removes a
+    one-step fault (call it before the next step), or None."""
     kind = _fires(stage)
-    if kind is not None and kind != "nojoin" and int(FAULT.get("step", -1)) == step:
-        _inject(kind, stage, f"step {step}", timeout_s)
+    if kind is None or kind == "nojoin" or int(FAULT.get("step", -1)) != step:
+        return None
+    if kind in ("nan", "nangrad"):
+        _log(stage, f"step {step}", kind)
+        return _poison(kind, layers[0])
+    _inject(kind, stage, f"step {step}", timeout_s)
+    return None
+
+
+def _poison(kind: str, layer):
+    """NaN in `layer`'s output (nan) or in its first weight's gradient (nangrad); returns the undo."""
+    import torch
+
+    if kind == "nan":
+        def nan_output(module, args, output):
+            return {k: v * float("nan") if torch.is_tensor(v) and v.is_floating_point() else v
+                    for k, v in output.items()}
+        handle = layer.register_forward_hook(nan_output)
+    else:
+        handle = next(layer.parameters()).register_hook(lambda grad: grad * float("nan"))
+    return handle.remove
 
 
 def maybe_inject_in_save(stage: int, save: int, timeout_s: float = 1800.0) -> None:

@@ -29,6 +29,7 @@ from lightning.fabric.utilities.distributed import _init_dist_connection
 from lightning.fabric.utilities.optimizer import _optimizer_to_device, _optimizers_to_device
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.trainer import call
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
@@ -72,12 +73,16 @@ class PipelineRunner:
         self.engine, self.timeout_s = engine, timeout_s
         self.parked: list[Tensor | None] | None = None
         self.steps = 0
+        self.undo_fault = None  # removes a fault that lasts one step (kind=nan, nangrad)
 
     def train_loss(self, batch) -> Tensor:
         params = list(self.engine.parameters())
         for p in params:  # the previous step's gradients are still there: Lightning zeroes later
             p.grad = None
-        maybe_inject(self.engine.stage, self.steps, self.timeout_s)
+        if self.undo_fault is not None:
+            self.undo_fault = self.undo_fault()
+        local = [self.engine.module.layers[i] for i in self.engine.layer_indices]
+        self.undo_fault = maybe_inject(self.engine.stage, self.steps, self.timeout_s, local)
         self.steps += 1
         with peers_named(self.engine):
             loss = self.engine.train_step(batch)
@@ -244,9 +249,15 @@ class PipelineStrategy(DDPStrategy):
         self.checkpoint_io.teardown()
 
     def backward(self, closure_loss: Tensor, optimizer, *args, **kwargs) -> Tensor:
-        """Hand back the gradients the pipeline computed in training_step."""
-        accumulate = self.lightning_module.trainer.accumulate_grad_batches
-        self.runner.restore_gradients(1.0 / accumulate)
+        """Hand back the gradients the pipeline computed in training_step, between the
+        on_before_backward / on_after_backward hooks Lightning's own backward calls (the
+        non-finite guard reads the loss there)."""
+        trainer = self.lightning_module.trainer
+        call._call_callback_hooks(trainer, "on_before_backward", closure_loss)
+        call._call_lightning_module_hook(trainer, "on_before_backward", closure_loss)
+        self.runner.restore_gradients(1.0 / trainer.accumulate_grad_batches)
+        call._call_callback_hooks(trainer, "on_after_backward")
+        call._call_lightning_module_hook(trainer, "on_after_backward")
         return closure_loss
 
     def _get_process_group_backend(self) -> str:
