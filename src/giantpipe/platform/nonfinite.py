@@ -9,12 +9,12 @@
     skip   drop that step's update (no weight or optimizer-state change), count it in
            `train/skipped_steps`, go on
 
-Where it first appeared: every local layer's forward output is watched during training steps
-(a forward hook that folds `isfinite` into one flag per layer, no host sync), so a NaN born in
-stage 0's second layer is named there, not at the loss four stages later. If every forward
-output was finite, the loss is named (last stage); if the loss was finite too, the gradients are
-named in backward order: the last stage whose gradients are non-finite, since gradients flow
-from the last stage to the first. Every rank gathers every rank's flags and takes the same
+What is checked: the loss and the global gradient norm. Where it first appeared: every local
+layer's forward output is watched during training steps (a forward hook that folds `isfinite`
+into one flag per layer, no host sync), so a NaN born in stage 0's second layer is named there,
+not at the loss four stages later. If every forward output was finite, the loss is named (last
+stage), else the gradients, in backward order: the last stage whose gradients are non-finite,
+since gradients flow from the last stage to the first. Every rank gathers every rank's flags and takes the same
 decision, so a pipeline stops (or skips) as one.
 """
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.utils._pytree import tree_leaves
 
@@ -90,7 +91,7 @@ class NonFiniteGuard(pl.Callback):
         first_layer = next((i for slot, i in enumerate(self.layer_ids) if bad[slot]), -1)
         loss_bad = self.loss_bad if self.loss_bad is not None else torch.zeros((), dtype=torch.bool)
         mine = torch.tensor([int(loss_bad), int(grad_bad), first_layer], device=pl_module.device)
-        flags = trainer.strategy.all_gather(mine).reshape(-1, 3).tolist()  # [rank] -> flags
+        flags = gather(mine)  # [rank] -> flags
         where = locate(flags, stage_of(trainer))
         if where is None:
             if self.action == "skip":
@@ -112,6 +113,15 @@ class NonFiniteGuard(pl.Callback):
                   f"({self.skipped} skipped so far)", flush=True)
 
 
+def gather(t: Tensor) -> list[list[int]]:
+    """Every rank's `t`, in rank order (just `t` in a one-process run)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [t.tolist()]
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t)
+    return [o.tolist() for o in out]
+
+
 def stage_of(trainer: pl.Trainer):
     """rank -> pipeline stage (every rank is stage 0 without a pipeline)."""
     topology = getattr(trainer.strategy, "topology", None)
@@ -121,15 +131,17 @@ def stage_of(trainer: pl.Trainer):
 def locate(flags: list[list[int]], stage_of) -> tuple[str, str] | None:
     """(what was non-finite, where it first appeared) from every rank's
     [loss non-finite, gradients non-finite, first local layer with a non-finite output or -1];
-    None if everything was finite."""
+    None if the loss and the gradients are finite (layer outputs only locate: a carry may hold
+    a legitimate -inf, an additive mask say)."""
+    loss, grads = any(f[0] for f in flags), any(f[1] for f in flags)
+    if not (loss or grads):
+        return None
+    what = "loss" if loss else "gradient norm"
     layers = [(layer, stage_of(rank)) for rank, (_, _, layer) in enumerate(flags) if layer >= 0]
-    loss = any(f[0] for f in flags)
     if layers:
         layer, stage = min(layers)
-        return ("loss" if loss else "activations", f"stage {stage} (the output of layer {layer})")
+        return what, f"stage {stage} (the output of layer {layer})"
     if loss:
-        return "loss", f"stage {max(stage_of(r) for r in range(len(flags)))} (the loss)"
+        return what, f"stage {max(stage_of(r) for r in range(len(flags)))} (the loss)"
     stages = [stage_of(rank) for rank, f in enumerate(flags) if f[1]]
-    if stages:
-        return "gradient norm", f"stage {max(stages)} (its gradients, in backward order)"
-    return None
+    return what, f"stage {max(stages)} (its gradients, in backward order)"

@@ -66,7 +66,7 @@ def _poison(kind: str, layer):
         def nan_output(module, args, output):
             return {k: v * float("nan") if torch.is_tensor(v) and v.is_floating_point() else v
                     for k, v in output.items()}
-        handle = layer.register_forward_hook(nan_output)
+        handle = layer.register_forward_hook(nan_output, prepend=True)  # before any watcher
     else:
         handle = next(layer.parameters()).register_hook(lambda grad: grad * float("nan"))
     return handle.remove
