@@ -72,7 +72,6 @@ def load_for_inference(ckpt: Path, overrides: list[str], family: str, what: str)
     except CheckpointError as err:
         raise ConfigError(str(err)) from None
     task.load_state_dict(state["state_dict"])
-    task.to(device)
     task.runner = LocalRunner(task.model, task.loss_fn)
     task.eval()
     return cfg, data, task, device
