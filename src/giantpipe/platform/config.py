@@ -267,6 +267,7 @@ class PipelineStrategyConfig:
     timeout_s: float = 300.0
     deferred_batch_norm: bool = False
     timeline: bool = False  # record per-stage timings: metrics every step, timeline.png + trace at the end
+    memory_budget_mb: float | None = None  # MiB per process: over it by giantpipe-plan stops before training; a stage over it at run time fails, named
 
 
 # ---------------------------------------------------------------- trainer / optimizer

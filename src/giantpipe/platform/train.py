@@ -20,6 +20,7 @@ from giantpipe.platform.allocator import keep_freed_memory
 from giantpipe.platform.build import build_callbacks, build_loggers, build_task, build_trainer
 from giantpipe.platform.config import ConfigError, register_schemas, validate
 from giantpipe.platform.launch import launched_externally, spawn
+from giantpipe.platform.plan import check_budget
 from giantpipe.platform.report import print_results
 from giantpipe.platform.summary import write_summary
 
@@ -91,7 +92,8 @@ def run_job(cfg: DictConfig) -> dict:
             "SLURM (see 'Running on a cluster' in the README)"
         )
     OmegaConf.resolve(cfg)  # workers have no HydraConfig to resolve ${hydra:...} with
-    build_task(cfg)  # fail on bad data before starting processes, and fill the data cache once
+    built = build_task(cfg)  # fail on bad data before starting processes, and fill the data cache once
+    check_budget(cfg, built)  # strategy.memory_budget_mb: a plan over it stops here (platform/plan.py)
 
     def describe(rank: int) -> str:
         stages = cfg.strategy.stages

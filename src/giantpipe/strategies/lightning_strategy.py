@@ -37,6 +37,7 @@ from giantpipe.models.beam_search import BeamSearchResult
 from giantpipe.strategies.batchnorm import DeferredBatchNorm
 from giantpipe.strategies.engine import PipelineEngine
 from giantpipe.strategies.faults import maybe_inject, maybe_inject_in_save, maybe_skip_join
+from giantpipe.strategies.memory_model import memory_balance, status_kb
 from giantpipe.strategies.partition import (
     auto_balance,
     partition_table,
@@ -69,8 +70,8 @@ log = logging.getLogger(__name__)
 class PipelineRunner:
     """The task's runner under the pipeline: each step runs the engine's schedule."""
 
-    def __init__(self, engine: PipelineEngine, timeout_s: float = 1800.0):
-        self.engine, self.timeout_s = engine, timeout_s
+    def __init__(self, engine: PipelineEngine, timeout_s: float = 1800.0, memory_budget_mb: float | None = None):
+        self.engine, self.timeout_s, self.memory_budget_mb = engine, timeout_s, memory_budget_mb
         self.parked: list[Tensor | None] | None = None
         self.steps = 0
         self.undo_fault = None  # removes a fault that lasts one step (kind=nan, nangrad)
@@ -89,6 +90,7 @@ class PipelineRunner:
         self.parked = [p.grad for p in params]
         for p in params:
             p.grad = None
+        check_stage_memory(self.engine, self.memory_budget_mb)
         return loss
 
     def eval_loss(self, batch) -> Tensor:
@@ -113,6 +115,17 @@ class PipelineRunner:
             g = g * scale if scale != 1.0 else g
             p.grad = g if p.grad is None else p.grad + g
         self.parked = None
+
+
+def check_stage_memory(engine: PipelineEngine, budget_mb: float | None) -> None:
+    """A stage whose process passed `strategy.memory_budget_mb` (peak resident memory) fails, named."""
+    peak_kb = status_kb() if budget_mb is not None else None
+    if peak_kb is not None and peak_kb / 1024 > budget_mb:
+        raise MemoryError(
+            f"stage {engine.stage} (rank {engine.rank}) reached {peak_kb / 1024:.0f} MiB resident, over "
+            f"strategy.memory_budget_mb={budget_mb:.0f}; run giantpipe-plan with the same overrides for a "
+            f"configuration that fits (more stages, strategy.checkpoint=always, strategy.balance=memory)"
+        )
 
 
 @contextmanager
@@ -176,7 +189,7 @@ class PipelineStrategy(DDPStrategy):
             from rich.console import Console
 
             Console().print(partition_table(task.model, balance, ranks=ranks))
-        self.runner = PipelineRunner(engine, self.cfg.timeout_s)
+        self.runner = PipelineRunner(engine, self.cfg.timeout_s, self.cfg.get("memory_budget_mb"))
         return self.runner
 
     def resolve_balance(self, task) -> list[int]:
@@ -187,9 +200,14 @@ class PipelineStrategy(DDPStrategy):
                 f"strategy.stages={self.cfg.stages} is more than the model's {num_layers} layers; "
                 f"use at most {num_layers} stages"
             )
-        if isinstance(balance, str):
+        if balance == "memory":  # the same memory model as giantpipe-plan
+            sample = next(iter(task.trainer.datamodule.train_dataloader()))
+            balance = memory_balance(task.model, task.loss_fn, sample, self.cfg.stages,
+                                     micro_batches=self.cfg.micro_batches, schedule=self.cfg.schedule,
+                                     checkpoint=self.cfg.checkpoint, seed=task.seed)
+        elif isinstance(balance, str):
             sample = None
-            if balance in ("time", "memory"):
+            if balance == "time":
                 sample = next(iter(task.trainer.datamodule.train_dataloader()))
             balance = auto_balance(task.model, self.cfg.stages, by=balance, sample=sample, seed=task.seed)
         return validate_balance(list(balance), num_layers, self.cfg.stages)

@@ -1,0 +1,260 @@
+"""GPipe's Table 1 on this machine: the largest giant net each configuration trains in a memory budget.
+
+    python scripts/bench_capacity.py                        # 2 GiB per process, ~30 min
+    python scripts/bench_capacity.py --budget-mb 1024       # what the README table used
+    python scripts/bench_capacity.py --quick                # seconds: the suite's smoke test
+
+For each configuration -- `naive` (one process, plain model, no re-materialization), and
+`strategy=pipeline` with `checkpoint=always`, M micro-batches and 1, 2, 4, 8 stages -- the
+number of Transformer blocks L of a fixed-width giant net is searched: a trial runs the real
+`giantpipe-train` for 3 full steps and passes when it exits cleanly with a finite loss and the
+peak resident memory (VmHWM, read from /proc of every process of the run: the launcher, each
+stage's worker, helpers) stayed within the budget. A process passing the budget ends the trial
+at once. The search starts from giantpipe-plan's prediction, gallops up or down by one layer
+per stage, then bisects; each configuration's largest passing L is reported with the plan's
+prediction for every stage against the measured VmHWM (the target: within 15%).
+
+Width: d_model 128, d_ff 512 at 8 x 128 tokens per batch, so that activations dominate the
+naive model (as in the paper's Transformer-L) while the deepest search (about 8 x 90 blocks at
+1 GiB) still runs 3 steps in minutes on 2 CPU cores.
+
+JSON (`--out`, default bench_capacity.json):
+  meta     started, seconds, budget_mb, width, overrides, quick, loadavg_start/end (1-min),
+           fixed_cost_mb {empty_process: torch + Lightning imported, launcher}
+  configs  [{name, stages, blocks, params, param_mb, passed, failed_at, trials: [{blocks, ok,
+           reason, peaks_mb, seconds}], measured_mb {launcher, stage<s>}, predicted_mb
+           [per stage], predicted_act_mb [per stage], error_pct [per stage], within_15pct}]
+  summary  naive, remat1, stages{2,4,8} blocks; remat_over_naive (target >= 2.5),
+           stages8_over_remat1 (target >= 7), plan_within_15pct, targets_met
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from giantpipe.platform.proc_memory import TreeWatcher, kill_tree
+
+WIDTH = {"model.d_model": 128, "model.d_ff": 512, "model.n_heads": 4, "data.seq_len": 128,
+         "model.max_len": 128, "data.batch_size": 8}
+QUICK_BUDGET_MB = 600.0  # a few blocks over the framework's own cost: short trials
+QUIET = ["trainer.max_steps=3", "trainer.limit_val_batches=0", "trainer.limit_test_batches=0",
+         "run_test=false", "logger=none", "callbacks=none", "trainer.enable_progress_bar=false",
+         "model.dropout=0.1", "optim.warmup_steps=1"]
+MICRO_BATCHES = 8
+TARGETS = {"remat_over_naive": 2.5, "stages8_over_remat1": 7.0, "plan_error_pct": 15.0}
+
+
+def config_overrides(name: str, micro_batches: int) -> tuple[int, list[str]]:
+    """(stages, overrides) of a configuration: `naive` or the stage count."""
+    if name == "naive":
+        return 1, ["strategy=single"]
+    stages = int(name)
+    return stages, ["strategy=pipeline", f"strategy.stages={stages}", f"trainer.devices={stages}",
+                    f"strategy.micro_batches={micro_batches}", "strategy.checkpoint=always",
+                    "strategy.balance=memory"]
+
+
+def empty_process_mb() -> float:
+    """VmHWM of a process that imported torch and Lightning and did nothing else."""
+    code = ("import torch, lightning.pytorch; from giantpipe.platform.proc_memory import status_kb; "
+            "print(status_kb('self'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[-1]) / 1024
+
+
+def predict(base: list[str], blocks: int, budget: float, largest: bool = False) -> dict:
+    """giantpipe-plan's prediction (in a subprocess: its fixed cost is measured on itself)."""
+    cmd = [sys.executable, "-m", "giantpipe.platform.plan", *base, f"model.n_layers={blocks}",
+           "--device-memory", str(budget), "--json", *(["--largest"] if largest else [])]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=run_env())
+    if out.returncode not in (0, 1):
+        raise SystemExit(f"giantpipe-plan failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout)
+
+
+def run_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+
+
+def trial(base: list[str], blocks: int, budget: float, workdir: Path) -> dict:
+    """One 3-step training run of `blocks` blocks, watched; killed as soon as a process passes the budget."""
+    run_dir = Path(tempfile.mkdtemp(dir=workdir))
+    cmd = ["nice", "-n", "10", sys.executable, "-m", "giantpipe.platform.train", *base,
+           f"model.n_layers={blocks}", f"hydra.run.dir={run_dir}"]
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with TreeWatcher(proc.pid, limit_mb=budget, on_exceed=lambda pid, mb: kill_tree(proc.pid)) as watcher:
+        _, stderr = proc.communicate()
+    peaks = {k: round(v, 1) for k, v in sorted(watcher.by_role().items())}
+    result = {"blocks": blocks, "ok": False, "peaks_mb": peaks, "seconds": round(time.perf_counter() - started, 1)}
+    summary = run_dir / "summary.json"
+    loss = json.loads(summary.read_text())["metrics"].get("train/loss") if summary.exists() else None
+    if watcher.exceeded is not None:
+        result["reason"] = f"over budget ({watcher.exceeded[1]:.0f} MiB)"
+    elif proc.returncode != 0:
+        result["reason"] = f"exit {proc.returncode}: {stderr.strip().splitlines()[-1] if stderr.strip() else ''}"
+    elif loss is None or not math.isfinite(loss):
+        result["reason"] = f"loss {loss}"
+    else:
+        result.update(ok=True, reason="fits", loss=loss)
+    return result
+
+
+def wait_for_memory(processes: int, budget: float) -> None:
+    """Start a trial only when the machine has room for all its processes (shared machine)."""
+    need_kb = (processes * budget + 2048) * 1024
+    for _ in range(120):
+        avail = int(next(ln.split()[1] for ln in open("/proc/meminfo") if ln.startswith("MemAvailable")))
+        if avail >= need_kb:
+            return
+        time.sleep(5)
+    raise SystemExit(f"not enough free memory for {processes} x {budget:.0f} MiB; try a smaller --budget-mb")
+
+
+def search(name: str, base: list[str], stages: int, budget: float, workdir: Path, quick: bool,
+           max_trials: int) -> dict:
+    """Largest passing block count, starting from the plan's prediction (steps of one block per stage)."""
+    guess = predict(base, max(stages, 2), budget, largest=True)["largest_blocks"]
+    if quick:  # two trials: one just inside the prediction, one step above it
+        guess = max(1, int(guess * 0.9))
+    step = stages
+    processes = stages + 1 if name != "naive" else 1
+    trials: dict[int, dict] = {}
+
+    def run(blocks: int) -> bool:
+        if blocks not in trials:
+            wait_for_memory(processes, budget)
+            trials[blocks] = trial(base, blocks, budget, workdir)
+            t = trials[blocks]
+            print(f"  {name:>5} L={blocks:4d}: {t['reason']:<28} peaks {t['peaks_mb']} ({t['seconds']} s)", flush=True)
+        return trials[blocks]["ok"]
+
+    lo, hi = None, None  # largest passing, smallest failing
+    blocks, stride = max(guess, 1), step
+    while len(trials) < max_trials:
+        if run(blocks):
+            lo = blocks
+            if hi is not None and hi - lo <= step:
+                break
+            blocks = blocks + stride if hi is None else (lo + hi) // 2
+        else:
+            hi = blocks
+            if blocks <= 1 or (lo is not None and hi - lo <= step):
+                break
+            blocks = max(blocks - stride, 1) if lo is None else (lo + hi) // 2
+        if hi is None or lo is None:
+            stride *= 2
+        blocks = round_to(blocks, step, lo, hi)
+        if blocks in trials:
+            break
+    out = {"name": name, "stages": stages, "plan_guess": guess, "trials": list(trials.values()),
+           "blocks": lo, "failed_at": hi}
+    if lo is not None:
+        best = trials[lo]
+        plan = predict(base, lo, budget)
+        out.update(compare(best["peaks_mb"], plan, name))
+    return out
+
+
+def round_to(blocks: int, step: int, lo: int | None, hi: int | None) -> int:
+    """A multiple of `step` strictly between lo and hi where one exists."""
+    rounded = max(step, blocks // step * step)
+    if (lo is None or rounded > lo) and (hi is None or rounded < hi):
+        return rounded
+    return blocks
+
+
+def compare(peaks: dict, plan: dict, name: str) -> dict:
+    """Measured VmHWM per process against the plan's per-stage prediction."""
+    stage_keys = ["launcher"] if name == "naive" else [f"rank{s}" for s in range(len(plan["stages"]))]
+    measured = {f"stage{s}": peaks.get(k) for s, k in enumerate(stage_keys)}
+    predicted = [s["peak_mb"] for s in plan["stages"]]
+    errors = [100 * (p - m) / m if m else None for p, m in zip(predicted, measured.values())]
+    params = sum(s["params"] for s in plan["stages"])
+    return {
+        "params": params, "param_mb": params * 4 / 2**20,
+        "measured_mb": {"launcher": peaks.get("launcher"), **measured},
+        "predicted_mb": [round(p, 1) for p in predicted],
+        "predicted_act_mb": [round(s["act_mb"], 1) for s in plan["stages"]],
+        "error_pct": [round(e, 1) if e is not None else None for e in errors],
+        "within_15pct": all(e is not None and abs(e) <= TARGETS["plan_error_pct"] for e in errors),
+    }
+
+
+def summarize(configs: list[dict]) -> dict:
+    by = {c["name"]: c for c in configs}
+    blocks = {k: by[k]["blocks"] for k in by}
+    out: dict = {"blocks": blocks}
+    if blocks.get("naive") and blocks.get("1"):
+        out["remat_over_naive"] = round(blocks["1"] / blocks["naive"], 2)
+    if blocks.get("1") and blocks.get("8"):
+        out["stages8_over_remat1"] = round(blocks["8"] / blocks["1"], 2)
+    out["plan_within_15pct"] = all(c.get("within_15pct", False) for c in configs)
+    out["targets_met"] = (out.get("remat_over_naive", 0) >= TARGETS["remat_over_naive"]
+                          and out.get("stages8_over_remat1", 0) >= TARGETS["stages8_over_remat1"]
+                          and out["plan_within_15pct"])
+    return out
+
+
+def print_table(configs: list[dict], budget: float) -> None:
+    print(f"\nlargest giant net within {budget:.0f} MiB per process (GPipe Table 1 layout)")
+    header = f"{'config':>14} {'L':>5} {'params':>12} {'param MiB':>10} {'act MiB/stage':>14} {'peak MiB (max)':>15} {'plan err %':>16}"
+    print(header)
+    for c in configs:
+        if c["blocks"] is None:
+            print(f"{c['name']:>14} {'-':>5}  (nothing fits)")
+            continue
+        label = "naive" if c["name"] == "naive" else f"pipeline-{c['name']}"
+        peak = max(v for v in c["measured_mb"].values() if v)
+        errs = ",".join(f"{e:+.0f}" for e in c["error_pct"] if e is not None)
+        print(f"{label:>14} {c['blocks']:>5} {c['params']:>12,} {c['param_mb']:>10.0f} "
+              f"{max(c['predicted_act_mb']):>14.0f} {peak:>15.0f} {errs:>16}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget-mb", type=float, default=None,
+                        help=f"per process (default 2048; --quick {QUICK_BUDGET_MB:.0f})")
+    parser.add_argument("--configs", default=None, help="comma list of naive,1,2,4,8")
+    parser.add_argument("--quick", action="store_true", help="a small budget, naive and 2 stages, 2 trials each")
+    parser.add_argument("--out", default="bench_capacity.json")
+    parser.add_argument("--max-trials", type=int, default=4, help="training runs per configuration at most")
+    parser.add_argument("overrides", nargs="*", help="extra giantpipe-train overrides")
+    args = parser.parse_args(argv)
+    budget = args.budget_mb or (QUICK_BUDGET_MB if args.quick else 2048.0)
+    names = (args.configs or ("naive,2" if args.quick else "naive,1,2,4,8")).split(",")
+    width = dict(WIDTH, **({"data.max_bytes": 300000} if args.quick else {}))
+    started, t0 = datetime.datetime.now(datetime.timezone.utc).isoformat(), time.perf_counter()
+    meta = {"started": started, "budget_mb": budget, "width": width, "micro_batches": MICRO_BATCHES,
+            "overrides": args.overrides, "quick": args.quick, "loadavg_start": os.getloadavg()[0],
+            "fixed_cost_mb": {"empty_process": round(empty_process_mb(), 1)}}
+    print(f"budget {budget:.0f} MiB per process; an empty process with torch + Lightning: "
+          f"{meta['fixed_cost_mb']['empty_process']:.0f} MiB", flush=True)
+    configs = []
+    with tempfile.TemporaryDirectory(prefix="bench_capacity_") as workdir:
+        for name in names:
+            stages, strategy = config_overrides(name, MICRO_BATCHES)
+            base = [*QUIET, *(f"{k}={v}" for k, v in width.items()), *strategy, *args.overrides]
+            configs.append(search(name, base, stages, budget, Path(workdir), args.quick,
+                                  max_trials=2 if args.quick else args.max_trials))
+    launchers = [t["peaks_mb"].get("launcher") for c in configs if c["name"] != "naive" for t in c["trials"]]
+    meta["fixed_cost_mb"]["launcher"] = max((v for v in launchers if v), default=None)
+    meta.update(seconds=round(time.perf_counter() - t0, 1), loadavg_end=os.getloadavg()[0])
+    result = {"meta": meta, "configs": configs, "summary": summarize(configs)}
+    print_table(configs, budget)
+    print(json.dumps(result["summary"]))
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Peak resident memory of a process tree, read from the processes themselves (Linux /proc).
+
+`VmHWM` ("high water mark") is the kernel's record of a process's largest resident set since it
+started: weights, gradients, optimizer state, activations, communication buffers, the data
+pipeline and the framework itself, whatever allocated them. It only grows, so polling it while
+the process lives and keeping the last value read loses at most what grew in the last interval.
+In a watched run of several processes (a launcher and its spawned workers), the launcher's
+spawned children are its workers, numbered in the order they started: `torch.multiprocessing` starts rank 0 first, then 1, ...
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from giantpipe.strategies.memory_model import status_kb
+
+MB = 2**20
+__all__ = ["status_kb", "own_peak_mb", "descendants", "TreeWatcher", "kill_tree"]
+
+
+def own_peak_mb() -> float:
+    """This process's peak resident memory so far, in MiB."""
+    return (status_kb("self") or 0) / 1024
+
+
+def children_of(pid: int) -> list[int]:
+    """Direct children of `pid` (from /proc/<pid>/task/*/children)."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    """`pid` and every process below it."""
+    seen, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        if p not in seen:
+            seen.append(p)
+            todo += children_of(p)
+    return seen
+
+
+def is_worker(pid: int) -> bool:
+    """Whether `pid` is a multiprocessing `spawn` worker (not the launcher, not a resource tracker)."""
+    try:
+        return b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+@dataclass
+class TreeWatcher:
+    """Polls the VmHWM of a process tree every `interval_s`; calls `on_exceed(pid, mb)` once when
+    a process passes `limit_mb` (the benchmark kills the run there instead of waiting)."""
+
+    root: int
+    interval_s: float = 0.02
+    limit_mb: float | None = None
+    on_exceed: object = None
+    peaks_mb: dict[int, float] = field(default_factory=dict)
+    workers: list[int] = field(default_factory=list)  # spawn workers' pids, in start order
+    _helpers: set[int] = field(default_factory=set)  # pids checked and known not to be workers
+    exceeded: tuple[int, float] | None = None
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> TreeWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def poll(self) -> None:
+        children = set(children_of(self.root))
+        for pid in descendants(self.root):
+            if pid != self.root and pid not in self.workers:
+                if pid not in children or not is_worker(pid):  # a resource tracker, or a child not yet past exec
+                    if pid in self.peaks_mb or _settled(pid):
+                        self._helpers.add(pid)
+                    else:
+                        continue
+                elif pid not in self._helpers:
+                    self.workers = sorted([*self.workers, pid])
+            kb = status_kb(pid)
+            if kb is None:
+                continue
+            mb = kb / 1024
+            self.peaks_mb[pid] = max(mb, self.peaks_mb.get(pid, 0.0))
+            if self.limit_mb is not None and mb > self.limit_mb and self.exceeded is None:
+                self.exceeded = (pid, mb)
+                if callable(self.on_exceed):
+                    self.on_exceed(pid, mb)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.poll()
+            time.sleep(self.interval_s)
+
+    def by_role(self) -> dict[str, float]:
+        """Peaks keyed `launcher`, `rank<r>` (workers) or `helper<pid>` (anything else)."""
+        out = {}
+        for pid, mb in self.peaks_mb.items():
+            if pid == self.root:
+                key = "launcher"
+            elif pid in self.workers:
+                key = f"rank{self.workers.index(pid)}"
+            else:
+                key = f"helper{pid}"
+            out[key] = max(mb, out.get(key, 0.0))
+        return out
+
+
+def _settled(pid: int) -> bool:
+    """Whether a child has exec'd its own program (a forked child shows its parent's memory
+    until then); a process alive for a second without becoming a worker is a helper."""
+    try:
+        started = Path(f"/proc/{pid}").stat().st_ctime
+    except OSError:
+        return False
+    return time.time() - started > 1.0
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL `pid` and its descendants (the benchmark's runs only)."""
+    for p in reversed(descendants(pid)):
+        try:
+            os.kill(p, 9)
+        except ProcessLookupError:
+            pass

@@ -1,0 +1,238 @@
+"""How much memory each pipeline stage will hold at its peak, predicted before training.
+
+A stage's peak resident memory is
+
+    fixed                      the process itself: framework, data, communication buffers
+  + 4 x parameter bytes        weights, gradients, AdamW's exp_avg and exp_avg_sq (fp32)
+  + ALLOC_OVERHEAD x activations at the schedule's worst moment
+
+The activations come from a profile: each distinct layer runs forward once on a one-sample
+batch under `saved_tensors_hooks`, which counts the bytes autograd keeps for its backward and
+the bytes of the carry it passes on; both grow linearly with the batch. Which micro-batches'
+activations are alive at once depends on the schedule and re-materialization:
+
+    in flight   GPipe: all M micro-batches; 1F1B: min(M, stages - stage)
+    never       in flight x (all layers' activations + stage input + stage output)
+    always      in flight x (stage input + stage output) + one micro-batch's layers, recomputed
+    except_last as always (the kept micro-batch's backward runs before any recompute)
+    single      the whole batch's activations, no micro-batches (strategy=single)
+
+plus, in backward, gradient buffers about the size of one layer's activations (TRANSIENT).
+ALLOC_OVERHEAD covers what the allocator holds beyond live tensors (CPU heap fragmentation
+between short-lived temporaries and saved tensors); it was measured against VmHWM on the
+capacity benchmark (scripts/bench_capacity.py), which checks every prediction again.
+
+`MemoryModel.balance` cuts the layers so that the largest predicted stage is smallest, with the
+first and last stage's extra load (embeddings, heads, logits, stage inputs) known to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from giantpipe.models.contract import Batch, LayeredModel
+from giantpipe.strategies.partition import _leaf_inputs, _materialized, stage_ranges
+
+MB = 2**20
+ALLOC_OVERHEAD = 1.6  # resident bytes per live activation byte (glibc heap, CPU)
+TRANSIENT = 1.0  # backward's gradient buffers, in units of the largest layer's activations
+OPTIMIZER_STATES = 2  # AdamW: exp_avg and exp_avg_sq, each the size of the parameters
+
+
+def status_kb(pid: int | str = "self", key: str = "VmHWM") -> int | None:
+    """`key` (kB) from /proc/<pid>/status: VmHWM is the peak resident memory since the process
+    started; None where the process is gone or there is no /proc."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+@dataclass(frozen=True)
+class LayerProfile:
+    """One layer: parameter bytes, and per batch *sample* the activation bytes autograd saves
+    and the bytes of the carry the layer passes on."""
+
+    param_bytes: int
+    act_bytes: float
+    out_bytes: float
+
+
+@dataclass
+class StageMemory:
+    """The predicted peak of one stage's process, in MiB, by part."""
+
+    stage: int
+    layers: str
+    params: int
+    fixed_mb: float
+    param_mb: float
+    grad_mb: float
+    optim_mb: float
+    act_mb: float
+    peak_mb: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def profile_layers(model: LayeredModel, sample: Batch, *, seed: int = 0, loss_fn=None) -> list[LayerProfile]:
+    """Profile every layer on `sample` (one sample is enough; results are per sample); the last
+    layer's profile includes what `loss_fn(out, sample)` saves (e.g. log-softmax). Layers
+    with the same type and parameter shapes share one measurement, so a deep stack of equal
+    blocks costs one block's profile; layers on the meta device are materialized one at a time."""
+    samples = next(iter(sample.values())).shape[0]
+    carry = model.first_carry(sample)
+    cache: dict[tuple, LayerProfile] = {}
+    profiles = []
+    for i, layer in enumerate(model.layers):
+        key = (type(layer), tuple((n, tuple(p.shape)) for n, p in layer.named_parameters()),
+               tuple((k, tuple(v.shape)) for k, v in carry.items()))
+        last = i == len(model.layers) - 1
+        key = (*key, last)
+        if key not in cache:
+            with _materialized(model, i, "cpu", seed):
+                loss = (lambda out: loss_fn(out, sample)) if last and loss_fn is not None else None
+                cache[key] = _profile_one(model, i, carry, samples, loss)
+                with torch.no_grad():
+                    next_carry = model.run_layers(dict(carry), [i])
+            carry_out = {k: torch.empty_like(v, device="cpu") for k, v in next_carry.items()}
+            cache[key + ("out",)] = carry_out  # type: ignore[assignment]
+        carry = cache[key + ("out",)]  # type: ignore[assignment]
+        profiles.append(cache[key])
+    return profiles
+
+
+def _profile_one(model: LayeredModel, index: int, carry, samples: int, loss=None) -> LayerProfile:
+    layer = model.layers[index]
+    param_storages = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in param_storages:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    inputs = _leaf_inputs(carry)
+    input_storages = {v.untyped_storage().data_ptr() for v in inputs.values()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model.run_layers(inputs, [index])
+        if loss is not None:
+            loss(out)
+    act = sum(n for ptr, n in saved.items() if ptr not in input_storages)
+    out_bytes = sum(v.numel() * v.element_size() for v in out.values()
+                    if v.untyped_storage().data_ptr() not in input_storages)
+    params = sum(p.numel() * p.element_size() for p in layer.parameters())
+    return LayerProfile(params, act / samples, out_bytes / samples)
+
+
+@dataclass
+class MemoryModel:
+    """Predicted stage peaks for one configuration. `batch_size` is one replica's batch;
+    `checkpoint="single"` means one process without a pipeline; `first_input_bytes` is the
+    first stage's input per sample (token ids)."""
+
+    profiles: Sequence[LayerProfile]
+    batch_size: int
+    micro_batches: int = 1
+    schedule: str = "gpipe"
+    checkpoint: str = "single"
+    fixed_mb: float = 0.0
+    first_input_bytes: float = 0.0
+
+    def __post_init__(self) -> None:
+        self._acts = [0.0]
+        self._params = [0]
+        for p in self.profiles:
+            self._acts.append(self._acts[-1] + p.act_bytes)
+            self._params.append(self._params[-1] + p.param_bytes)
+
+    def activation_bytes(self, stage: int, num_stages: int, start: int, stop: int,
+                         largest: float | None = None) -> float:
+        """Live activation bytes of the stage holding layers start..stop-1 at its worst moment."""
+        micro_batch = self.batch_size / (1 if self.checkpoint == "single" else self.micro_batches)
+        per_mb = (self._acts[stop] - self._acts[start]) * micro_batch
+        if largest is None:
+            largest = max(p.act_bytes for p in self.profiles[start:stop])
+        transient = TRANSIENT * largest * micro_batch
+        if self.checkpoint == "single":
+            return per_mb + transient
+        input_bytes = self.first_input_bytes if start == 0 else self.profiles[start - 1].out_bytes
+        boundary = (input_bytes + self.profiles[stop - 1].out_bytes) * micro_batch
+        in_flight = self.micro_batches if self.schedule == "gpipe" else min(self.micro_batches, num_stages - stage)
+        if self.checkpoint == "never":
+            return in_flight * (per_mb + boundary) + transient
+        return in_flight * boundary + per_mb + transient
+
+    def stage_peak_mb(self, stage: int, num_stages: int, start: int, stop: int,
+                      largest: float | None = None) -> float:
+        param_mb = (self._params[stop] - self._params[start]) / MB
+        act = self.activation_bytes(stage, num_stages, start, stop, largest)
+        return self.fixed_mb + (2 + OPTIMIZER_STATES) * param_mb + ALLOC_OVERHEAD * act / MB
+
+    def predict(self, balance: Sequence[int]) -> list[StageMemory]:
+        """Each stage's predicted peak, by part."""
+        stages = []
+        for s, layers in enumerate(stage_ranges(balance)):
+            param_mb = (self._params[layers.stop] - self._params[layers.start]) / MB
+            act = self.activation_bytes(s, len(balance), layers.start, layers.stop)
+            span = f"{layers.start}" if len(layers) == 1 else f"{layers.start}-{layers[-1]}"
+            stages.append(StageMemory(
+                stage=s, layers=span, params=int(param_mb * MB) // 4, fixed_mb=self.fixed_mb,
+                param_mb=param_mb, grad_mb=param_mb, optim_mb=OPTIMIZER_STATES * param_mb,
+                act_mb=ALLOC_OVERHEAD * act / MB,
+                peak_mb=self.stage_peak_mb(s, len(balance), layers.start, layers.stop),
+            ))  # fmt: skip
+        return stages
+
+    def balance(self, num_stages: int) -> list[int]:
+        """The contiguous balance whose largest predicted stage peak is smallest (a dynamic
+        programme over cut points with this model's own stage formula, so the first and last
+        stages' embeddings, heads and inputs count)."""
+        num_layers = len(self.profiles)
+        if not 1 <= num_stages <= num_layers:
+            raise ValueError(f"cannot split {num_layers} layers into {num_stages} stages: use 1..{num_layers}")
+        inf = float("inf")
+        best = [[inf] * (num_layers + 1) for _ in range(num_stages + 1)]
+        cut = [[0] * (num_layers + 1) for _ in range(num_stages + 1)]
+        best[0][0] = 0.0
+        for k in range(1, num_stages + 1):
+            for j in range(k, num_layers - (num_stages - k) + 1):
+                largest = 0.0
+                for i in range(j - 1, k - 2, -1):  # stage k-1 holds layers i..j-1
+                    largest = max(largest, self.profiles[i].act_bytes)
+                    if best[k - 1][i] >= best[k][j]:
+                        continue
+                    stage_peak = self.stage_peak_mb(k - 1, num_stages, i, j, largest)
+                    if stage_peak >= best[k][j]:
+                        break  # earlier cuts only make this stage larger
+                    value = max(best[k - 1][i], stage_peak)
+                    if value < best[k][j]:
+                        best[k][j], cut[k][j] = value, i
+        balance, j = [], num_layers
+        for k in range(num_stages, 0, -1):
+            balance.append(j - cut[k][j])
+            j = cut[k][j]
+        return balance[::-1]
+
+
+def memory_balance(model: LayeredModel, loss_fn, batch: Batch, num_stages: int, *, micro_batches: int,
+                   schedule: str, checkpoint: str, seed: int = 0) -> list[int]:
+    """`strategy.balance=memory`: profile on one sample of `batch` (one replica's batch) and cut
+    where the largest predicted stage peak is smallest."""
+    size = next(iter(batch.values())).shape[0]
+    sample = {k: v[:1].cpu() for k, v in batch.items()}
+    profiles = profile_layers(model, sample, seed=seed, loss_fn=loss_fn)
+    first_input = sum(v.numel() * v.element_size() for v in sample.values())
+    memory = MemoryModel(profiles, batch_size=size, micro_batches=micro_batches, schedule=schedule,
+                         checkpoint=checkpoint, first_input_bytes=first_input)
+    return memory.balance(num_stages)

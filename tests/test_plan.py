@@ -1,0 +1,113 @@
+"""giantpipe-plan and its memory model: stage formulas, the memory balance, the CLI, and the budget
+checks before and during training."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import TINY, run_train
+from giantpipe.models.giant_net import GiantNet
+from giantpipe.models.losses import TokenCrossEntropy
+from giantpipe.strategies.lightning_strategy import check_stage_memory
+from giantpipe.strategies.memory_model import MB, LayerProfile, MemoryModel, profile_layers
+
+PIPE = ["strategy=pipeline", "strategy.micro_batches=4", "strategy.checkpoint=always"]
+
+
+def block_profiles(blocks: int, head_act: float = 5e4) -> list[LayerProfile]:
+    """An embedding, `blocks` equal blocks and a head whose logits weigh `head_act` per sample."""
+    emb = LayerProfile(param_bytes=2 * MB, act_bytes=1e4, out_bytes=1e4)
+    block = LayerProfile(param_bytes=MB, act_bytes=2e5, out_bytes=1e4)
+    head = LayerProfile(param_bytes=2 * MB, act_bytes=head_act, out_bytes=4e4)
+    return [emb] + [block] * blocks + [head]
+
+
+def worst(model: MemoryModel, balance) -> float:
+    return max(s.peak_mb for s in model.predict(balance))
+
+
+def test_rematerialization_and_1f1b_hold_less_than_keeping_every_micro_batch():
+    profiles = block_profiles(6)
+    peaks = {}
+    for checkpoint, schedule in [("never", "gpipe"), ("always", "gpipe"), ("never", "1f1b")]:
+        model = MemoryModel(profiles, batch_size=32, micro_batches=8, checkpoint=checkpoint, schedule=schedule)
+        peaks[checkpoint, schedule] = [s.act_mb for s in model.predict([4, 4])]
+    assert peaks["always", "gpipe"][0] < peaks["never", "1f1b"][0] < peaks["never", "gpipe"][0]
+    # 1F1B's last stage holds one micro-batch in flight, its first stage two (of 2 stages)
+    assert peaks["never", "1f1b"][1] < peaks["never", "1f1b"][0]
+    single = MemoryModel(profiles, batch_size=32, checkpoint="single").predict([8])[0]
+    assert single.act_mb > peaks["never", "gpipe"][0] / 2  # the whole batch's activations at once
+    assert single.optim_mb == 2 * single.param_mb == 2 * single.grad_mb
+
+
+def test_memory_balance_is_the_best_contiguous_cut_and_knows_the_heavy_head():
+    profiles = block_profiles(7, head_act=2e6)  # logits heavier than four blocks
+    model = MemoryModel(profiles, batch_size=16, micro_batches=4, checkpoint="always", fixed_mb=100)
+    balance = model.balance(3)
+    brute = min((worst(model, [a, b, 9 - a - b]), [a, b, 9 - a - b])
+                for a, b in itertools.product(range(1, 8), repeat=2) if 9 - a - b >= 1)
+    assert worst(model, balance) == pytest.approx(brute[0])
+    assert balance[-1] < balance[0]  # the stage with the head gets fewer blocks
+    assert model.balance(1) == [9]
+
+
+def test_profile_is_per_sample_and_linear_in_the_batch():
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = GiantNet(vocab_size=64, d_model=32, n_layers=3, n_heads=2, d_ff=64, max_len=16)
+    batch = {"tokens": torch.randint(0, 64, (4, 16)), "targets": torch.randint(0, 64, (4, 16))}
+    one = profile_layers(model, {k: v[:1] for k, v in batch.items()}, loss_fn=TokenCrossEntropy())
+    four = profile_layers(model, batch, loss_fn=TokenCrossEntropy())
+    assert len(one) == 5 and one[1] == one[2] == one[3]  # equal blocks: measured once
+    for a, b in zip(one, four):
+        assert a.param_bytes == b.param_bytes and a.act_bytes > 0
+    for a, b in zip(one[1:], four[1:]):  # the embedding also saves batch-free position ids
+        assert a.act_bytes == pytest.approx(b.act_bytes, rel=0.1)  # plus a few constant scalars
+    assert all(p.is_meta for p in model.parameters())  # profiled one layer at a time, then dropped
+
+
+def plan_cli(args, tmp_path):
+    return subprocess.run([sys.executable, "-m", "giantpipe.platform.plan", *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=180)
+
+
+def test_plan_json_per_stage_and_the_fix_when_it_does_not_fit(tmp_path):
+    args = TINY + PIPE + ["model.n_layers=6", "strategy.stages=3", "trainer.devices=3",
+                          "strategy.balance=memory"]
+    ok = plan_cli(args + ["--device-memory", "100000", "--json"], tmp_path)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    plan = json.loads(ok.stdout)
+    assert [s["stage"] for s in plan["stages"]] == [0, 1, 2] and plan["fits"] is True
+    for s in plan["stages"]:
+        assert s["peak_mb"] == pytest.approx(s["fixed_mb"] + s["param_mb"] + s["grad_mb"] + s["optim_mb"]
+                                             + s["act_mb"])
+        assert s["fixed_mb"] > 100  # torch and Lightning are part of what VmHWM shows
+    tight = plan["stages"][0]["fixed_mb"] + 0.5  # nothing but the framework fits
+    no = plan_cli(args + ["--device-memory", str(tight)], tmp_path)
+    text = " ".join(no.stdout.split())
+    assert no.returncode == 1 and "DOES NOT FIT" in text
+    assert "nothing fits: no stage count" in text or "fits with: strategy=pipeline" in text
+
+
+def test_budget_stops_a_run_before_training_with_the_table(tmp_path):
+    args = TINY + PIPE + ["strategy.stages=2", "trainer.devices=2", "strategy.memory_budget_mb=64",
+                          f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = run_train(args, tmp_path, check=False)
+    assert proc.returncode == 2
+    assert "strategy.memory_budget_mb=64" in proc.stderr and "peak MiB" in proc.stderr
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_a_stage_over_the_budget_at_run_time_is_named():
+    engine = SimpleNamespace(stage=1, rank=3)
+    check_stage_memory(engine, None)
+    check_stage_memory(engine, 1e9)
+    with pytest.raises(MemoryError, match=r"stage 1 \(rank 3\).*strategy.memory_budget_mb=1"):
+        check_stage_memory(engine, 1.0)
