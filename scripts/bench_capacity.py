@@ -124,7 +124,7 @@ def search(name: str, base: list[str], stages: int, budget: float, workdir: Path
            max_trials: int) -> dict:
     """Largest passing block count, starting from the plan's prediction (steps of one block per stage)."""
     guess = predict(base, max(stages, 2), budget, largest=True)["largest_blocks"]
-    if quick:  # two trials: one just inside the prediction, one step above it
+    if quick:  # one trial, just inside the prediction
         guess = max(1, int(guess * 0.9))
     step = stages
     processes = stages + 1 if name != "naive" else 1
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--budget-mb", type=float, default=None,
                         help=f"per process (default 2048; --quick {QUICK_BUDGET_MB:.0f})")
     parser.add_argument("--configs", default=None, help="comma list of naive,1,2,4,8")
-    parser.add_argument("--quick", action="store_true", help="a small budget, naive and 2 stages, 2 trials each")
+    parser.add_argument("--quick", action="store_true", help="a small budget, naive and 2 stages, one trial each (the suite smoke-tests it)")
     parser.add_argument("--out", default="bench_capacity.json")
     parser.add_argument("--max-trials", type=int, default=4, help="training runs per configuration at most")
     parser.add_argument("overrides", nargs="*", help="extra giantpipe-train overrides")
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
             stages, strategy = config_overrides(name, MICRO_BATCHES)
             base = [*QUIET, *(f"{k}={v}" for k, v in width.items()), *strategy, *args.overrides]
             configs.append(search(name, base, stages, budget, Path(workdir), args.quick,
-                                  max_trials=2 if args.quick else args.max_trials))
+                                  max_trials=1 if args.quick else args.max_trials))
     launchers = [t["peaks_mb"].get("launcher") for c in configs if c["name"] != "naive" for t in c["trials"]]
     meta["fixed_cost_mb"]["launcher"] = max((v for v in launchers if v), default=None)
     meta.update(seconds=round(time.perf_counter() - t0, 1), loadavg_end=os.getloadavg()[0])

@@ -101,7 +101,7 @@ def test_budget_stops_a_run_before_training_with_the_table(tmp_path):
                           f"hydra.run.dir={tmp_path / 'run'}"]
     proc = run_train(args, tmp_path, check=False)
     assert proc.returncode == 2
-    assert "strategy.memory_budget_mb=64" in proc.stderr and "peak MiB" in proc.stderr
+    assert "strategy.memory_budget_mb=64" in proc.stderr and "activ." in proc.stderr
     assert not (tmp_path / "run" / "summary.json").exists()
 
 

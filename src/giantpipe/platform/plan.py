@@ -145,23 +145,28 @@ def make_plan(cfg: DictConfig, *, budget_mb: float | None = None, suggest: bool 
 
 
 def suggestions(cfg, task, sample, fixed: float, budget: float) -> list[str]:
-    """The smallest stage count that fits, for each re-materialization mode (or none fits)."""
-    layers = len(task.model.layers)
-    micro = cfg.strategy.micro_batches if cfg.strategy.name == "pipeline" else 4
-    micro = min(micro, cfg.data.batch_size) if micro > 1 else min(4, cfg.data.batch_size)
+    """The smallest stage count that fits, for each re-materialization mode (or none fits).
+    More stages never raise the largest stage's predicted peak, so the count is bisected."""
+    most = min(len(task.model.layers), 64)
+    micro = cfg.strategy.micro_batches if cfg.strategy.name == "pipeline" else 1
+    micro = min(micro if micro > 1 else 4, cfg.data.batch_size)
     out = []
     for checkpoint in CHECKPOINT_MODES:
         model = memory_model(cfg, task, sample, fixed, checkpoint=checkpoint, micro_batches=micro)
-        for stages in range(1, layers + 1):
-            peak = max(s.peak_mb for s in model.predict(model.balance(stages)))
-            if peak <= budget:
-                out.append(f"fits with: strategy=pipeline strategy.stages={stages} trainer.devices={stages} "
-                           f"strategy.checkpoint={checkpoint} strategy.micro_batches={micro} "
-                           f"strategy.balance=memory (largest stage {peak:.0f} MiB)")
-                break
-            if stages >= 64:
-                break
-    return out or [f"nothing fits: no stage count up to {min(layers, 64)} fits {budget:.0f} MiB per process: "
+
+        def peak(stages: int, model: MemoryModel = model) -> float:
+            return max(s.peak_mb for s in model.predict(model.balance(stages)))
+
+        if peak(most) > budget:
+            continue
+        lo, hi = 0, most  # peak(lo) > budget (or lo = 0), peak(hi) <= budget
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if peak(mid) <= budget else (mid, hi)
+        out.append(f"fits with: strategy=pipeline strategy.stages={hi} trainer.devices={hi} "
+                   f"strategy.checkpoint={checkpoint} strategy.micro_batches={micro} "
+                   f"strategy.balance=memory (largest stage {peak(hi):.0f} MiB)")
+    return out or [f"nothing fits: no stage count up to {most} fits {budget:.0f} MiB per process: "
                    f"a smaller batch, more micro-batches or a smaller model"]
 
 
@@ -197,15 +202,14 @@ def plan_table(plan: Plan):
 
     verdict = "" if plan.fits is None else (" — fits" if plan.fits else " — DOES NOT FIT")
     budget = f" in {plan.budget_mb:.0f} MiB per process" if plan.budget_mb is not None else ""
-    table = Table(title=f"giantpipe-plan: predicted peak memory per process{budget}{verdict}",
+    table = Table(title=f"giantpipe-plan: predicted peak memory (MiB) per process{budget}{verdict}",
                   caption=f"predicted step time ~{plan.step_s:.2f} s (rough; no load from other work)")
-    for name in ("stage", "layers", "params", "weights MiB", "grads MiB", "AdamW MiB", "activations MiB",
-                 "fixed MiB", "peak MiB"):
+    for name in ("stage", "layers", "params", "weights", "grads", "AdamW", "activ.", "fixed", "peak"):
         table.add_column(name, justify="right")
     for s in plan.stages:
         over = plan.budget_mb is not None and s.peak_mb > plan.budget_mb
         peak = f"[bold red]{s.peak_mb:.0f}[/]" if over else f"{s.peak_mb:.0f}"
-        table.add_row(str(s.stage), s.layers, f"{s.params:,}", f"{s.param_mb:.0f}", f"{s.grad_mb:.0f}",
+        table.add_row(str(s.stage), s.layers, f"{s.params / 1e6:.1f}M", f"{s.param_mb:.0f}", f"{s.grad_mb:.0f}",
                       f"{s.optim_mb:.0f}", f"{s.act_mb:.0f}", f"{s.fixed_mb:.0f}", peak)
     return table
 
