@@ -225,13 +225,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--budget-mb", type=float, default=None,
                         help=f"per process (default 2048; --quick {QUICK_BUDGET_MB:.0f})")
     parser.add_argument("--configs", default=None, help="comma list of naive,1,2,4,8")
-    parser.add_argument("--quick", action="store_true", help="a small budget, naive and 2 stages, one trial each (the suite smoke-tests it)")
+    parser.add_argument("--quick", action="store_true", help="a small budget, 2 stages, one trial (the suite smoke-tests it)")
     parser.add_argument("--out", default="bench_capacity.json")
     parser.add_argument("--max-trials", type=int, default=4, help="training runs per configuration at most")
     parser.add_argument("overrides", nargs="*", help="extra giantpipe-train overrides")
     args = parser.parse_args(argv)
     budget = args.budget_mb or (QUICK_BUDGET_MB if args.quick else 2048.0)
-    names = (args.configs or ("naive,2" if args.quick else "naive,1,2,4,8")).split(",")
+    names = (args.configs or ("2" if args.quick else "naive,1,2,4,8")).split(",")
     width = dict(WIDTH, **({"data.max_bytes": 300000} if args.quick else {}))
     started, t0 = datetime.datetime.now(datetime.timezone.utc).isoformat(), time.perf_counter()
     meta = {"started": started, "budget_mb": budget, "width": width, "micro_batches": MICRO_BATCHES,
@@ -246,6 +246,8 @@ def main(argv: list[str] | None = None) -> dict:
             base = [*QUIET, *(f"{k}={v}" for k, v in width.items()), *strategy, *args.overrides]
             configs.append(search(name, base, stages, budget, Path(workdir), args.quick,
                                   max_trials=1 if args.quick else args.max_trials))
+            partial = {"meta": {**meta, "partial": True}, "configs": configs}
+            Path(args.out).write_text(json.dumps(partial, indent=2))  # a long run keeps what it has
     launchers = [t["peaks_mb"].get("launcher") for c in configs if c["name"] != "naive" for t in c["trials"]]
     meta["fixed_cost_mb"]["launcher"] = max((v for v in launchers if v), default=None)
     meta.update(seconds=round(time.perf_counter() - t0, 1), loadavg_end=os.getloadavg()[0])
