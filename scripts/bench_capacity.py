@@ -1,8 +1,9 @@
 """GPipe's Table 1 on this machine: the largest giant net each configuration trains in a memory budget.
 
-    python scripts/bench_capacity.py                        # 2 GiB per process, ~30 min
-    python scripts/bench_capacity.py --budget-mb 1024       # what the README table used
-    python scripts/bench_capacity.py --quick                # seconds: the suite's smoke test
+    python scripts/bench_capacity.py                        # 2 GiB per process (9 processes at 8 stages)
+    python scripts/bench_capacity.py --budget-mb 640        # what the README table used
+    python scripts/bench_capacity.py --quick                # one 2-stage trial: the suite's smoke test
+    python scripts/bench_capacity.py --configs 8 --start-blocks 176 --max-trials 1   # one check
 
 For each configuration -- `naive` (one process, plain model, no re-materialization), and
 `strategy=pipeline` with `checkpoint=always`, M micro-batches and 1, 2, 4, 8 stages -- the
@@ -15,8 +16,9 @@ per stage, then bisects; each configuration's largest passing L is reported with
 prediction for every stage against the measured VmHWM (the target: within 15%).
 
 Width: d_model 128, d_ff 512 at 8 x 128 tokens per batch, so that activations dominate the
-naive model (as in the paper's Transformer-L) while the deepest search (about 8 x 90 blocks at
-1 GiB) still runs 3 steps in minutes on 2 CPU cores.
+naive model (as in the paper's Transformer-L) while the deepest trial (about 8 x 25 blocks at
+640 MiB; a few hundred per stage at 2 GiB) runs 3 steps in minutes on 2 CPU cores. An idle machine runs
+a trial in about 15 s plus the steps; under the load of other work, several minutes.
 
 JSON (`--out`, default bench_capacity.json):
   meta     started, seconds, budget_mb, width, overrides, quick, loadavg_start/end (1-min),
@@ -121,11 +123,12 @@ def wait_for_memory(processes: int, budget: float) -> None:
 
 
 def search(name: str, base: list[str], stages: int, budget: float, workdir: Path, quick: bool,
-           max_trials: int) -> dict:
+           max_trials: int, start: int | None = None) -> dict:
     """Largest passing block count, starting from the plan's prediction (steps of one block per stage)."""
     guess = predict(base, max(stages, 2), budget, largest=True)["largest_blocks"]
     if quick:  # one trial, just inside the prediction
         guess = max(1, int(guess * 0.9))
+    guess = start or guess
     step = stages
     processes = stages + 1 if name != "naive" else 1
     trials: dict[int, dict] = {}
@@ -228,6 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="a small budget, 2 stages, one trial (the suite smoke-tests it)")
     parser.add_argument("--out", default="bench_capacity.json")
     parser.add_argument("--max-trials", type=int, default=4, help="training runs per configuration at most")
+    parser.add_argument("--start-blocks", type=int, default=None, help="first trial's L (default: the plan's)")
     parser.add_argument("overrides", nargs="*", help="extra giantpipe-train overrides")
     args = parser.parse_args(argv)
     budget = args.budget_mb or (QUICK_BUDGET_MB if args.quick else 2048.0)
@@ -245,7 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
             stages, strategy = config_overrides(name, MICRO_BATCHES)
             base = [*QUIET, *(f"{k}={v}" for k, v in width.items()), *strategy, *args.overrides]
             configs.append(search(name, base, stages, budget, Path(workdir), args.quick,
-                                  max_trials=1 if args.quick else args.max_trials))
+                                  max_trials=1 if args.quick else args.max_trials, start=args.start_blocks))
             partial = {"meta": {**meta, "partial": True}, "configs": configs}
             Path(args.out).write_text(json.dumps(partial, indent=2))  # a long run keeps what it has
     launchers = [t["peaks_mb"].get("launcher") for c in configs if c["name"] != "naive" for t in c["trials"]]
