@@ -19,17 +19,18 @@ import soundfile as sf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from data_harness import load_splits, read, scan
+
 from giantpipe.platform.config import ConfigError
-from giantpipe.platform.data.speech import (
-    RecordSource,
-    normalize_transcript,
-    prepare_speech,
-    read_transcripts,
-    scan,
-)
+from giantpipe.platform.data.graphemes import normalize_transcript
+from giantpipe.platform.data.speech import prepare_speech
+from giantpipe.platform.data.speech_sources import RecordSource, read_transcripts
 from giantpipe.platform.data.text import blocks, load_documents
-from giantpipe.platform.data.translation import load_translation_splits, prepare_translation
-from giantpipe.platform.data.translation_sources import clean, read_json, read_parallel, read_tsv
+from giantpipe.platform.data.translation import prepare_translation
+from giantpipe.platform.data.translation_sources import clean
+from giantpipe.platform.data.translation_sources import read_json as _read_json
+from giantpipe.platform.data.translation_sources import read_parallel as _read_parallel
+from giantpipe.platform.data.translation_sources import read_tsv as _read_tsv
 from giantpipe.platform.preflight import compose_train
 
 CAMPAIGN = settings(max_examples=300, deadline=None,
@@ -85,7 +86,7 @@ def test_text_files_skip_and_count_undecodable_lines_and_empty_documents(files, 
             assert "every split needs text" in str(err) and "Traceback" not in str(err)
             assert not with_good_file
             return
-        assert skipped.undecodable_lines == bad_lines and skipped.empty_documents == empty_docs
+        assert skipped.undecodable == bad_lines and skipped.empty == empty_docs
         kept_chars = sum(len(b) for split in docs.values() for b in split)
         assert kept_chars == sum(len(d) for d in expected_docs)  # every good character, once
 
@@ -139,11 +140,24 @@ def encode_line(line: str | bytes) -> bytes:
 
 
 def expected_counts(records) -> dict[str, int]:
-    counts = dict.fromkeys(("empty", "too_long", "undecodable", "malformed"), 0)
-    for kind, _, _ in records:
+    """The nonzero skip counts, by kind, of (kind, line, pair) rows."""
+    counts: dict[str, int] = {}
+    for kind, *_ in records:
         if kind != "ok":
-            counts[kind] += 1
+            counts[kind] = counts.get(kind, 0) + 1
     return counts
+
+
+def read_json(path, *args, **kwargs):
+    return read(_read_json, path, *args, **kwargs)
+
+
+def read_tsv(path, **kwargs):
+    return read(_read_tsv, path, **kwargs)
+
+
+def read_parallel(src, tgt, **kwargs):
+    return read(_read_parallel, src, tgt, **kwargs)
 
 
 @CAMPAIGN
@@ -209,7 +223,7 @@ def test_tsv_and_parallel_text_keep_good_pairs_and_count_the_rest(rows, more_row
         files = {"train": path, "validation": path, "test": [src, tgt]}
         empty = "train" if not pairs else "test" if not parallel else None
         try:
-            splits = load_translation_splits("files", files=files, max_words=MAX_WORDS)
+            splits = load_splits("files", files=files, max_words=MAX_WORDS)
         except ValueError as err:
             assert f"no usable {empty} pairs" in str(err), err
         else:
@@ -225,13 +239,13 @@ def test_unusable_translation_files_are_one_clean_error(tmp_path):
     with pytest.raises(ValueError, match="not a valid JSON array"):
         read_json(broken, "en", "de")
     with pytest.raises(ValueError, match="is not a file"):
-        load_translation_splits("files", files=str(tmp_path))
+        load_splits("files", files=str(tmp_path))
     with pytest.raises(ValueError, match="does not exist"):
-        load_translation_splits("files", files=[tmp_path / "a.en", tmp_path / "a.de"])
+        load_splits("files", files=[tmp_path / "a.en", tmp_path / "a.de"])
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(b"{oops\n\xff\xfe\n" + json.dumps({"en": "", "de": "x"}).encode() + b"\n")
     with pytest.raises(ValueError, match=r"no usable train pairs.*'empty': 1.*'undecodable': 1.*'malformed': 1"):
-        load_translation_splits("files", files={"train": bad, "validation": bad, "test": bad})
+        load_splits("files", files={"train": bad, "validation": bad, "test": bad})
 
 
 def test_a_corpus_with_every_kind_of_bad_line_prepares_and_counts_them(tmp_path):
@@ -295,7 +309,7 @@ def expected_kind(kind: str, text: str) -> str:
                                  b'{"file_name": 7, "text": "x"}']), max_size=3))
 def test_audio_files_and_transcripts_are_kept_or_skipped_and_counted(items, fmt, bad_lines):
     with workdir() as tmp:
-        rows, expected = [], dict.fromkeys(("silent", "empty", "unreadable", "too_long", "no_text"), 0)
+        rows, expected = [], {}
         kept = []
         for i, ((kind, data, suffix, samples), text) in enumerate(items):
             name = f"u{i}.{suffix}"
@@ -306,13 +320,14 @@ def test_audio_files_and_transcripts_are_kept_or_skipped_and_counted(items, fmt,
             if kind == "ok":
                 kept.append((normalize_transcript(text), samples))
             else:
-                expected[kind] += 1
+                expected[kind] = expected.get(kind, 0) + 1
         path = Path(tmp, f"trans.{fmt}")
         if fmt == "txt":
             lines = [f"{name} {text}".encode() for name, text in rows]
         elif fmt == "jsonl":
             lines = [json.dumps({"file_name": name, "text": text}).encode() for name, text in rows] + bad_lines
-            expected["unreadable"] += len(bad_lines)
+            if bad_lines:
+                expected["unreadable"] = expected.get("unreadable", 0) + len(bad_lines)
         else:
             lines = [b"file_name,text"] + [f'{name},"{text}"'.encode() for name, text in rows]
         path.write_bytes(b"\n".join(lines) + b"\n")
@@ -346,12 +361,8 @@ record_item = st.one_of(
 @given(st.lists(record_item, max_size=10))
 def test_hf_schema_records_are_kept_or_skipped_and_counted(records):
     scanned = scan(RecordSource([r for _, r in records]), max_seconds=MAX_SECONDS)
-    expected = dict.fromkeys(("silent", "empty", "unreadable", "too_long", "no_text"), 0)
-    for kind, _ in records:
-        if kind != "ok":
-            expected[kind] += 1
-    assert scanned.skipped.as_dict() == expected
-    assert scanned.indices == [i for i, (kind, _) in enumerate(records) if kind == "ok"]
+    assert scanned.skipped.as_dict() == expected_counts(records)
+    assert len(scanned.texts) == sum(kind == "ok" for kind, _ in records)
 
 
 def test_speech_with_no_usable_training_audio_is_one_clean_error(tmp_path):
@@ -359,6 +370,6 @@ def test_speech_with_no_usable_training_audio_is_one_clean_error(tmp_path):
     (tmp_path / "cut.wav").write_bytes(wav_bytes(tone(0.3, SR), SR)[:100])
     (tmp_path / "trans.txt").write_bytes(b"silent hello\ncut world\nmissing gone\n\xff\xfe\n")
     with pytest.raises(ValueError, match=r"no usable training audio.*'silent': 1.*'unreadable': 3"):
-        prepare_speech(source="files", files={"train": tmp_path / "trans.txt"}, spec_augment=False)
+        prepare_speech(source="files", files={"train": tmp_path / "trans.txt"}, cache_dir=tmp_path)
     with pytest.raises(ValueError, match="is not a file"):
         read_transcripts(tmp_path)

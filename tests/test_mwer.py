@@ -21,7 +21,7 @@ from giantpipe.models.mwer import (
     word_edit_distance,
     word_error_rate,
 )
-from giantpipe.platform.data.speech import GraphemeVocab
+from giantpipe.platform.data.graphemes import GraphemeVocab
 
 torch.set_num_threads(1)
 PAD, BOS, EOS = 0, 1, 2

@@ -68,7 +68,7 @@ def test_spec_augment_masks_depend_on_the_sample_key_not_the_batch():
         trainer = None
 
         def __init__(self):
-            from giantpipe.platform.data.speech import SpecAugment
+            from giantpipe.platform.data.spec_augment import SpecAugment
             self.augment = SpecAugment(freq_masks=2, freq_width=5, time_masks=2, time_width=6)
 
         batch_items = SpeechTask.batch_items

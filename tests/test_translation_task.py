@@ -76,7 +76,7 @@ def test_data_module_reads_local_files_counts_skips_and_caches(tmp_path, caplog)
     with caplog.at_level("INFO"):
         data = TranslationDataModule(cfg, batch_size=8, seed=0).prepare()
     assert {s: len(d) for s, d in data.datasets.items()} == {"train": 298, "validation": 30, "test": 20}
-    assert data.skipped["train"] == {"empty": 1, "too_long": 0, "undecodable": 1, "malformed": 1}
+    assert data.skipped["train"] == {"empty": 1, "undecodable": 1, "malformed": 1}
     assert data.skipped["validation"]["malformed"] == 1
     assert "skipped 3 (empty 1, undecodable 1, malformed 1)" in caplog.text
     again = TranslationDataModule(cfg, batch_size=8, seed=0)

@@ -14,6 +14,9 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from giantpipe.platform.data.cache import CACHE_DIR
+from giantpipe.platform.data.hf import HF_SPLITS
+
 
 class ConfigError(ValueError):
     """A configuration that composes but cannot run; the message says the fix."""
@@ -136,7 +139,7 @@ class TextDataConfig:
     val_fraction: float = 0.03
     test_fraction: float = 0.03
     num_workers: int = 0
-    cache_dir: str = "${oc.env:GIANTPIPE_CACHE,${oc.env:HOME}/.cache/giantpipe}"
+    cache_dir: str = CACHE_DIR
 
 
 @dataclass
@@ -156,9 +159,8 @@ class TranslationDataConfig:
     test_paths: list[str] = field(default_factory=list)
     hf_name: str | None = None  # source=hf, e.g. wmt16
     hf_config: str | None = None  # e.g. de-en
-    hf_splits: dict[str, str] = field(
-        default_factory=lambda: {"train": "train", "validation": "validation", "test": "test"}
-    )
+    streaming: bool = False  # source=hf: read the hub's shards as they come (no full download)
+    hf_splits: dict[str, str] = field(default_factory=lambda: dict(HF_SPLITS))
     size: int = 40_000  # source=default: pairs generated
     split_seed: int = 0  # generates the default corpus and cuts splits; not the run's seed,
     # so runs with different seeds share one test set
@@ -166,6 +168,7 @@ class TranslationDataConfig:
     test_size: int = 1000
     max_words: int | None = 250  # pairs with longer sentences are skipped (and counted)
     tokenizer: str = "bpe"  # bpe | unigram | wordpiece, trained on the train split
+    tokenizer_sample: int = 500_000  # wordpieces train on a uniform sample of this many train pairs
     vocab_size: int = 1000
     shared_vocab: bool = True  # one vocabulary for both languages
     max_tokens: int | None = 128  # training pairs longer than this (in wordpieces) are skipped
@@ -173,7 +176,7 @@ class TranslationDataConfig:
     batch_size: int = 64  # global batch (all replicas together)
     pool_batches: int = 50  # length bucketing: sort within pools of this many batches
     num_workers: int = 0
-    cache_dir: str = "${oc.env:GIANTPIPE_CACHE,${oc.env:HOME}/.cache/giantpipe}"
+    cache_dir: str = CACHE_DIR
 
 
 @dataclass
@@ -208,22 +211,22 @@ class SpeechDataConfig:
     # source=hf: {"audio": {"array", "sampling_rate"}, "text"} records
     hf_name: str | None = None
     hf_config: str | None = None
-    hf_splits: dict[str, str] = field(
-        default_factory=lambda: {"train": "train", "validation": "validation", "test": "test"}
-    )
+    hf_splits: dict[str, str] = field(default_factory=lambda: dict(HF_SPLITS))
+    streaming: bool = False  # read the hub's shards as they come (no full download)
     audio_field: str = "audio"
     text_field: str = "text"
     units: str = "graphemes"  # graphemes | wordpieces (BPE trained on the train transcripts)
     vocab_size: int = 500  # units=wordpieces
     n_mels: int = 80  # log-mel, 25 ms window, 10 ms hop
     normalization: str = "utterance"  # utterance | global | none
-    cache_features: bool = True  # keep each utterance's log-mel frames in memory after first use
+    cache_features: bool = True  # log-mel frames computed once into memory-mapped shards on
+    # disk (false: the decoded audio is stored instead and features are computed per batch)
     spec_augment: SpecAugmentConfig = field(default_factory=SpecAugmentConfig)
     max_seconds: float | None = 30.0  # longer utterances are skipped (and counted)
     batch_size: int = 32  # global batch (all replicas together)
     pool_batches: int = 50  # length bucketing: sort within pools of this many batches
     num_workers: int = 0
-    cache_dir: str = "${oc.env:GIANTPIPE_CACHE,${oc.env:HOME}/.cache/giantpipe}"
+    cache_dir: str = CACHE_DIR
 
 
 # ---------------------------------------------------------------- loss

@@ -112,7 +112,7 @@ def translate_main(args) -> None:
 def transcribe(ckpt: Path, paths: list[Path], overrides: list[str]) -> list[str]:
     """Transcribe audio files with a speech checkpoint (beam settings: model.decode.*); an
     unreadable file gets an empty transcript and a warning."""
-    from giantpipe.platform.data.speech import AudioReadError, decode_audio
+    from giantpipe.platform.data.audio import AudioReadError, decode_audio
 
     cfg, data, task, device = load_for_inference(ckpt, overrides, "speech", "transcribes audio")
     dataset, collate = data.dataset("train"), data.prepare().collator()
@@ -136,7 +136,7 @@ def transcribe(ckpt: Path, paths: list[Path], overrides: list[str]) -> list[str]
 
 def audio_inputs(path: Path) -> list[Path]:
     """One audio file, or every audio file in a folder (sorted)."""
-    from giantpipe.platform.data.speech import AUDIO_SUFFIXES
+    from giantpipe.platform.data.audio import AUDIO_SUFFIXES
 
     if not path.exists():
         raise ConfigError(f"--input {path} does not exist")
@@ -150,7 +150,7 @@ def audio_inputs(path: Path) -> list[Path]:
 
 def transcribe_main(args) -> None:
     """--input FILE|DIR: `name<TAB>transcript` lines to stdout; WER (with --refs) to stderr."""
-    from giantpipe.platform.data.speech import normalize_transcript
+    from giantpipe.platform.data.graphemes import normalize_transcript
     from giantpipe.platform.tasks.speech import word_error_rate
 
     paths = audio_inputs(Path(args.input))

@@ -108,3 +108,13 @@ def replica_of(trainer) -> tuple[int, int]:
     if not kwargs:
         return 1, 0
     return kwargs["num_replicas"], kwargs["rank"]
+
+
+def stage_of(trainer) -> int:
+    """The pipeline stage of this process (0 without a pipeline): it decides which columns
+    of a batch the process reads."""
+    strategy = getattr(trainer, "strategy", None) if trainer else None
+    topology = getattr(strategy, "topology", None)
+    if topology is None or not hasattr(topology, "stage_of"):
+        return 0
+    return topology.stage_of(trainer.global_rank)

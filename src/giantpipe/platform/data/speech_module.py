@@ -1,11 +1,12 @@
-"""Speech data for Lightning: scanned once per process, length-bucketed, resumable.
+"""Speech data for Lightning: prepared once on disk, memory-mapped, length-bucketed, resumable.
 
-`prepare()` loads the configured source (the embedded eSpeak corpus, local transcript files or
-a Hugging Face dataset), scans it (unreadable, empty, silent and overlong audio and empty
-transcripts are skipped, counted and logged), builds the grapheme vocabulary on the training
-transcripts and the feature pipeline. Log-mel features are computed when a batch is loaded;
+`prepare()` turns the `data` config into `prepare_speech`'s settings: the first process reads
+the configured source (the embedded eSpeak corpus, local transcript files or a Hugging Face
+dataset, streamed or not) once, skipping and counting unreadable, empty, silent and overlong
+audio and empty transcripts, and writes log-mel shards (or 16 kHz samples, with
+`data.cache_features=false`) and transcripts to the cache; every other process opens them.
 SpecAugment is the task's (keyed per sample, so every pipeline layout draws the same masks).
-Batches come from `BucketBatchSampler` (similar lengths, shuffled order) through a
+Batches come from `BucketBatchSampler` over the memory-mapped frame counts through a
 `ResumableLoader`; evaluation batches are never smaller than a pipeline's micro-batch count.
 """
 
@@ -18,8 +19,10 @@ import lightning.pytorch as pl
 from omegaconf import OmegaConf
 
 from giantpipe.platform.config import ConfigError
-from giantpipe.platform.data.buckets import BucketedLoaders, skip_summary
-from giantpipe.platform.data.speech import SPLITS, SpeechData, SpeechDataset, prepare_speech
+from giantpipe.platform.data.buckets import BucketedLoaders
+from giantpipe.platform.data.skips import skip_summary
+from giantpipe.platform.data.speech import SpeechData, SpeechDataset, prepare_speech
+from giantpipe.platform.data.speech_sources import SPLITS
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +47,11 @@ class SpeechDataModule(BucketedLoaders, pl.LightningDataModule):
         """Load and scan the splits; idempotent, safe before the trainer exists."""
         if self.data is None:
             try:
-                self.data = prepare_speech(n_mels=self.cfg.n_mels, normalization=self.cfg.normalization,
-                                           spec_augment=False, max_seconds=self.cfg.max_seconds,
-                                           units=self.cfg.units, vocab_size=self.cfg.vocab_size,
-                                           cache_features=self.cfg.cache_features,
+                cfg = self.cfg
+                self.data = prepare_speech(n_mels=cfg.n_mels, normalization=cfg.normalization,
+                                           max_seconds=cfg.max_seconds, units=cfg.units,
+                                           vocab_size=cfg.vocab_size, precompute=cfg.cache_features,
+                                           cache_dir=Path(cfg.cache_dir).expanduser(),
                                            **self._source_kwargs())
             except ValueError as err:
                 raise ConfigError(f"speech data: {err}") from None
@@ -60,11 +64,9 @@ class SpeechDataModule(BucketedLoaders, pl.LightningDataModule):
 
     def _source_kwargs(self) -> dict:
         cfg = self.cfg
-        cache = {"cache_dir": Path(cfg.cache_dir).expanduser()}
         if cfg.source == "default":
             return dict(source="default", train_size=cfg.train_size, val_size=cfg.val_size,
-                        test_size=cfg.test_size, seed=cfg.corpus_seed, noise_prob=cfg.noise_prob,
-                        **cache)
+                        test_size=cfg.test_size, seed=cfg.corpus_seed, noise_prob=cfg.noise_prob)
         if cfg.source == "files":
             files = {s: list(cfg.get(f"{s}_paths") or []) for s in SPLITS}
             if not files["train"]:
@@ -78,13 +80,13 @@ class SpeechDataModule(BucketedLoaders, pl.LightningDataModule):
             if missing:
                 raise ConfigError(f"speech transcript files not found: {missing}")
             return dict(source="files", files={s: p[0] for s, p in files.items() if p},
-                        audio_dir=cfg.audio_dir, text_field=cfg.text_field, **cache)
+                        audio_dir=cfg.audio_dir, text_field=cfg.text_field)
         if cfg.source == "hf":
             if not cfg.hf_name:
                 raise ConfigError("data.source=hf needs data.hf_name, e.g. data=librispeech")
             return dict(source="hf", hf_name=cfg.hf_name, hf_config=cfg.hf_config,
-                        hf_splits=OmegaConf.to_container(cfg.hf_splits),
-                        audio_field=cfg.audio_field, text_field=cfg.text_field, **cache)
+                        hf_splits=OmegaConf.to_container(cfg.hf_splits), streaming=cfg.streaming,
+                        audio_field=cfg.audio_field, text_field=cfg.text_field)
         raise ConfigError(f"data.source={cfg.source!r}: choose default, files or hf")
 
     def _log_counts(self) -> None:
@@ -100,10 +102,9 @@ class SpeechDataModule(BucketedLoaders, pl.LightningDataModule):
     def dataset(self, split: str) -> SpeechDataset:
         return self.prepare().datasets["validation" if split == "val" else split]
 
-    def references(self, split: str) -> list[str]:
+    def references(self, split: str):
         """Normalized transcripts of a split, by dataset index (the batches' `index`)."""
-        dataset = self.dataset(split)
-        return [dataset.text(i) for i in range(len(dataset))]
+        return self.dataset(split).texts
 
     # ----------------------------------------------------------- loaders
     def setup(self, stage: str | None = None) -> None:

@@ -12,10 +12,8 @@ import glob
 import hashlib
 import json
 import logging
-import math
 import os
 import sysconfig
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -24,12 +22,14 @@ import torch
 from torch.utils.data import Dataset
 
 from giantpipe.platform.config import ConfigError
+from giantpipe.platform.data.cache import build_once, file_stamps, settings_key
 from giantpipe.platform.data.sampling import (
     GlobalBatchSampler,
     ResumableLoader,
     SplitLoaders,
     replica_of,
 )
+from giantpipe.platform.data.skips import SkipCounts
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "validation", "test")
@@ -56,23 +56,7 @@ def split_of(name: str, val_fraction: float, test_fraction: float) -> str:
     return "validation" if u < val_fraction else "test" if u < val_fraction + test_fraction else "train"
 
 
-@dataclass
-class TextSkipCounts:
-    """What reading a text source dropped: documents with no text (or not text at all), and
-    lines of local files that are not UTF-8."""
-
-    empty_documents: int = 0
-    not_text_documents: int = 0
-    undecodable_lines: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
-
-    def __str__(self) -> str:
-        return ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in self.as_dict().items() if v) or "nothing"
-
-
-def read_text_file(path: str | Path, counts: TextSkipCounts) -> str:
+def read_text_file(path: str | Path, counts: SkipCounts) -> str:
     """A file's text with universal newlines; lines that are not UTF-8 are dropped and counted
     (one bad byte should not cost a corpus, nor end a run with a traceback)."""
     lines = []
@@ -80,7 +64,7 @@ def read_text_file(path: str | Path, counts: TextSkipCounts) -> str:
         try:
             lines.append(raw.decode("utf-8"))
         except UnicodeDecodeError:
-            counts.undecodable_lines += 1
+            counts.undecodable += 1
     return "".join(lines).replace("\r\n", "\n").replace("\r", "\n")
 
 
@@ -97,10 +81,10 @@ def text_files(paths) -> list[str]:
     return sorted({f for found in matches.values() for f in found})
 
 
-def load_documents(cfg) -> tuple[dict[str, list[str]], TextSkipCounts]:
+def load_documents(cfg) -> tuple[dict[str, list[str]], SkipCounts]:
     """Texts per split from the configured source (`stdlib`, `hf` or `files`), and what was
     skipped; ConfigError if a split ends up with no text."""
-    counts = TextSkipCounts()
+    counts = SkipCounts()  # lines not UTF-8 (undecodable), documents blank (empty) or not text (malformed)
     if cfg.source == "stdlib":
         docs = stdlib_documents(cfg.max_bytes)
         names, texts = [d["name"] for d in docs], [d["text"] for d in docs]
@@ -117,14 +101,14 @@ def load_documents(cfg) -> tuple[dict[str, list[str]], TextSkipCounts]:
     out = {s: [] for s in SPLITS}
     for name, text in zip(names, texts):
         if not isinstance(text, str):
-            counts.not_text_documents += 1
+            counts.malformed += 1
             continue
         if not text.strip():
-            counts.empty_documents += 1
+            counts.empty += 1
             continue
         for k, block in enumerate(blocks(text)):
             out[split_of(f"{name}#{k}", cfg.val_fraction, cfg.test_fraction)].append(block)
-    if any(counts.as_dict().values()):
+    if counts.total:
         log.info("text source: skipped %s", counts)
     if not all(out.values()):
         raise ConfigError(
@@ -219,12 +203,10 @@ class TextDataModule(SplitLoaders, pl.LightningDataModule):
         """Load, tokenize and cache; idempotent, and safe to call before the trainer exists."""
         if self.splits:
             return
-        cache = Path(self.cfg.cache_dir).expanduser() / "text" / self._key()
-        if not (cache / "meta.json").exists():
-            self._build(cache)
+        cache = build_once(Path(self.cfg.cache_dir).expanduser() / "text" / self._key(), self._build)
         meta = json.loads((cache / "meta.json").read_text())
         self.tokenizer = ByteTokenizer() if self.cfg.tokenizer == "bytes" else BPETokenizer([], 0, cache / "bpe.json")
-        self.splits = {s: np.load(cache / f"{s}.npy") for s in SPLITS}
+        self.splits = {s: np.load(cache / f"{s}.npy", mmap_mode="r") for s in SPLITS}
         self.stats = meta
 
     def _key(self) -> str:
@@ -232,8 +214,8 @@ class TextDataModule(SplitLoaders, pl.LightningDataModule):
                   "val_fraction", "test_fraction")
         blob = {f: str(self.cfg.get(f)) for f in fields}
         if self.cfg.source == "files":  # an edited, added or removed file gets a new key
-            blob["files"] = [(f, os.path.getsize(f), os.path.getmtime(f)) for f in text_files(self.cfg.paths)]
-        return hashlib.sha1(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+            blob["files"] = file_stamps(text_files(self.cfg.paths))
+        return settings_key(blob)
 
     def _build(self, cache: Path) -> None:
         docs, skipped = load_documents(self.cfg)
@@ -241,7 +223,6 @@ class TextDataModule(SplitLoaders, pl.LightningDataModule):
             tok = ByteTokenizer()
         else:
             tok = BPETokenizer(docs["train"], self.cfg.vocab_size, cache / "bpe.json")
-        cache.mkdir(parents=True, exist_ok=True)
         meta = {"vocab_size": tok.vocab_size, **{f"skipped_{k}": v for k, v in skipped.as_dict().items()}}
         for split in SPLITS:
             text = "\n\n".join(docs[split])
@@ -258,10 +239,6 @@ class TextDataModule(SplitLoaders, pl.LightningDataModule):
     def vocab_size(self) -> int:
         self.prepare()
         return self.tokenizer.vocab_size
-
-    def bits_per_byte(self, loss_nats: float, split: str = "validation") -> float:
-        """Convert a mean per-token loss in nats into bits per byte of the split's text."""
-        return loss_nats / math.log(2) / self.stats[f"{split}_bytes_per_token"]
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare()

@@ -1,186 +1,113 @@
-"""Translation data for seq2seq tasks: splits, wordpieces, tokenized datasets, batches, BLEU.
+"""Translation data prepared once into memory-mapped token arrays, and read batch by batch.
 
     prepare_translation(source="default")            # the embedded En->De verbalization corpus
     prepare_translation(source="files", files={"train": "train.jsonl", "validation": [...]})
-    prepare_translation(source="hf", hf_name="wmt16", hf_config="de-en")
+    prepare_translation(source="hf", hf_name="wmt16", hf_config="de-en", streaming=True)
+
+Preparation streams the corpus (never a list of all pairs): wordpieces are trained on a
+reservoir sample of at most `tokenizer_sample` training pairs, then every split is tokenized in
+batches (`tokenizers` encodes a batch on all cores) into ragged arrays under
+`cache_dir/translation/prepared/<key>/`, keyed by every setting that shapes them. Any later
+process opens the arrays in milliseconds and shares their pages with every other process.
 
 A batch (`TranslationCollator`) holds `src` (B,S) and `src_len` (B,), `tgt_in` (B,T) = bos + y,
 `tgt_out` (B,T) = y + eos and `tgt_len` (B,) = |y| + 1, all padded with the pad id, and
 `index` (B,): the items' positions in their dataset, to look up reference texts for BLEU.
+A dataset that does not read the source (`with_source(False)`: pipeline stages after the
+first) gives `src` as (B,0) with the true `src_len`.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterable, Mapping, Sequence
+import copy
+import json
+import random
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import sacrebleu
 import torch
 from torch.utils.data import Dataset
 
-from giantpipe.platform.data.translation_sources import (
-    SPLITS,
-    Pair,
-    SkipCounts,
-    default_corpus,
-    read_files,
-    read_hf,
-    read_json,
-    split_pairs,
+from giantpipe.platform.data.cache import (
+    build_once,
+    cache_root,
+    file_stamps,
+    progress,
+    settings_key,
 )
-from giantpipe.platform.data.wordpieces import Wordpieces, cached_wordpieces
+from giantpipe.platform.data.ragged import (
+    Ragged,
+    RaggedWriter,
+    TextColumn,
+    token_dtype,
+    write_texts,
+)
+from giantpipe.platform.data.skips import SkipCounts
+from giantpipe.platform.data.translation_sources import SPLITS, Corpus, Pair, open_corpus
+from giantpipe.platform.data.verbalization_corpus import CORPUS_VERSION
+from giantpipe.platform.data.wordpieces import WORDPIECES_VERSION, Wordpieces, train_wordpieces
 
 Batch = dict[str, torch.Tensor]
-PathSpec = str | Path | Sequence[str | Path]
-
-
-def default_cache_dir() -> Path:
-    """$GIANTPIPE_CACHE, else ~/.cache/giantpipe."""
-    return Path(os.environ.get("GIANTPIPE_CACHE", Path.home() / ".cache" / "giantpipe"))
-
-
-@dataclass
-class TranslationSplits:
-    pairs: dict[str, list[Pair]]
-    skipped: dict[str, SkipCounts]
-
-
-def load_translation_splits(
-    source: str = "default",
-    *,
-    src_lang: str = "en",
-    tgt_lang: str = "de",
-    files: PathSpec | Mapping[str, PathSpec] | None = None,
-    hf_name: str | None = None,
-    hf_config: str | None = None,
-    hf_splits: Mapping[str, str] | None = None,
-    size: int = 40_000,
-    seed: int = 0,
-    val_size: int = 1000,
-    test_size: int = 1000,
-    max_words: int | None = 250,
-    cache_dir: str | Path | None = None,
-) -> TranslationSplits:
-    """Train/val/test pairs from `source` ("default", "files" or "hf"), with skip counts per split.
-
-    `files`: a mapping split -> path (json/jsonl/tsv, or [src, tgt] parallel text), or one such
-    path that is cut into splits by `seed`, `val_size` and `test_size` (as is a Hugging Face
-    dataset whose `hf_splits` name only "train").
-    """
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    if source == "default":
-        paths = default_corpus(cache / "translation", size, seed, val_size, test_size)
-        # English and German on both sides: src_lang="de", tgt_lang="en" reverses the task
-        loaded = {s: read_json(p, src_lang, tgt_lang, max_words) for s, p in paths.items()}
-    elif source == "files":
-        if files is None:
-            raise ValueError("source='files' needs `files`: a path or a mapping split -> path")
-        if isinstance(files, Mapping):
-            loaded = {s: read_files(p, src_lang, tgt_lang, max_words) for s, p in files.items()}
-        else:
-            loaded = {"train": read_files(files, src_lang, tgt_lang, max_words)}
-    elif source == "hf":
-        if hf_name is None:
-            raise ValueError("source='hf' needs `hf_name`, e.g. hf_name='wmt16' hf_config='de-en'")
-        hf_splits = hf_splits or {"train": "train", "validation": "validation", "test": "test"}
-        loaded = {s: read_hf(hf_name, hf_config, name, src_lang, tgt_lang, max_words)
-                  for s, name in hf_splits.items()}
-    else:
-        raise ValueError(f"unknown translation source {source!r}; use 'default', 'files' or 'hf'")
-    unknown = set(loaded) - set(SPLITS)
-    if unknown:
-        raise ValueError(f"unknown split names {sorted(unknown)}; use {SPLITS}")
-    pairs = {s: p for s, (p, _) in loaded.items()}
-    skipped = {s: c for s, (_, c) in loaded.items()}
-    for split in SPLITS:  # a split read from its own source must give pairs
-        if split in pairs and not pairs[split] and (split == "train" or len(pairs) > 1):
-            raise ValueError(f"no usable {split} pairs from source={source!r} "
-                             f"(skipped: {skipped[split].as_dict()}){_named(files, split)}")
-    if set(pairs) == {"train"}:
-        pairs = split_pairs(pairs["train"], val_size, test_size, seed)
-        skipped = {s: skipped["train"] if s == "train" else SkipCounts() for s in SPLITS}
-    if not pairs.get("train"):
-        raise ValueError(f"no training pairs from source={source!r} (skipped: "
-                         f"{skipped.get('train', SkipCounts()).as_dict()})")
-    return TranslationSplits(pairs, skipped)
-
-
-def _named(files, split: str) -> str:
-    """' in <file>' for the split's configured file(s), if any."""
-    spec = files.get(split) if isinstance(files, Mapping) else files
-    return f" in {spec}" if spec else ""
-
-
-def build_vocabularies(train_pairs: Sequence[Pair], vocab_size: int = 1000, kind: str = "bpe",
-                       shared: bool = True, cache_dir: str | Path | None = None
-                       ) -> tuple[Wordpieces, Wordpieces]:
-    """(source, target) wordpieces trained on the training split; shared: one for both sides."""
-    cache = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "wordpieces"
-    src_texts = [s for s, _ in train_pairs]
-    tgt_texts = [t for _, t in train_pairs]
-    if shared:
-        vocab = cached_wordpieces(src_texts + tgt_texts, cache, vocab_size, kind, "shared")
-        return vocab, vocab
-    return (cached_wordpieces(src_texts, cache, vocab_size, kind, "src"),
-            cached_wordpieces(tgt_texts, cache, vocab_size, kind, "tgt"))
+PREPARED_VERSION = 2  # bump when the prepared layout changes: it keys the cache
+CHUNK = 8192  # pairs tokenized per batch
 
 
 class TranslationDataset(Dataset):
-    """Tokenized pairs; pairs with more than `max_tokens` pieces on either side are skipped."""
+    """One prepared split: token rows, reference texts and the bucketing lengths, memory-mapped."""
 
-    def __init__(self, pairs: Sequence[Pair], src_vocab: Wordpieces, tgt_vocab: Wordpieces,
-                 max_tokens: int | None = None) -> None:
-        src_ids = src_vocab.encode_batch([s for s, _ in pairs])
-        tgt_ids = tgt_vocab.encode_batch([t for _, t in pairs])
-        self.skipped = SkipCounts()
-        self.src_ids: list[list[int]] = []
-        self.tgt_ids: list[list[int]] = []
-        self.references: list[str] = []
-        for (_, tgt), s, t in zip(pairs, src_ids, tgt_ids):
-            if not s or not t:
-                self.skipped.empty += 1
-            elif max_tokens is not None and max(len(s), len(t) + 1) > max_tokens:
-                self.skipped.too_long += 1
-            else:
-                self.src_ids.append(s)
-                self.tgt_ids.append(t)
-                self.references.append(tgt)
+    def __init__(self, folder: Path, split: str) -> None:
+        self.src_ids = Ragged(folder, f"{split}.src")
+        self.tgt_ids = Ragged(folder, f"{split}.tgt")
+        self.references = TextColumn(folder, f"{split}.ref")
+        self.lengths = np.load(folder / f"{split}.lengths.npy", mmap_mode="r")
+        """Per item, the longer of source and target (with bos/eos): what bucketing sorts by."""
+        self.read_source = True
+
+    def with_source(self, read: bool) -> TranslationDataset:
+        """A view that reads the source tokens or not (a pipeline stage after the first)."""
+        view = copy.copy(self)
+        view.read_source = read
+        return view
 
     def __len__(self) -> int:
-        return len(self.src_ids)
+        return len(self.tgt_ids)
 
     def __getitem__(self, index: int) -> dict:
-        return {"src": self.src_ids[index], "tgt": self.tgt_ids[index], "index": index}
-
-    @property
-    def lengths(self) -> list[int]:
-        """Per item, the longer of source and target (with bos/eos): what bucketing sorts by."""
-        return [max(len(s), len(t) + 1) for s, t in zip(self.src_ids, self.tgt_ids)]
+        offsets = self.src_ids.offsets
+        src = self.src_ids[index] if self.read_source else None
+        return {"src": src, "src_len": int(offsets[index + 1] - offsets[index]),
+                "tgt": self.tgt_ids[index], "index": index}
 
 
 class TranslationCollator:
-    """Items {src, tgt, index} -> a padded batch of tensors (see the module docstring)."""
+    """Items {src, src_len, tgt, index} -> a padded batch of tensors (see the module docstring)."""
 
     def __init__(self, pad_id: int, bos_id: int, eos_id: int) -> None:
         self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
 
     def __call__(self, items: Sequence[dict]) -> Batch:
-        src = [torch.tensor(it["src"], dtype=torch.long) for it in items]
-        tgt_in = [torch.tensor([self.bos_id, *it["tgt"]], dtype=torch.long) for it in items]
-        tgt_out = [torch.tensor([*it["tgt"], self.eos_id], dtype=torch.long) for it in items]
-        pad = self.pad_id
+        def ids(row) -> torch.Tensor:
+            return torch.from_numpy(np.asarray(row, dtype=np.int64))
 
         def stack(seqs):
-            return torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=pad)
+            return torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=self.pad_id)
 
+        tgt = [ids(it["tgt"]) for it in items]
+        bos, eos = torch.tensor([self.bos_id]), torch.tensor([self.eos_id])
+        if all(it.get("src") is not None for it in items):
+            src = stack([ids(it["src"]) for it in items])
+        else:
+            src = torch.zeros(len(items), 0, dtype=torch.long)
         return {
-            "src": stack(src),
-            "src_len": torch.tensor([len(s) for s in src], dtype=torch.long),
-            "tgt_in": stack(tgt_in),
-            "tgt_out": stack(tgt_out),
-            "tgt_len": torch.tensor([len(t) for t in tgt_in], dtype=torch.long),
+            "src": src,
+            "src_len": torch.tensor([it["src_len"] if "src_len" in it else len(it["src"])
+                                    for it in items], dtype=torch.long),
+            "tgt_in": stack([torch.cat([bos, t]) for t in tgt]),
+            "tgt_out": stack([torch.cat([t, eos]) for t in tgt]),
+            "tgt_len": torch.tensor([len(t) + 1 for t in tgt], dtype=torch.long),
             "index": torch.tensor([it.get("index", -1) for it in items], dtype=torch.long),
         }
 
@@ -191,6 +118,7 @@ class TranslationData:
     src_vocab: Wordpieces
     tgt_vocab: Wordpieces
     skipped: dict[str, dict[str, int]] = field(default_factory=dict)
+    folder: Path | None = None
 
     def collator(self) -> TranslationCollator:
         return TranslationCollator(self.tgt_vocab.pad_id, self.tgt_vocab.bos_id,
@@ -199,21 +127,147 @@ class TranslationData:
 
 def prepare_translation(*, vocab_size: int = 1000, tokenizer_kind: str = "bpe",
                         shared_vocab: bool = True, max_tokens: int | None = 128,
+                        eval_max_tokens: int | None = None, tokenizer_sample: int = 500_000,
                         cache_dir: str | Path | None = None, **source) -> TranslationData:
-    """Load splits (`source` kwargs as in `load_translation_splits`), train or load wordpieces
-    on the train split, tokenize; `skipped` merges reader and token-length skips per split."""
-    splits = load_translation_splits(cache_dir=cache_dir, **source)
-    src_vocab, tgt_vocab = build_vocabularies(splits.pairs["train"], vocab_size, tokenizer_kind,
-                                              shared_vocab, cache_dir)
-    datasets = {s: TranslationDataset(p, src_vocab, tgt_vocab, max_tokens)
-                for s, p in splits.pairs.items()}
-    skipped = {s: (splits.skipped.get(s, SkipCounts()) + datasets[s].skipped).as_dict()
-               for s in datasets}
-    for split, dataset in datasets.items():
-        if splits.pairs[split] and not len(dataset):
-            raise ValueError(f"no usable {split} pairs: all {len(splits.pairs[split])} were dropped "
-                             f"when tokenized (skipped: {skipped[split]}); raise data.max_tokens")
-    return TranslationData(datasets, src_vocab, tgt_vocab, skipped)
+    """Prepare (once) and open the tokenized splits; `source` as in `open_corpus`.
+
+    `max_tokens` drops longer training pairs, `eval_max_tokens` validation/test pairs; the
+    skip counts merge the reader's and the tokenizer's per split."""
+    tokens = dict(vocab_size=vocab_size, tokenizer_kind=tokenizer_kind, shared_vocab=shared_vocab,
+                  max_tokens=max_tokens, eval_max_tokens=eval_max_tokens,
+                  tokenizer_sample=tokenizer_sample)
+    root = cache_root(cache_dir)
+    settings = {**tokens, **{k: v for k, v in source.items() if k != "streaming"},
+                "files": _stamps(source.get("files")) if source.get("source") == "files" else None,
+                "versions": (PREPARED_VERSION, CORPUS_VERSION, WORDPIECES_VERSION)}
+    folder = root / "translation" / "prepared" / settings_key(settings)
+    build_once(folder, lambda tmp: _build(tmp, open_corpus(cache_dir=root, **source), **tokens))
+    return open_translation(folder)
+
+
+def open_translation(folder: Path) -> TranslationData:
+    """The prepared splits in `folder` (see `prepare_translation`), memory-mapped."""
+    meta = json.loads((folder / "meta.json").read_text())
+    src_vocab = Wordpieces.load(folder / "src_wordpieces.json")
+    tgt_vocab = (Wordpieces.load(folder / "tgt_wordpieces.json")
+                 if (folder / "tgt_wordpieces.json").exists() else src_vocab)
+    datasets = {s: TranslationDataset(folder, s) for s in meta["splits"]}
+    return TranslationData(datasets, src_vocab, tgt_vocab, meta["skipped"], folder)
+
+
+def _stamps(files) -> list:
+    if files is None:
+        return []
+    specs = files.values() if isinstance(files, dict) else [files]
+    return file_stamps(p for spec in specs for p in ([spec] if isinstance(spec, (str, Path)) else spec))
+
+
+def _build(folder: Path, corpus: Corpus, *, vocab_size: int, tokenizer_kind: str,
+           shared_vocab: bool, max_tokens: int | None, eval_max_tokens: int | None,
+           tokenizer_sample: int) -> None:
+    with progress(f"sampling up to {tokenizer_sample} training pairs for the wordpieces"):
+        sample = sample_pairs(corpus.train_pairs(counts := SkipCounts()), tokenizer_sample)
+    if not sample:
+        raise ValueError(f"no usable train pairs (skipped: {counts.as_dict()}); check the train source")
+    with progress(f"training {tokenizer_kind} wordpieces ({vocab_size}) on {len(sample)} pairs"):
+        src_vocab, tgt_vocab = build_vocabularies(sample, vocab_size, tokenizer_kind, shared_vocab)
+    del sample
+    src_vocab.save(folder / "src_wordpieces.json")
+    if not shared_vocab:
+        tgt_vocab.save(folder / "tgt_wordpieces.json")
+    limits = {s: max_tokens if s == "train" else eval_max_tokens for s in SPLITS}
+    counts = {s: SkipCounts() for s in SPLITS}
+    writer = SplitWriter(folder, corpus.splits, src_vocab, tgt_vocab, limits, counts)
+    with progress("tokenizing the corpus") as advance:
+        for split, pair in corpus.pairs(counts):
+            writer.add(split, pair, advance)
+    kept = writer.close()
+    for split in corpus.splits:
+        if not kept[split]:
+            raise ValueError(f"no usable {split} pairs (skipped: {counts[split].as_dict()}); "
+                             f"check the {split} source, or raise data.max_tokens / data.max_words")
+    meta = {"splits": list(corpus.splits), "sizes": kept,
+            "skipped": {s: counts[s].as_dict() for s in corpus.splits}}
+    (folder / "meta.json").write_text(json.dumps(meta, indent=1))
+
+
+def sample_pairs(pairs: Iterable[Pair], limit: int, seed: int = 0) -> list[Pair]:
+    """A uniform reservoir sample of at most `limit` pairs; all of them, in order, if fewer."""
+    rng, sample = random.Random(seed), []
+    for n, pair in enumerate(pairs):
+        if n < limit:
+            sample.append(pair)
+        elif (j := rng.randrange(n + 1)) < limit:
+            sample[j] = pair
+    return sample
+
+
+def build_vocabularies(pairs: Sequence[Pair], vocab_size: int = 1000, kind: str = "bpe",
+                       shared: bool = True) -> tuple[Wordpieces, Wordpieces]:
+    """(source, target) wordpieces trained on `pairs`; shared: one for both sides."""
+    src_texts = [s for s, _ in pairs]
+    tgt_texts = [t for _, t in pairs]
+    if shared:
+        vocab = train_wordpieces(src_texts + tgt_texts, vocab_size, kind)
+        return vocab, vocab
+    return train_wordpieces(src_texts, vocab_size, kind), train_wordpieces(tgt_texts, vocab_size, kind)
+
+
+class SplitWriter:
+    """Tokenizes pairs in batches of `CHUNK` and appends them to each split's ragged arrays:
+    `<split>.src`, `<split>.tgt` (ids), `<split>.ref` (target text) and `<split>.lengths.npy`.
+    Pairs with an empty side or over the split's token limit are skipped and counted."""
+
+    def __init__(self, folder: Path, splits: Sequence[str], src_vocab: Wordpieces,
+                 tgt_vocab: Wordpieces, limits: dict[str, int | None],
+                 counts: dict[str, SkipCounts]) -> None:
+        self.folder, self.src_vocab, self.tgt_vocab = folder, src_vocab, tgt_vocab
+        self.limits, self.counts = limits, counts
+        dtype = token_dtype(max(src_vocab.vocab_size, tgt_vocab.vocab_size))
+        self.writers = {s: (RaggedWriter(folder, f"{s}.src", dtype), RaggedWriter(folder, f"{s}.tgt", dtype),
+                            RaggedWriter(folder, f"{s}.ref", np.uint8)) for s in splits}
+        self.pending: dict[str, list[Pair]] = {s: [] for s in splits}
+        self.lengths: dict[str, list[np.ndarray]] = {s: [] for s in splits}
+        self.kept = {s: 0 for s in splits}
+
+    def add(self, split: str, pair: Pair, advance=lambda n: None) -> None:
+        self.pending[split].append(pair)
+        if len(self.pending[split]) >= CHUNK:
+            advance(CHUNK)
+            self._flush(split)
+
+    def _flush(self, split: str) -> None:
+        pairs, self.pending[split] = self.pending[split], []
+        if not pairs:
+            return
+        src_ids = self.src_vocab.encode_batch([s for s, _ in pairs])
+        tgt_ids = self.tgt_vocab.encode_batch([t for _, t in pairs])
+        limit, counts = self.limits[split], self.counts[split]
+        keep = []
+        for i, (s, t) in enumerate(zip(src_ids, tgt_ids)):
+            if not s or not t:
+                counts.empty += 1
+            elif limit is not None and max(len(s), len(t) + 1) > limit:
+                counts.too_long += 1
+            else:
+                keep.append(i)
+        src_w, tgt_w, ref_w = self.writers[split]
+        src_w.extend([src_ids[i] for i in keep])
+        tgt_w.extend([tgt_ids[i] for i in keep])
+        write_texts(ref_w, [pairs[i][1] for i in keep])
+        self.lengths[split].append(np.array([max(len(src_ids[i]), len(tgt_ids[i]) + 1) for i in keep],
+                                            np.int32))
+        self.kept[split] += len(keep)
+
+    def close(self) -> dict[str, int]:
+        for split, writers in self.writers.items():
+            self._flush(split)
+            for w in writers:
+                w.close()
+            lengths = self.lengths[split]
+            np.save(self.folder / f"{split}.lengths.npy",
+                    np.concatenate(lengths) if lengths else np.zeros(0, np.int32))
+        return self.kept
 
 
 @dataclass
@@ -237,3 +291,4 @@ def bleu_from_ids(hypothesis_ids: Iterable[Sequence[int]], references: Sequence[
                   vocab: Wordpieces, tokenize: str = "13a") -> BleuResult:
     """Detokenize hypotheses (cut at EOS) and score them against reference texts."""
     return corpus_bleu(vocab.decode_batch(hypothesis_ids), references, tokenize)
+

@@ -1,21 +1,16 @@
-"""Translation data for Lightning: prepared once, cached, length-bucketed, resumable.
+"""Translation data for Lightning: prepared once on disk, memory-mapped, length-bucketed, resumable.
 
-`prepare()` reads the configured source (the embedded corpus, local files or a Hugging Face
-dataset), trains or loads the wordpieces and tokenizes every split; the result is pickled under
-`cache_dir/translation/prepared/<key>` (the key hashes the settings and, for local files, their
-sizes and modification times), so the pipeline's worker processes and `giantpipe-eval` load it
-in a fraction of a second. Skipped pairs (empty, overlong, undecodable, malformed) are logged
-per split. Batches come from `BucketBatchSampler` (similar lengths, shuffled order) through a
-`ResumableLoader`, as in `TextDataModule`.
+`prepare()` turns the `data` config into `prepare_translation`'s settings: the first process
+tokenizes the corpus into `cache_dir/translation/prepared/<key>/`; every other process (pipeline
+stages, `giantpipe-eval`, later runs and sweep jobs) opens the arrays in milliseconds. Skipped
+pairs (empty, overlong, undecodable, malformed) are logged per split. Batches come from
+`BucketBatchSampler` over the memory-mapped lengths through a `ResumableLoader`; a stage reads
+only the columns it uses (see `BucketedLoaders`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
-import pickle
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -24,19 +19,16 @@ import torch
 from omegaconf import OmegaConf
 
 from giantpipe.platform.config import ConfigError
-from giantpipe.platform.data.buckets import BucketedLoaders, skip_summary
+from giantpipe.platform.data.buckets import BucketedLoaders
+from giantpipe.platform.data.skips import skip_summary
 from giantpipe.platform.data.translation import (
     TranslationData,
     TranslationDataset,
-    build_vocabularies,
-    load_translation_splits,
+    prepare_translation,
 )
-from giantpipe.platform.data.translation_sources import SPLITS, SkipCounts
-from giantpipe.platform.data.verbalization_corpus import CORPUS_VERSION
-from giantpipe.platform.data.wordpieces import WORDPIECES_VERSION
+from giantpipe.platform.data.translation_sources import SPLITS
 
 log = logging.getLogger(__name__)
-PREPARED_VERSION = 1
 
 
 class TranslationDataModule(BucketedLoaders, pl.LightningDataModule):
@@ -58,22 +50,26 @@ class TranslationDataModule(BucketedLoaders, pl.LightningDataModule):
 
     # ----------------------------------------------------------- preparation
     def prepare(self) -> TranslationData:
-        """Load or build the tokenized splits; idempotent, safe before the trainer exists."""
+        """Prepare (first process) or open (any other) the tokenized splits; idempotent."""
         if self.data is not None:
             return self.data
-        path = Path(self.cfg.cache_dir).expanduser() / "translation" / "prepared" / f"{self._key()}.pkl"
-        if path.exists():
-            with open(path, "rb") as f:
-                self.data = pickle.load(f)
-        else:
-            self.data = self._build()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            with open(tmp, "wb") as f:
-                pickle.dump(self.data, f)
-            os.replace(tmp, path)  # atomic: concurrent ranks write identical files
-        self._log_counts()
-        return self.data
+        cfg = self.cfg
+        try:
+            data = prepare_translation(
+                vocab_size=cfg.vocab_size, tokenizer_kind=cfg.tokenizer, shared_vocab=cfg.shared_vocab,
+                max_tokens=cfg.max_tokens, eval_max_tokens=cfg.eval_max_tokens,
+                tokenizer_sample=cfg.tokenizer_sample, cache_dir=Path(cfg.cache_dir).expanduser(),
+                **self._source_kwargs())
+        except ValueError as err:
+            raise ConfigError(f"translation data: {err}") from None
+        missing = [s for s in SPLITS if s not in data.datasets]
+        if missing:
+            raise ConfigError(f"translation data has no {', '.join(missing)} pairs; give them "
+                              f"(data.{missing[0]}_paths) or let giantpipe cut them from data.paths")
+        self.data = data
+        for split, counts in data.skipped.items():
+            log.info("translation %s: %d pairs%s", split, len(data.datasets[split]), skip_summary(counts))
+        return data
 
     def _source_kwargs(self) -> dict:
         cfg = self.cfg
@@ -87,7 +83,7 @@ class TranslationDataModule(BucketedLoaders, pl.LightningDataModule):
         elif cfg.source == "hf":
             if not cfg.hf_name:
                 raise ConfigError("data.source=hf needs data.hf_name, e.g. data.hf_name=wmt16 data.hf_config=de-en")
-            kwargs.update(hf_name=cfg.hf_name, hf_config=cfg.hf_config,
+            kwargs.update(hf_name=cfg.hf_name, hf_config=cfg.hf_config, streaming=cfg.streaming,
                           hf_splits=OmegaConf.to_container(cfg.hf_splits))
         else:
             raise ConfigError(f"data.source={cfg.source!r}: choose default, files or hf")
@@ -114,45 +110,6 @@ class TranslationDataModule(BucketedLoaders, pl.LightningDataModule):
             raise ConfigError(f"translation files not found: {missing}")
         return files
 
-    def _key(self) -> str:
-        cfg = self.cfg
-        fields = ("source", "src_lang", "tgt_lang", "hf_name", "hf_config", "size", "val_size",
-                  "test_size", "max_words", "tokenizer", "vocab_size", "shared_vocab", "max_tokens",
-                  "eval_max_tokens")
-        blob = {f: str(cfg.get(f)) for f in fields}
-        blob.update(hf_splits=str(cfg.hf_splits), split_seed=cfg.split_seed, versions=(
-            PREPARED_VERSION, CORPUS_VERSION, WORDPIECES_VERSION))
-        if cfg.source == "files":  # a changed file gets a new key
-            files = self._files()
-            specs = files.items() if isinstance(files, dict) else [("all", files)]
-            blob["files"] = [(s, p, os.path.getsize(p), os.path.getmtime(p))
-                             for s, spec in specs for p in ([spec] if isinstance(spec, str) else spec)]
-        return hashlib.sha1(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
-
-    def _build(self) -> TranslationData:
-        cfg = self.cfg
-        try:
-            splits = load_translation_splits(cache_dir=cfg.cache_dir, **self._source_kwargs())
-        except ValueError as err:
-            raise ConfigError(f"translation data: {err}") from None
-        missing = [s for s in SPLITS if not splits.pairs.get(s)]
-        if missing:
-            raise ConfigError(f"translation data has no {', '.join(missing)} pairs; give them "
-                              f"(data.{missing[0]}_paths) or let giantpipe cut them from data.paths")
-        src_vocab, tgt_vocab = build_vocabularies(splits.pairs["train"], cfg.vocab_size, cfg.tokenizer,
-                                                  cfg.shared_vocab, cfg.cache_dir)
-        datasets = {s: TranslationDataset(p, src_vocab, tgt_vocab,
-                                          cfg.max_tokens if s == "train" else cfg.eval_max_tokens)
-                    for s, p in splits.pairs.items()}
-        skipped = {s: (splits.skipped.get(s, SkipCounts()) + datasets[s].skipped).as_dict()
-                   for s in datasets}
-        return TranslationData(datasets, src_vocab, tgt_vocab, skipped)
-
-    def _log_counts(self) -> None:
-        for split, counts in self.data.skipped.items():
-            log.info("translation %s: %d pairs%s", split, len(self.data.datasets[split]),
-                     skip_summary(counts))
-
     # ----------------------------------------------------------- what the task needs
     @property
     def src_vocab(self):
@@ -163,19 +120,14 @@ class TranslationDataModule(BucketedLoaders, pl.LightningDataModule):
         return self.prepare().tgt_vocab
 
     def dataset(self, split: str) -> TranslationDataset:
-        return self.prepare().datasets[_split_name(split)]
+        return self.prepare().datasets["validation" if split == "val" else split]
 
-    def references(self, split: str) -> list[str]:
+    def references(self, split: str):
         """Reference translations of a split, by dataset index (the batches' `index`)."""
         return self.dataset(split).references
 
-    # ----------------------------------------------------------- loaders
     def setup(self, stage: str | None = None) -> None:
         self.prepare()
-
-
-def _split_name(split: str) -> str:
-    return "validation" if split == "val" else split
 
 
 def _one_spec(paths: list[str], key: str) -> str | list[str]:

@@ -44,7 +44,7 @@ class Wordpieces:
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids`, cut at the first EOS; pad and bos are dropped."""
-        ids = list(ids)
+        ids = [int(i) for i in ids]  # numpy rows of a prepared corpus, too
         if self.eos_id in ids:
             ids = ids[: ids.index(self.eos_id)]
         return self.tokenizer.decode([i for i in ids if i not in (self.pad_id, self.bos_id)],

@@ -14,7 +14,7 @@ import torch
 
 from giantpipe.models.keyed_dropout import sample_keys
 from giantpipe.platform.data.sampling import replica_of
-from giantpipe.platform.data.speech import SpecAugment
+from giantpipe.platform.data.spec_augment import SpecAugment
 from giantpipe.platform.tasks.seq2seq import Seq2SeqTask
 
 _SPEC_AUGMENT_SALT = 0x5A5A

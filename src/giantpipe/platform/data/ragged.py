@@ -1,0 +1,97 @@
+"""Ragged arrays on disk: many variable-length rows (token ids, feature frames, UTF-8 text) as
+one flat memory-mapped array plus row offsets.
+
+A corpus stored this way costs a process no private memory: pages are read from the page
+cache when a batch touches them and shared by every process that opens the same files, so a
+pipeline's stages and a sweep's jobs hold one copy between them. Rows are written in chunks
+(`RaggedWriter.extend`), never gathered in memory first.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+class RaggedWriter:
+    """Appends rows to `<name>.bin` (flat, `dtype`) and, on `close`, writes `<name>.offsets.npy`
+    and `<name>.json` (dtype and the trailing row shape)."""
+
+    def __init__(self, folder: Path, name: str, dtype, row_shape: tuple[int, ...] = ()) -> None:
+        self.folder, self.name = Path(folder), name
+        self.dtype, self.row_shape = np.dtype(dtype), tuple(row_shape)
+        self._file = open(self.folder / f"{name}.bin", "wb")
+        self._lengths: list[np.ndarray] = []
+
+    def extend(self, rows: Sequence[np.ndarray | Sequence]) -> None:
+        if not len(rows):
+            return
+        arrays = [np.asarray(r, dtype=self.dtype).reshape(-1, *self.row_shape) for r in rows]
+        self._lengths.append(np.fromiter((len(a) for a in arrays), np.int64, len(arrays)))
+        self._file.write(np.concatenate(arrays).tobytes())
+
+    def close(self) -> None:
+        self._file.close()
+        lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int64)
+        offsets = np.zeros(len(lengths) + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        np.save(self.folder / f"{self.name}.offsets.npy", offsets)
+        meta = {"dtype": self.dtype.str, "row_shape": list(self.row_shape)}
+        (self.folder / f"{self.name}.json").write_text(json.dumps(meta))
+
+
+class Ragged:
+    """Read-only rows of a `RaggedWriter`'s files: `ragged[i]` is a numpy view (no copy)."""
+
+    def __init__(self, folder: Path, name: str) -> None:
+        meta = json.loads((Path(folder) / f"{name}.json").read_text())
+        self.offsets = np.load(Path(folder) / f"{name}.offsets.npy", mmap_mode="r")
+        dtype, row_shape = np.dtype(meta["dtype"]), tuple(meta["row_shape"])
+        path = Path(folder) / f"{name}.bin"
+        if path.stat().st_size:
+            self.flat = np.memmap(path, dtype=dtype, mode="r").reshape(-1, *row_shape)
+        else:  # numpy cannot map an empty file
+            self.flat = np.zeros((0, *row_shape), dtype)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"row {index} of {len(self)}")
+        index %= len(self)
+        return self.flat[self.offsets[index]:self.offsets[index + 1]]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (self[i] for i in range(len(self)))
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+class TextColumn:
+    """Strings stored as UTF-8 bytes in a `Ragged`: `column[i]` decodes row i."""
+
+    def __init__(self, folder: Path, name: str) -> None:
+        self.rows = Ragged(folder, name)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> str:
+        return self.rows[index].tobytes().decode("utf-8")
+
+    def __iter__(self) -> Iterator[str]:
+        return (self[i] for i in range(len(self)))
+
+
+def write_texts(writer: RaggedWriter, texts: Sequence[str]) -> None:
+    writer.extend([np.frombuffer(t.encode("utf-8"), np.uint8) for t in texts])
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned type that holds every id (uint16 up to 65,536 pieces)."""
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.int32)
