@@ -20,7 +20,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from data_harness import load_splits, read, scan
-
 from giantpipe.platform.config import ConfigError
 from giantpipe.platform.data.graphemes import normalize_transcript
 from giantpipe.platform.data.speech import prepare_speech

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from data_harness import scan
 
+from data_harness import scan
 from giantpipe.platform.data.buckets import BucketBatchSampler
 from giantpipe.platform.data.features import LogMel, mel_filterbank, mel_frequencies
 from giantpipe.platform.data.graphemes import GraphemeVocab, normalize_transcript

@@ -10,17 +10,17 @@ import random
 import pytest
 import sacrebleu
 import torch
-from data_harness import load_splits, read
 
+from data_harness import load_splits, read
 from giantpipe.platform.data import translation_sources as sources
 from giantpipe.platform.data.buckets import BucketBatchSampler
 from giantpipe.platform.data.skips import SkipCounts
 from giantpipe.platform.data.translation import (
+    SplitWriter,
     TranslationCollator,
     TranslationDataset,
     bleu_from_ids,
     build_vocabularies,
-    SplitWriter,
     corpus_bleu,
     prepare_translation,
 )

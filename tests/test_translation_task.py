@@ -80,7 +80,8 @@ def test_data_module_reads_local_files_counts_skips_and_caches(tmp_path, caplog)
     assert data.skipped["validation"]["malformed"] == 1
     assert "skipped 3 (empty 1, undecodable 1, malformed 1)" in caplog.text
     again = TranslationDataModule(cfg, batch_size=8, seed=0)
-    assert again.references("val") == data.datasets["validation"].references  # from the cache
+    assert list(again.references("val")) == list(data.datasets["validation"].references)
+    assert again.prepare().folder == data.folder  # opened from the prepared cache, not rebuilt
 
     one_file = data_config(tmp_path, paths=[str(path)], val_size=10, test_size=10)
     sizes = {s: len(d) for s, d in TranslationDataModule(one_file, 8, 0).prepare().datasets.items()}
