@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TINY, read_summary, run_train
+from conftest import TINY, read_summary, run_train
 from test_pipeline_cli import losses, shard_files
 from test_translation_task import TINY_GNMT
 
-# A LAS small enough to train, test and decode in seconds (model=las is being wired in).
+# A LAS small enough to train, test and decode in seconds.
 TINY_LAS = [
     "model=las", "model.listener_hidden=16", "model.listener_layers=2", "model.pyramid_levels=1",
     "model.speller_hidden=16", "model.speller_layers=1", "model.dropout=0", "model.decode.beam_size=2",
@@ -21,7 +21,6 @@ TINY_LAS = [
     "data.batch_size=8", "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
     "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "optim.warmup_steps=2",
 ]
-LAS_MISSING = not (REPO / "conf" / "model" / "las.yaml").exists()
 
 FAMILIES = {
     "giant_net": (TINY + ["model.dropout=0", "trainer.max_steps=2"], ["test/loss"]),
@@ -39,10 +38,7 @@ def samples(run_dir: Path) -> list[str]:
     return [p.read_text() for p in sorted((run_dir / "samples").glob("test_*.md"))]
 
 
-@pytest.mark.parametrize("family", [
-    "giant_net", "gnmt",
-    pytest.param("las", marks=pytest.mark.skipif(LAS_MISSING, reason="model=las is not wired in yet (conf/model/las.yaml)")),
-])
+@pytest.mark.parametrize("family", ["giant_net", "gnmt", "las"])
 def test_a_four_stage_checkpoint_reloads_as_two_stages_and_one_device_with_identical_outputs(tmp_path, family):
     args, metrics = FAMILIES[family]
     args = args + ["logger=none"]

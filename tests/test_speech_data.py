@@ -116,9 +116,9 @@ def test_held_out_voices_never_speak_in_training(tiny_corpus):
     assert not set(TRAIN_VOICES) & set(HELD_OUT_VOICES)
     train_variants = {v.split("+")[1] for v in TRAIN_VOICES}
     assert not train_variants & {v.split("+")[1] for v in HELD_OUT_VOICES}
-    assert set(SynthSplit.load(tiny_corpus, "train").voices) <= set(TRAIN_VOICES)
+    assert {it["voice"] for it in SynthSplit.load(tiny_corpus, "train").items} <= set(TRAIN_VOICES)
     for split in ("validation", "test"):
-        assert set(SynthSplit.load(tiny_corpus, split).voices) <= set(HELD_OUT_VOICES)
+        assert {it["voice"] for it in SynthSplit.load(tiny_corpus, split).items} <= set(HELD_OUT_VOICES)
 
 
 def test_default_source_builds_datasets_and_batches(tiny_corpus):

@@ -12,6 +12,8 @@ lists of every index: a 3M-pair corpus costs 24 MB here, not 100.
 
 from __future__ import annotations
 
+import copy
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -25,6 +27,21 @@ from giantpipe.platform.data.sampling import (
     replica_of,
     stage_of,
 )
+from giantpipe.platform.data.skips import skip_summary
+
+log = logging.getLogger(__name__)
+
+
+class SourceColumn:
+    """A dataset whose model-input column (source tokens, audio features) a reader may skip:
+    `with_source(False)` is a view whose items carry that column's length but not its data."""
+
+    read_source = True
+
+    def with_source(self, read: bool):
+        view = copy.copy(self)
+        view.read_source = read
+        return view
 
 
 @dataclass
@@ -110,12 +127,35 @@ class EvalBucketSampler(BucketBatchSampler):
 
 class BucketedLoaders(SplitLoaders):
     """Lightning's dataloader hooks over length-bucketed, resumable batches, for a data module
-    with `dataset(split)` (items with `lengths` and `with_source`), `data.collator()`,
-    `batch_size`, `seed`, `min_eval_batch` and `cfg.pool_batches` / `cfg.num_workers`.
+    whose `prepare()` returns `data` with `datasets` (`SourceColumn`s with `lengths`),
+    `skipped` and `collator()`, and whose `cfg` has `pool_batches` and `num_workers`.
+
+    Args:
+        cfg: the `data` config.
+        batch_size: the global batch (all data-parallel replicas together).
+        seed: the batch-order seed.
+        min_eval_batch: the smallest evaluation batch (a pipeline's micro-batches x replicas).
 
     What a rank reads: its replica's slice of each global batch (`replica_of`), and of each item
     the targets and lengths; the model's input (source tokens, audio features) only on the
     first pipeline stage, the one whose layers consume it (`stage_of`)."""
+
+    def __init__(self, cfg, batch_size: int, seed: int, min_eval_batch: int = 1):
+        super().__init__()
+        self.cfg, self.batch_size, self.seed = cfg, batch_size, seed
+        self.min_eval_batch = min_eval_batch
+        self.data = None
+
+    def dataset(self, split: str):
+        return self.prepare().datasets["validation" if split == "val" else split]
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare()
+
+    def log_counts(self, kind: str, unit: str) -> None:
+        for split, counts in self.data.skipped.items():
+            log.info("%s %s: %d %s%s", kind, split, len(self.data.datasets[split]), unit,
+                     skip_summary(counts))
 
     def _loader(self, split: str, shuffle: bool) -> ResumableLoader:
         dataset = self.dataset(split).with_source(stage_of(self.trainer) == 0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +27,21 @@ class RaggedWriter:
         self._file = open(self.folder / f"{name}.bin", "wb")
         self._lengths: list[np.ndarray] = []
 
-    def extend(self, rows: Sequence[np.ndarray | Sequence]) -> None:
+    def extend(self, rows: Sequence[np.ndarray | Sequence[int]]) -> None:
+        """Append rows: arrays of shape (n, *row_shape), or lists of numbers (1-D rows)."""
         if not len(rows):
             return
-        arrays = [np.asarray(r, dtype=self.dtype).reshape(-1, *self.row_shape) for r in rows]
-        self._lengths.append(np.fromiter((len(a) for a in arrays), np.int64, len(arrays)))
-        self._file.write(np.concatenate(arrays).tobytes())
+        lengths = np.fromiter((len(r) for r in rows), np.int64, len(rows))
+        if isinstance(rows[0], np.ndarray):
+            flat = np.concatenate([np.asarray(r, self.dtype).reshape(-1, *self.row_shape) for r in rows])
+        else:  # token id lists: one pass, no array per row
+            flat = np.fromiter(chain.from_iterable(rows), self.dtype, int(lengths.sum()))
+        self.append_flat(flat.tobytes(), lengths)
+
+    def append_flat(self, data: bytes, lengths: np.ndarray) -> None:
+        """Append rows already laid end to end in `data`, `lengths[i]` rows of row_shape each."""
+        self._lengths.append(np.asarray(lengths, np.int64))
+        self._file.write(data)
 
     def close(self) -> None:
         self._file.close()
@@ -68,9 +78,6 @@ class Ragged:
     def __iter__(self) -> Iterator[np.ndarray]:
         return (self[i] for i in range(len(self)))
 
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
-
 
 class TextColumn:
     """Strings stored as UTF-8 bytes in a `Ragged`: `column[i]` decodes row i."""
@@ -89,7 +96,9 @@ class TextColumn:
 
 
 def write_texts(writer: RaggedWriter, texts: Sequence[str]) -> None:
-    writer.extend([np.frombuffer(t.encode("utf-8"), np.uint8) for t in texts])
+    """Append strings as UTF-8 rows to a uint8 writer."""
+    encoded = [t.encode("utf-8") for t in texts]
+    writer.append_flat(b"".join(encoded), np.fromiter(map(len, encoded), np.int64, len(encoded)))
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

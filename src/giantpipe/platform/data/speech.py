@@ -20,7 +20,6 @@ read the audio (`with_source(False)`: pipeline stages after the first) gives `fe
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from giantpipe.platform.data.buckets import SourceColumn
 from giantpipe.platform.data.cache import (
     build_once,
     cache_root,
@@ -48,7 +48,7 @@ PREPARED_VERSION = 1  # bump when the prepared layout changes: it keys the cache
 NORMALIZATIONS = ("utterance", "global", "none")
 
 
-class SpeechDataset(Dataset):
+class SpeechDataset(SourceColumn, Dataset):
     """One prepared split: features (or audio), transcripts and frame counts, memory-mapped."""
 
     def __init__(self, folder: Path, split: str, vocab, featurizer: LogMel,
@@ -65,13 +65,6 @@ class SpeechDataset(Dataset):
         """Frames per item: what `BucketBatchSampler` sorts by."""
         self.vocab, self.featurizer = vocab, featurizer
         self.normalization, self.stats = normalization, stats
-        self.read_source = True
-
-    def with_source(self, read: bool) -> SpeechDataset:
-        """A view that reads the features or not (a pipeline stage after the first)."""
-        view = copy.copy(self)
-        view.read_source = read
-        return view
 
     def __len__(self) -> int:
         return len(self.texts)

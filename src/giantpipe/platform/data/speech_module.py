@@ -20,28 +20,15 @@ from omegaconf import OmegaConf
 
 from giantpipe.platform.config import ConfigError
 from giantpipe.platform.data.buckets import BucketedLoaders
-from giantpipe.platform.data.skips import skip_summary
-from giantpipe.platform.data.speech import SpeechData, SpeechDataset, prepare_speech
+from giantpipe.platform.data.speech import SpeechData, prepare_speech
 from giantpipe.platform.data.speech_sources import SPLITS
 
 log = logging.getLogger(__name__)
 
 
 class SpeechDataModule(BucketedLoaders, pl.LightningDataModule):
-    """Utterances per split, the grapheme vocabulary, bucketed batch loaders.
-
-    Args:
-        cfg: the `data` config (SpeechDataConfig).
-        batch_size: the global batch (all data-parallel replicas together).
-        seed: the batch-order seed.
-        min_eval_batch: the smallest evaluation batch (a pipeline's micro-batches x replicas).
-    """
-
-    def __init__(self, cfg, batch_size: int, seed: int, min_eval_batch: int = 1):
-        super().__init__()
-        self.cfg, self.batch_size, self.seed = cfg, batch_size, seed
-        self.min_eval_batch = min_eval_batch
-        self.data: SpeechData | None = None
+    """Utterances per split, the output units, bucketed batch loaders
+    (`data.SpeechDataConfig`; arguments as `BucketedLoaders`)."""
 
     def prepare(self) -> SpeechData:
         """Load and scan the splits; idempotent, safe before the trainer exists."""
@@ -59,7 +46,7 @@ class SpeechDataModule(BucketedLoaders, pl.LightningDataModule):
             if missing:
                 raise ConfigError(f"speech data has no usable {', '.join(missing)} utterances "
                                   f"(skipped: {self.data.skipped}); give data.{missing[0]}_paths")
-            self._log_counts()
+            self.log_counts("speech", "utterances")
         return self.data
 
     def _source_kwargs(self) -> dict:
@@ -89,23 +76,11 @@ class SpeechDataModule(BucketedLoaders, pl.LightningDataModule):
                         audio_field=cfg.audio_field, text_field=cfg.text_field)
         raise ConfigError(f"data.source={cfg.source!r}: choose default, files or hf")
 
-    def _log_counts(self) -> None:
-        for split, counts in self.data.skipped.items():
-            log.info("speech %s: %d utterances%s", split, len(self.data.datasets[split]),
-                     skip_summary(counts))
-
     # ----------------------------------------------------------- what the task needs
     @property
     def vocab(self):
         return self.prepare().vocab
 
-    def dataset(self, split: str) -> SpeechDataset:
-        return self.prepare().datasets["validation" if split == "val" else split]
-
     def references(self, split: str):
         """Normalized transcripts of a split, by dataset index (the batches' `index`)."""
         return self.dataset(split).texts
-
-    # ----------------------------------------------------------- loaders
-    def setup(self, stage: str | None = None) -> None:
-        self.prepare()

@@ -316,10 +316,6 @@ class SynthSplit:
         item = self.items[index]
         return np.asarray(self.audio[item["offset"]:item["offset"] + item["length"]]), item["text"]
 
-    @property
-    def voices(self) -> list[str]:
-        return [item["voice"] for item in self.items]
-
 
 def _main(job: str, out: str) -> None:
     """Subprocess entry: render the specs of `job` (JSON) into `out` (.npz, u0, u1, ...)."""

@@ -19,7 +19,6 @@ first) gives `src` as (B,0) with the true `src_len`.
 
 from __future__ import annotations
 
-import copy
 import json
 import random
 from collections.abc import Iterable, Sequence
@@ -31,6 +30,7 @@ import sacrebleu
 import torch
 from torch.utils.data import Dataset
 
+from giantpipe.platform.data.buckets import SourceColumn
 from giantpipe.platform.data.cache import (
     build_once,
     cache_root,
@@ -55,7 +55,7 @@ PREPARED_VERSION = 2  # bump when the prepared layout changes: it keys the cache
 CHUNK = 8192  # pairs tokenized per batch
 
 
-class TranslationDataset(Dataset):
+class TranslationDataset(SourceColumn, Dataset):
     """One prepared split: token rows, reference texts and the bucketing lengths, memory-mapped."""
 
     def __init__(self, folder: Path, split: str) -> None:
@@ -64,13 +64,6 @@ class TranslationDataset(Dataset):
         self.references = TextColumn(folder, f"{split}.ref")
         self.lengths = np.load(folder / f"{split}.lengths.npy", mmap_mode="r")
         """Per item, the longer of source and target (with bos/eos): what bucketing sorts by."""
-        self.read_source = True
-
-    def with_source(self, read: bool) -> TranslationDataset:
-        """A view that reads the source tokens or not (a pipeline stage after the first)."""
-        view = copy.copy(self)
-        view.read_source = read
-        return view
 
     def __len__(self) -> int:
         return len(self.tgt_ids)
@@ -285,10 +278,4 @@ def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str],
     metric = sacrebleu.metrics.BLEU(tokenize=tokenize)
     result = metric.corpus_score(list(hypotheses), [list(references)])
     return BleuResult(result.score, str(metric.get_signature()), str(result))
-
-
-def bleu_from_ids(hypothesis_ids: Iterable[Sequence[int]], references: Sequence[str],
-                  vocab: Wordpieces, tokenize: str = "13a") -> BleuResult:
-    """Detokenize hypotheses (cut at EOS) and score them against reference texts."""
-    return corpus_bleu(vocab.decode_batch(hypothesis_ids), references, tokenize)
 

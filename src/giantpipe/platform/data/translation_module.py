@@ -20,10 +20,8 @@ from omegaconf import OmegaConf
 
 from giantpipe.platform.config import ConfigError
 from giantpipe.platform.data.buckets import BucketedLoaders
-from giantpipe.platform.data.skips import skip_summary
 from giantpipe.platform.data.translation import (
     TranslationData,
-    TranslationDataset,
     prepare_translation,
 )
 from giantpipe.platform.data.translation_sources import SPLITS
@@ -32,21 +30,8 @@ log = logging.getLogger(__name__)
 
 
 class TranslationDataModule(BucketedLoaders, pl.LightningDataModule):
-    """Tokenized sentence pairs per split, wordpiece vocabularies, bucketed batch loaders.
-
-    Args:
-        cfg: the `data` config (TranslationDataConfig).
-        batch_size: the global batch (all data-parallel replicas together).
-        seed: the batch-order seed.
-        min_eval_batch: the smallest evaluation batch per replica times replicas (a pipeline
-            needs at least `micro_batches` sentences per replica).
-    """
-
-    def __init__(self, cfg, batch_size: int, seed: int, min_eval_batch: int = 1):
-        super().__init__()
-        self.cfg, self.batch_size, self.seed = cfg, batch_size, seed
-        self.min_eval_batch = min_eval_batch
-        self.data: TranslationData | None = None
+    """Tokenized sentence pairs per split, wordpiece vocabularies, bucketed batch loaders
+    (`data.TranslationDataConfig`; arguments as `BucketedLoaders`)."""
 
     # ----------------------------------------------------------- preparation
     def prepare(self) -> TranslationData:
@@ -67,8 +52,7 @@ class TranslationDataModule(BucketedLoaders, pl.LightningDataModule):
             raise ConfigError(f"translation data has no {', '.join(missing)} pairs; give them "
                               f"(data.{missing[0]}_paths) or let giantpipe cut them from data.paths")
         self.data = data
-        for split, counts in data.skipped.items():
-            log.info("translation %s: %d pairs%s", split, len(data.datasets[split]), skip_summary(counts))
+        self.log_counts("translation", "pairs")
         return data
 
     def _source_kwargs(self) -> dict:
@@ -119,15 +103,9 @@ class TranslationDataModule(BucketedLoaders, pl.LightningDataModule):
     def tgt_vocab(self):
         return self.prepare().tgt_vocab
 
-    def dataset(self, split: str) -> TranslationDataset:
-        return self.prepare().datasets["validation" if split == "val" else split]
-
     def references(self, split: str):
         """Reference translations of a split, by dataset index (the batches' `index`)."""
         return self.dataset(split).references
-
-    def setup(self, stage: str | None = None) -> None:
-        self.prepare()
 
 
 def _one_spec(paths: list[str], key: str) -> str | list[str]:

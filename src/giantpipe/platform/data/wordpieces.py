@@ -53,9 +53,6 @@ class Wordpieces:
     def decode_batch(self, batch: Iterable[Sequence[int]]) -> list[str]:
         return [self.decode(ids) for ids in batch]
 
-    def tokens(self, text: str) -> list[str]:
-        return self.tokenizer.encode(text, add_special_tokens=False).tokens
-
     def save(self, path: str | Path) -> None:
         _atomic_write(Path(path), self.tokenizer.to_str())
 
