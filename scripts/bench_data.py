@@ -37,7 +37,7 @@ TINY_GNMT = ["model=gnmt", "model.hidden_size=64", "model.num_encoder_layers=2",
 TINY_LAS = ["model=las", "model.listener_hidden=32", "model.listener_layers=3", "model.pyramid_levels=1",
             "model.frame_stack=2", "model.speller_hidden=32", "model.speller_layers=1",
             "model.embedding_size=16", "model.attention=dot", "data.batch_size=16"]
-RUN = ["trainer.max_steps=12", "trainer.val_check_interval=12", "trainer.limit_val_batches=2",
+RUN = ["trainer.max_steps=6", "trainer.val_check_interval=6", "trainer.limit_val_batches=1",
        "run_test=false", "logger=none", "callbacks=none", "trainer.enable_progress_bar=false",
        "optim.warmup_steps=2", "model.decode.beam_size=1"]
 
@@ -63,7 +63,7 @@ def write_translation_corpus(path: Path, pairs: int, seed: int = 0, chunk: int =
     p = 1.0 / np.arange(1, len(words) + 1)
     p /= p.sum()
     rng = np.random.default_rng(seed)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for start in range(0, pairs, chunk):
             n = min(chunk, pairs - start)
@@ -257,6 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--work", default=os.environ.get("BENCH_DATA_DIR", "/work/cache/bench_data"),
                         help="corpora and caches go here (not the repository)")
     parser.add_argument("--out", default="bench_data.json")
+    parser.add_argument("--append", action="store_true", help="add rows to an existing --out")
     args = parser.parse_args(argv)
     if args.quick:
         args.pairs, args.utterances = [3000, 30_000], [200]
@@ -266,6 +267,9 @@ def main(argv: list[str] | None = None) -> dict:
            "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src")}
     result = {"meta": {"loadavg_start": os.getloadavg(), "cpus": os.cpu_count(),
                        "command": " ".join(sys.argv)}, "rows": []}
+    if args.append and Path(args.out).exists():
+        result = json.loads(Path(args.out).read_text())
+        result["meta"]["command"] += " ; " + " ".join(sys.argv)
     for pairs in args.pairs:
         path = work / f"pairs-{pairs}.jsonl"
         start = time.perf_counter()
