@@ -68,7 +68,7 @@ class BucketBatchSampler(GlobalBatchSampler):
         super().__init__(len(lengths), global_batch, seed, shuffle, drop_last, num_replicas, replica)
         if pool_batches < 1:
             raise ValueError(f"pool_batches must be >= 1, got {pool_batches}")
-        self.lengths = torch.from_numpy(np.asarray(lengths, dtype=np.int32))
+        self.lengths = torch.from_numpy(np.array(lengths, dtype=np.int32))  # a copy: 4 bytes an item
         self.pool_batches = pool_batches
 
     def global_batches(self) -> Batches:
