@@ -296,8 +296,29 @@ def _save(result: dict, out: str) -> None:
     Path(out).write_text(json.dumps(result, indent=1))
 
 
+def table(result: dict) -> str:
+    """The README table of a result: one row per corpus."""
+    lines = ["| corpus | prepare | start-up (process) | peak MB: 1 process | 2 stages: launcher, stages "
+             "| 4 stages: launcher, stages | tokens/s pipeline / memory |",
+             "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        unit = "pairs" if r["kind"] == "translation" else "utterances"
+        t1, t2, t4 = (r.get(f"train_{n}", {}) for n in (1, 2, 4))
+        stages = [", ".join([f"{t.get('launcher_mb', 0):.0f}"] + [f"{m:.0f}" for m in t.get("stage_mb", [])])
+                  for t in (t2, t4)]
+        tp = r.get("throughput")
+        speed = (f"{tp['tokens_per_s_pipeline']:.0f} / {tp['tokens_per_s_memory']:.0f} ({tp['ratio']:.2f}×)"
+                 if tp else "–")
+        lines.append(f"| {r['size']:,} {unit} | {r['prep_s']:.1f} s ({r['prep_peak_mb']:.0f} MB) "
+                     f"| {r['startup_s']:.2f} s ({r['startup_process_s']:.1f} s) | {t1.get('launcher_mb', 0):.0f} "
+                     f"| {stages[0]} | {stages[1]} | {speed} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         print(json.dumps(child_main(sys.argv[2], sys.argv[3], sys.argv[4:])), flush=True)
+    elif len(sys.argv) > 2 and sys.argv[1] == "--table":
+        print(table(json.loads(Path(sys.argv[2]).read_text())))
     else:
         main()
