@@ -182,3 +182,13 @@ def test_bucketing_reads_a_memory_mapped_lengths_column(tmp_path):
     b = list(BucketBatchSampler(lengths.tolist(), 16, seed=3, drop_last=False))
     assert a == b and sorted(i for batch in a for i in batch) == list(range(1000))
     assert json.dumps(a[0])  # plain ints for the collator
+
+
+def test_datasets_go_to_loader_workers_as_file_names_not_data(tmp_path):
+    import pickle
+
+    data = prepare_translation(size=300, val_size=20, test_size=20, vocab_size=120, cache_dir=tmp_path)
+    train = data.datasets["train"]
+    shipped = pickle.loads(pickle.dumps(train))
+    assert len(pickle.dumps(train)) < 5_000 and isinstance(shipped.src_ids.flat, np.memmap)
+    assert all(np.array_equal(shipped[i]["tgt"], train[i]["tgt"]) for i in range(len(train)))

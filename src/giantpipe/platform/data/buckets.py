@@ -38,6 +38,11 @@ class SourceColumn:
 
     read_source = True
 
+    def __getstate__(self) -> dict:
+        """DataLoader workers get the dataset without `lengths` (the sampler's, in the main
+        process): a memory-mapped column would be pickled as a copy of its data."""
+        return {**self.__dict__, "lengths": None}
+
     def with_source(self, read: bool):
         view = copy.copy(self)
         view.read_source = read

@@ -57,6 +57,7 @@ class Ragged:
     """Read-only rows of a `RaggedWriter`'s files: `ragged[i]` is a numpy view (no copy)."""
 
     def __init__(self, folder: Path, name: str) -> None:
+        self.folder, self.name = Path(folder), name
         meta = json.loads((Path(folder) / f"{name}.json").read_text())
         self.offsets = np.load(Path(folder) / f"{name}.offsets.npy", mmap_mode="r")
         dtype, row_shape = np.dtype(meta["dtype"]), tuple(meta["row_shape"])
@@ -65,6 +66,13 @@ class Ragged:
             self.flat = np.memmap(path, dtype=dtype, mode="r").reshape(-1, *row_shape)
         else:  # numpy cannot map an empty file
             self.flat = np.zeros((0, *row_shape), dtype)
+
+    def __getstate__(self) -> dict:
+        """Pickled (to DataLoader workers) as its file names: a memmap would pickle its data."""
+        return {"folder": self.folder, "name": self.name}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["folder"], state["name"])
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
