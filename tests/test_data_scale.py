@@ -192,3 +192,5 @@ def test_datasets_go_to_loader_workers_as_file_names_not_data(tmp_path):
     shipped = pickle.loads(pickle.dumps(train))
     assert len(pickle.dumps(train)) < 5_000 and isinstance(shipped.src_ids.flat, np.memmap)
     assert all(np.array_equal(shipped[i]["tgt"], train[i]["tgt"]) for i in range(len(train)))
+    view = train.with_source(False)
+    assert view.lengths is train.lengths and train.read_source and not view.read_source

@@ -12,7 +12,6 @@ lists of every index: a 3M-pair corpus costs 24 MB here, not 100.
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -44,8 +43,8 @@ class SourceColumn:
         return {**self.__dict__, "lengths": None}
 
     def with_source(self, read: bool):
-        view = copy.copy(self)
-        view.read_source = read
+        view = object.__new__(type(self))  # not copy.copy: that would go through __getstate__
+        view.__dict__.update(self.__dict__, read_source=read)
         return view
 
 
