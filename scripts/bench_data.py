@@ -227,15 +227,24 @@ def throughput(task, loader, steps: int = 20, rounds: int = 3) -> dict:
 
 
 # --- the benchmark -------------------------------------------------------------------------------
-def bench_corpus(kind: str, size: int, base: list[str], cache: Path, env: dict) -> dict:
+def bench_corpus(kind: str, size: int, base: list[str], cache: Path, env: dict,
+                 keep_prepared: bool = False) -> dict:
+    """One corpus's row. `keep_prepared`: the preparation was measured beforehand by
+    `--prepare-only` (its numbers are in `cache/prep.json`)."""
     import shutil
 
-    shutil.rmtree(cache / kind / "prepared", ignore_errors=True)
     row: dict = {"kind": kind, "size": size, "loadavg_start": os.getloadavg()[0]}
     if kind == "speech":
         row["synth_s"] = child(kind, "synth", base, env)["synth_s"]
-    prep = child(kind, "open", base, env)
-    row.update(prep_s=prep["startup_s"], prep_peak_mb=prep["peak_mb"])
+    if keep_prepared and (cache / "prep.json").exists():
+        row.update(json.loads((cache / "prep.json").read_text()))
+    else:
+        shutil.rmtree(cache / kind / "prepared", ignore_errors=True)
+        prep = child(kind, "open", base, env)
+        row.update(prep_s=prep["startup_s"], prep_peak_mb=prep["peak_mb"])
+        (cache / "prep.json").write_text(json.dumps({k: row[k] for k in ("prep_s", "prep_peak_mb")}))
+    if os.environ.get("BENCH_DATA_PREPARE_ONLY"):
+        return row
     again = child(kind, "open", base, env)
     row.update(startup_s=again["startup_s"], startup_process_s=again["process_s"],
                open_peak_mb=again["peak_mb"])
@@ -258,6 +267,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="corpora and caches go here (not the repository)")
     parser.add_argument("--out", default="bench_data.json")
     parser.add_argument("--append", action="store_true", help="add rows to an existing --out")
+    parser.add_argument("--keep-prepared", action="store_true",
+                        help="reuse a preparation measured before (BENCH_DATA_PREPARE_ONLY=1 measures only that)")
     args = parser.parse_args(argv)
     if args.quick:
         args.pairs, args.utterances = [3000, 30_000], [200]
@@ -277,7 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"translation corpus {pairs}: {path.stat().st_size / 1e6:.0f} MB", flush=True)
         cache = work / f"cache-pairs-{pairs}"
         base = [*TINY_GNMT, "data=translation_files", f"data.paths=[{path}]", f"data.cache_dir={cache}"]
-        row = bench_corpus("translation", pairs, base, cache, env)
+        row = bench_corpus("translation", pairs, base, cache, env, args.keep_prepared)
         row["corpus_s"] = round(time.perf_counter() - start, 1)
         result["rows"].append(row)
         _save(result, args.out)
