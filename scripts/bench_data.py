@@ -228,7 +228,7 @@ def throughput(task, loader, steps: int = 20, rounds: int = 3) -> dict:
 
 # --- the benchmark -------------------------------------------------------------------------------
 def bench_corpus(kind: str, size: int, base: list[str], cache: Path, env: dict,
-                 keep_prepared: bool = False) -> dict:
+                 keep_prepared: bool = False, stage_counts=(1, 2, 4), speed: bool = True) -> dict:
     """One corpus's row. `keep_prepared`: the preparation was measured beforehand by
     `--prepare-only` (its numbers are in `cache/prep.json`)."""
     import shutil
@@ -248,10 +248,10 @@ def bench_corpus(kind: str, size: int, base: list[str], cache: Path, env: dict,
     again = child(kind, "open", base, env)
     row.update(startup_s=again["startup_s"], startup_process_s=again["process_s"],
                open_peak_mb=again["peak_mb"])
-    for stages in (1, 2, 4):
+    for stages in stage_counts:
         row[f"train_{stages}"] = train_memory(base, env, stages)
         print(f"  {kind} {size}: {stages} stage(s) {row[f'train_{stages}']}", flush=True)
-    if kind == "translation":
+    if kind == "translation" and speed:
         row["throughput"] = {k: v for k, v in child(kind, "throughput", base, env).items()
                              if k.startswith("tokens") or k == "ratio"}
     row["loadavg_end"] = os.getloadavg()[0]
@@ -267,6 +267,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="corpora and caches go here (not the repository)")
     parser.add_argument("--out", default="bench_data.json")
     parser.add_argument("--append", action="store_true", help="add rows to an existing --out")
+    parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 4],
+                        help="pipeline stage counts whose per-process memory is measured")
+    parser.add_argument("--no-throughput", action="store_true")
     parser.add_argument("--keep-prepared", action="store_true",
                         help="reuse a preparation measured before (BENCH_DATA_PREPARE_ONLY=1 measures only that)")
     args = parser.parse_args(argv)
@@ -288,7 +291,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"translation corpus {pairs}: {path.stat().st_size / 1e6:.0f} MB", flush=True)
         cache = work / f"cache-pairs-{pairs}"
         base = [*TINY_GNMT, "data=translation_files", f"data.paths=[{path}]", f"data.cache_dir={cache}"]
-        row = bench_corpus("translation", pairs, base, cache, env, args.keep_prepared)
+        row = bench_corpus("translation", pairs, base, cache, env, args.keep_prepared, args.stages,
+                           not args.no_throughput)
         row["corpus_s"] = round(time.perf_counter() - start, 1)
         result["rows"].append(row)
         _save(result, args.out)
@@ -296,7 +300,8 @@ def main(argv: list[str] | None = None) -> dict:
         cache = work / "cache-speech"  # the synthesized corpus is shared; prepared data is keyed
         base = [*TINY_LAS, "data=speech_default", f"data.train_size={utterances}", "data.val_size=100",
                 "data.test_size=100", f"data.cache_dir={cache}"]
-        result["rows"].append(bench_corpus("speech", utterances, base, cache, env))
+        result["rows"].append(bench_corpus("speech", utterances, base, cache, env,
+                                           stage_counts=args.stages))
         _save(result, args.out)
     result["meta"]["loadavg_end"] = os.getloadavg()
     _save(result, args.out)
