@@ -246,7 +246,8 @@ def bench_corpus(kind: str, size: int, base: list[str], cache: Path, env: dict,
     if os.environ.get("BENCH_DATA_PREPARE_ONLY"):
         return row
     again = child(kind, "open", base, env)
-    row.update(startup_s=again["startup_s"], startup_process_s=again["process_s"],
+    row.update(startup_s=again["startup_s"], import_s=again.get("import_s"),
+               startup_process_s=again["process_s"],
                open_peak_mb=again["peak_mb"])
     for stages in stage_counts:
         row[f"train_{stages}"] = train_memory(base, env, stages)
