@@ -59,11 +59,12 @@ class Ragged:
     def __init__(self, folder: Path, name: str) -> None:
         self.folder, self.name = Path(folder), name
         meta = json.loads((Path(folder) / f"{name}.json").read_text())
-        self.offsets = np.load(Path(folder) / f"{name}.offsets.npy", mmap_mode="r")
+        # plain ndarray views of the maps: slicing a np.memmap costs a subclass object a row
+        self.offsets = np.asarray(np.load(Path(folder) / f"{name}.offsets.npy", mmap_mode="r"))
         dtype, row_shape = np.dtype(meta["dtype"]), tuple(meta["row_shape"])
         path = Path(folder) / f"{name}.bin"
         if path.stat().st_size:
-            self.flat = np.memmap(path, dtype=dtype, mode="r").reshape(-1, *row_shape)
+            self.flat = np.asarray(np.memmap(path, dtype=dtype, mode="r")).reshape(-1, *row_shape)
         else:  # numpy cannot map an empty file
             self.flat = np.zeros((0, *row_shape), dtype)
 

@@ -69,9 +69,10 @@ class TranslationDataset(SourceColumn, Dataset):
         return len(self.tgt_ids)
 
     def __getitem__(self, index: int) -> dict:
+        if self.read_source:
+            return {"src": self.src_ids[index], "tgt": self.tgt_ids[index], "index": index}
         offsets = self.src_ids.offsets
-        src = self.src_ids[index] if self.read_source else None
-        return {"src": src, "src_len": int(offsets[index + 1] - offsets[index]),
+        return {"src": None, "src_len": int(offsets[index + 1] - offsets[index]),
                 "tgt": self.tgt_ids[index], "index": index}
 
 
@@ -82,24 +83,25 @@ class TranslationCollator:
         self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
 
     def __call__(self, items: Sequence[dict]) -> Batch:
-        def ids(row) -> torch.Tensor:
-            return torch.from_numpy(np.asarray(row, dtype=np.int64))
-
-        def stack(seqs):
-            return torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=self.pad_id)
-
-        tgt = [ids(it["tgt"]) for it in items]
-        bos, eos = torch.tensor([self.bos_id]), torch.tensor([self.eos_id])
+        tgt = [it["tgt"] for it in items]
+        width = max(len(t) for t in tgt) + 1
+        tgt_in = np.full((len(items), width), self.pad_id, np.int64)
+        tgt_out = tgt_in.copy()
+        for b, t in enumerate(tgt):  # rows filled in place: no tensor per item
+            tgt_in[b, 0], tgt_in[b, 1:len(t) + 1] = self.bos_id, t
+            tgt_out[b, :len(t)], tgt_out[b, len(t)] = t, self.eos_id
         if all(it.get("src") is not None for it in items):
-            src = stack([ids(it["src"]) for it in items])
+            src_len = [len(it["src"]) for it in items]
+            src = np.full((len(items), max(src_len)), self.pad_id, np.int64)
+            for b, it in enumerate(items):
+                src[b, :src_len[b]] = it["src"]
         else:
-            src = torch.zeros(len(items), 0, dtype=torch.long)
+            src_len, src = [it["src_len"] for it in items], np.zeros((len(items), 0), np.int64)
         return {
-            "src": src,
-            "src_len": torch.tensor([it["src_len"] if "src_len" in it else len(it["src"])
-                                    for it in items], dtype=torch.long),
-            "tgt_in": stack([torch.cat([bos, t]) for t in tgt]),
-            "tgt_out": stack([torch.cat([t, eos]) for t in tgt]),
+            "src": torch.from_numpy(src),
+            "src_len": torch.tensor(src_len, dtype=torch.long),
+            "tgt_in": torch.from_numpy(tgt_in),
+            "tgt_out": torch.from_numpy(tgt_out),
             "tgt_len": torch.tensor([len(t) + 1 for t in tgt], dtype=torch.long),
             "index": torch.tensor([it.get("index", -1) for it in items], dtype=torch.long),
         }
