@@ -321,7 +321,7 @@ def table(result: dict) -> str:
     for r in result["rows"]:
         unit = "pairs" if r["kind"] == "translation" else "utterances"
         t1, t2, t4 = (r.get(f"train_{n}", {}) for n in (1, 2, 4))
-        stages = [", ".join([f"{t.get('launcher_mb', 0):.0f}"] + [f"{m:.0f}" for m in t.get("stage_mb", [])])
+        stages = [", ".join([f"{t['launcher_mb']:.0f}"] + [f"{m:.0f}" for m in t["stage_mb"]]) if t else "–"
                   for t in (t2, t4)]
         tp = r.get("throughput")
         speed = (f"{tp['tokens_per_s_pipeline']:.0f} / {tp['tokens_per_s_memory']:.0f} ({tp['ratio']:.2f}×)"
