@@ -102,6 +102,7 @@ from torch import nn
 from bench_models import MODEL_NAMES, SEED, ModelSpec, make_spec
 from bench_results import SCHEDULES, collect, median, print_tables, summarize
 from giantpipe.models.contract import LayeredModel, build_materialized
+from giantpipe.platform import timeline_plot
 from giantpipe.platform.allocator import keep_freed_memory
 from giantpipe.strategies import timeline as tl
 from giantpipe.strategies.engine import PipelineEngine
@@ -349,8 +350,8 @@ def measure(spec: ModelSpec, stages: int, opts: Options, device, pictures: Path 
         cfg = runner.cfg
         if pictures and timelines and cfg.checkpoint == "never" and cfg.micro_batches == 4:
             stem = f"timeline_{spec.name}_N{cfg.stages}_{cfg.schedule}_M4"
-            tl.plot(timelines, pictures / f"{stem}.png")
-            tl.write_trace(timelines, pictures / f"{stem}.trace.json")
+            timeline_plot.plot(timelines, pictures / f"{stem}.png")
+            timeline_plot.write_trace(timelines, pictures / f"{stem}.trace.json")
         measured = times.get(cfg.key, [])
         rows.append(
             {

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import TINY, run_train
+from giantpipe.platform import timeline_plot
 from giantpipe.platform.pipeline_metrics import step_metrics
 from giantpipe.strategies import timeline as tl
 from giantpipe.strategies.engine import PipelineEngine
@@ -76,9 +77,9 @@ def test_events_follow_the_schedule(recorded):
 
 def test_picture_and_trace_are_written(recorded, tmp_path):
     timelines = recorded[0]
-    picture = tl.plot(timelines, tmp_path / "timeline.png")
+    picture = timeline_plot.plot(timelines, tmp_path / "timeline.png")
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    trace = json.loads(tl.write_trace(timelines, tmp_path / "trace.json").read_text())
+    trace = json.loads(timeline_plot.write_trace(timelines, tmp_path / "trace.json").read_text())
     boxes = [e for e in trace["traceEvents"] if e["ph"] == "X"]
     assert len(boxes) == sum(len(t.events) for t in timelines)
     assert {e["tid"] for e in boxes} == {0, 1}
@@ -179,7 +180,7 @@ def test_logged_metrics_from_every_ranks_stats():
 
 
 def test_plot_of_a_synthetic_step(tmp_path):
-    path = tl.plot(synthetic_gpipe(), tmp_path / "g.png")
+    path = timeline_plot.plot(synthetic_gpipe(), tmp_path / "g.png")
     assert path.stat().st_size > 1000
 
 

@@ -32,6 +32,7 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 
+from giantpipe.platform import timeline_plot
 from giantpipe.strategies import timeline as tl
 
 log = logging.getLogger(__name__)
@@ -87,8 +88,8 @@ class PipelineMetrics(pl.Callback):
         if timelines is None:  # not rank 0
             return
         out = Path(trainer.default_root_dir) / self.dirname
-        picture = tl.plot(timelines, out / "timeline.png")
-        tl.write_trace(timelines, out / "timeline.trace.json")
+        picture = timeline_plot.plot(timelines, out / "timeline.png")
+        timeline_plot.write_trace(timelines, out / "timeline.trace.json")
         log.info("pipeline timeline: %s (and timeline.trace.json for ui.perfetto.dev)", picture)
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
