@@ -12,6 +12,7 @@ from giantpipe.strategies.schedule import (
     Phase,
     gpipe,
     make_schedule,
+    makespan,
     one_f_one_b,
     render,
     simulate,
@@ -34,10 +35,9 @@ def test_each_micro_batch_forwarded_and_backwarded_once_without_deadlock(
             assert actions.index(Action(Phase.FORWARD, i)) < actions.index(
                 Action(Phase.BACKWARD, i)
             )
-    # with one clock per action, both take 2(M + N - 1) clocks: the same bubble
-    assert max(t for row in simulate(schedule) for t in row) + 1 == 2 * (
-        micro_batches + num_stages - 1
-    )
+    # with one clock per forward and two per fused backward, both take 3(M + N - 1) clocks:
+    # the same bubble
+    assert makespan(schedule) == 3 * (micro_batches + num_stages - 1)
 
 
 def test_gpipe_is_all_forwards_then_all_backwards_in_reverse():
@@ -81,6 +81,15 @@ def test_unknown_schedule_is_rejected_with_the_choices():
 
 def test_pictures_in_the_source_match_the_schedules():
     source = inspect.getsource(sched)
-    for schedule in (gpipe(3, 4), one_f_one_b(3, 4)):
-        picture = "\n".join(("#   " + line).rstrip() for line in render(schedule).splitlines())
+    pictures = [
+        (gpipe(3, 4), "looped"),
+        (one_f_one_b(3, 4), "looped"),
+        (make_schedule("interleaved_1f1b", 2, 4, 2), "looped"),
+        (make_schedule("zb_h1", 3, 4), "looped"),
+        (make_schedule("zb_h2", 3, 4), "looped"),
+        (make_schedule("zbv", 2, 4, 2), "vshape"),
+    ]
+    for schedule, placement in pictures:
+        drawn = render(schedule, placement).splitlines()
+        picture = "\n".join(("#   " + line).rstrip() for line in drawn)
         assert picture in source

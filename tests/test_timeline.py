@@ -179,9 +179,24 @@ def test_logged_metrics_from_every_ranks_stats():
     assert metrics["pipeline/stage1/step_mem_mb"] == 2.0
 
 
-def test_plot_of_a_synthetic_step(tmp_path):
-    path = timeline_plot.plot(synthetic_gpipe(), tmp_path / "g.png")
-    assert path.stat().st_size > 1000
+def test_picture_of_a_synthetic_step_has_a_row_per_stage_and_a_box_per_action(tmp_path):
+    import matplotlib.pyplot as plt
+
+    timelines = synthetic_gpipe()
+    fig = timeline_plot.figure(timelines)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["stage 0", "stage 1"]
+    bands = [c for c in ax.collections if len(c.get_paths()) == 1]
+    heights = sorted({round(c.get_paths()[0].get_extents().height, 2) for c in bands})
+    compute = [c for c in bands if c.get_paths()[0].get_extents().height == pytest.approx(0.76)]
+    assert len(compute) == 12 and heights == [0.1, 0.76]  # 2 stages x (3 F + 3 B); 1 recv band
+    rows = sorted(round(c.get_paths()[0].get_extents().y0 + 0.38) for c in compute)
+    assert rows == [0] * 6 + [1] * 6
+    labels = sorted(t.get_text() for t in ax.texts)
+    assert labels == sorted(["F0", "F1", "F2", "B0", "B1", "B2"] * 2)
+    assert "bubble 25.0% measured, 25.0% theoretical" in ax.get_title()
+    plt.close(fig)
+    assert timeline_plot.plot(timelines, tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
 
 
 # -- the Lightning callback ---------------------------------------------------------------------

@@ -79,9 +79,21 @@ _COMM_COLOR = "#8C8C8C"
 
 
 def plot(timelines: Sequence[StepTimeline], path: str | Path, title: str | None = None) -> Path:
-    """The GPipe figure as a PNG: one row per stage (replica 0 on top), F/B boxes labelled with
-    their micro-batch, recompute hatched inside backward, communication as a thin grey band,
-    and the empty space between boxes is the bubble."""
+    """The GPipe figure (`figure`) written as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(timelines, title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def figure(timelines: Sequence[StepTimeline], title: str | None = None):
+    """The GPipe figure: one row per stage (replica 0 on top), F/B/W boxes labelled with
+    their micro-batch (primed: a later chunk), recompute hatched inside backward,
+    communication as a thin grey band; the empty space between boxes is the bubble."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -127,8 +139,4 @@ def plot(timelines: Sequence[StepTimeline], path: str | Path, title: str | None 
     ]
     ax.legend(handles=handles, loc="upper right", fontsize=7, ncol=4)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return fig

@@ -33,7 +33,7 @@ from lightning.pytorch.trainer import call
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
-from giantpipe.models.beam_search import BeamSearchResult
+from giantpipe.models.contract import DecodeResult
 from giantpipe.strategies.batchnorm import DeferredBatchNorm
 from giantpipe.strategies.engine import PipelineEngine
 from giantpipe.strategies.faults import maybe_inject, maybe_inject_in_save, maybe_skip_join
@@ -44,6 +44,7 @@ from giantpipe.strategies.partition import (
 )
 from giantpipe.strategies.pipelined_decoding import pipelined_beam_search, pipelined_sample
 from giantpipe.strategies.rendezvous import join_store
+from giantpipe.strategies.schedule import owner
 from giantpipe.strategies.stage_checkpoint import (
     MANIFEST,
     atomic_save,
@@ -95,9 +96,14 @@ class PipelineRunner:
         with peers_named(self.engine):
             return self.engine.eval_step(batch)
 
-    def decode(self, batch, **search) -> BeamSearchResult:
+    def decode(self, batch, **search) -> DecodeResult:
         """Beam search through the pipeline (all its ranks together); every rank gets the
         result one device would (strategies/pipelined_decoding.py)."""
+        if self.engine.virtual_stages > 1:
+            raise ValueError(
+                "pipelined beam search runs over one chunk per stage: decode with "
+                "strategy.virtual_stages=1 (a checkpoint trained with V=2 loads into it)"
+            )
         return pipelined_beam_search(self.engine, batch, **search)
 
     def sample(self, batch, **sampling) -> BeamSearchResult:
@@ -170,29 +176,37 @@ class PipelineStrategy(DDPStrategy):
             checkpoint=self.cfg.checkpoint,
             device=self.root_device,
             seed=task.seed,
+            virtual_stages=self.virtual_stages,
         )
         if self.global_rank == 0:
-            ranks = [self.topology.stage_ranks(s) for s in range(self.cfg.stages)]
+            holders = [owner(k, self.cfg.stages, engine.placement)[0] for k in range(len(balance))]
+            ranks = [self.topology.stage_ranks(s) for s in holders]  # per virtual stage
             from rich.console import Console
 
             Console().print(partition_table(task.model, balance, ranks=ranks))
         self.runner = PipelineRunner(engine, self.cfg.timeout_s)
         return self.runner
 
+    @property
+    def virtual_stages(self) -> int:
+        """Chunks per stage (V); the balance lists stages x V layer counts."""
+        return int(self.cfg.get("virtual_stages", 1) or 1)
+
     def resolve_balance(self, task) -> list[int]:
         balance = self.cfg.balance
         num_layers = len(task.model.layers)
-        if self.cfg.stages > num_layers:
+        parts = self.cfg.stages * self.virtual_stages
+        if parts > num_layers:
             raise ValueError(
-                f"strategy.stages={self.cfg.stages} is more than the model's {num_layers} layers; "
-                f"use at most {num_layers} stages"
+                f"strategy.stages={self.cfg.stages} x virtual_stages={self.virtual_stages} is more than the "
+                f"model's {num_layers} layers; use at most {num_layers} virtual stages"
             )
         if isinstance(balance, str):
             sample = None
             if balance in ("time", "memory"):
                 sample = next(iter(task.trainer.datamodule.train_dataloader()))
-            balance = auto_balance(task.model, self.cfg.stages, by=balance, sample=sample, seed=task.seed)
-        return validate_balance(list(balance), num_layers, self.cfg.stages)
+            balance = auto_balance(task.model, parts, by=balance, sample=sample, seed=task.seed)
+        return validate_balance(list(balance), num_layers, parts)
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup_distributed(self) -> None:
