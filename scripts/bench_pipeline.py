@@ -106,6 +106,7 @@ from giantpipe.platform import timeline_plot
 from giantpipe.platform.allocator import keep_freed_memory
 from giantpipe.strategies import timeline as tl
 from giantpipe.strategies.engine import PipelineEngine
+from giantpipe.strategies.partition import balance_by_cost, param_costs
 
 MICRO_BATCHES = (1, 2, 4, 8, 16)
 
@@ -138,19 +139,50 @@ class Config:
     micro_batches: int
     schedule: str
     checkpoint: str
+    virtual_stages: int = 1
 
     @property
     def key(self) -> str:
-        return f"{self.impl}/N{self.stages}/M{self.micro_batches}/{self.schedule}/{self.checkpoint}"
+        return (f"{self.impl}/N{self.stages}/M{self.micro_batches}/{self.schedule}"
+                f"/V{self.virtual_stages}/{self.checkpoint}")  # fmt: skip
+
+
+# the zero-bubble and interleaved schedules, without re-materialization: (name, V)
+NEW_SCHEDULES = (("interleaved_1f1b", 2), ("zb_h1", 1), ("zb_h1", 2), ("zb_h2", 1), ("zbv", 2))
+# the peer's schedule for each (name, V) it has; dualpipev is the peer's alone
+PEER_SCHEDULES = {
+    ("gpipe", 1): "ScheduleGPipe", ("1f1b", 1): "Schedule1F1B",
+    ("interleaved_1f1b", 2): "ScheduleInterleaved1F1B",
+    ("zb_h1", 2): "ScheduleInterleavedZeroBubble", ("zbv", 2): "ScheduleZBVZeroBubble",
+    ("dualpipev", 2): "ScheduleDualPipeV",
+}  # fmt: skip
+V_SHAPED = ("zbv", "dualpipev")
 
 
 def configs_for(spec: ModelSpec, stages: int, micro: tuple[int, ...]) -> list[Config]:
     if stages == 1:  # one stage: both schedules run the same operations (M-way accumulation)
         return [Config("giantpipe", 1, m, "gpipe", "never") for m in micro]
     out = [Config("giantpipe", 2, m, s, c) for c in spec.modes for s in SCHEDULES for m in micro]
+    out += [Config("giantpipe", 2, m, s, "never", v) for s, v in NEW_SCHEDULES for m in micro]
     if spec.peer_keys is not None:
-        out += [Config("peer", 2, m, s, "never") for s in SCHEDULES for m in micro]
+        out += [Config("peer", 2, m, s, "never", v) for s, v in PEER_SCHEDULES for m in micro]
     return out
+
+
+def balance_for(spec: ModelSpec, model: LayeredModel, parts: int) -> list[int]:
+    """The spec's 2-stage balance, or one by parameter count for more (virtual) stages."""
+    if parts == len(spec.balance):
+        return spec.balance
+    return balance_by_cost(param_costs(model), parts)
+
+
+def peer_stage_indices(schedule: str, rank: int, stages: int, chunks: int) -> list[int]:
+    """The peer's stage indices on this rank: looped, or in a V for zbv and dualpipev."""
+    if chunks == 1:
+        return [rank]
+    if schedule in V_SHAPED:
+        return [rank, 2 * stages - 1 - rank]
+    return [rank + c * stages for c in range(chunks)]
 
 
 class PeerStageModule(nn.Module):
@@ -184,30 +216,45 @@ class Runner:
         self.cfg, self.spec, self.device = cfg, spec, device
         self.error: str | None = None
         self.engine = None
+        parts = cfg.stages * cfg.virtual_stages
+        balance = balance_for(spec, model, parts) if cfg.stages > 1 else [len(model.layers)]
         if cfg.impl == "giantpipe":
-            self.engine = PipelineEngine(
-                model, spec.loss, spec.balance if cfg.stages > 1 else [len(model.layers)],
-                micro_batches=cfg.micro_batches, schedule=cfg.schedule,
-                checkpoint=cfg.checkpoint, device=device, seed=SEED, split_backward=split_backward,
-            )  # fmt: skip
+            try:
+                self.engine = PipelineEngine(
+                    model, spec.loss, balance, micro_batches=cfg.micro_batches,
+                    schedule=cfg.schedule, checkpoint=cfg.checkpoint, device=device, seed=SEED,
+                    split_backward=split_backward, virtual_stages=cfg.virtual_stages,
+                )  # fmt: skip
+            except ValueError as err:  # a schedule not defined at this M (e.g. interleaved, M=1)
+                self.error, self.params = str(err).split("\n")[0], []
+                return
             self.params = list(self.engine.parameters())
             return
-        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+        self._build_peer(cfg, spec, model, balance)
 
-        rank, n = dist.get_rank(), cfg.stages
-        start = sum(spec.balance[:rank])
-        keys = spec.peer_keys
-        module = PeerStageModule(
-            model, range(start, start + spec.balance[rank]), keys[rank], keys[rank + 1]
-        )
-        stage = PipelineStage(module, rank, n, device)
-        kind = ScheduleGPipe if cfg.schedule == "gpipe" else Schedule1F1B
+    def _build_peer(self, cfg: Config, spec: ModelSpec, model: LayeredModel, balance) -> None:
+        import torch.distributed.pipelining as peer
+        from torch.distributed.pipelining import PipelineStage
+
+        rank, n, parts = dist.get_rank(), cfg.stages, len(balance)
+        keys = [spec.peer_keys[0], *[spec.peer_keys[1]] * (parts - 1), spec.peer_keys[-1]]
+        starts = [sum(balance[:k]) for k in range(parts)]
+        self.stage_ids = peer_stage_indices(cfg.schedule, rank, n, cfg.virtual_stages)
+        modules = [
+            PeerStageModule(model, range(starts[k], starts[k] + balance[k]), keys[k], keys[k + 1])
+            for k in self.stage_ids
+        ]
+        stages = [PipelineStage(m, k, parts, self.device) for m, k in zip(modules, self.stage_ids, strict=True)]
+        kind = getattr(peer, PEER_SCHEDULES[(cfg.schedule, cfg.virtual_stages)], None)
         try:
-            self.schedule = kind(stage, cfg.micro_batches, loss_fn=peer_loss(spec))
-        except ValueError as err:
-            self.error = str(err).split("\n")[0]
-        self.params = [p for p in module.parameters() if not p.is_meta]
-        self.rank, self.n = rank, n
+            if kind is None:
+                raise ValueError(f"torch {torch.__version__} has no {PEER_SCHEDULES[(cfg.schedule, cfg.virtual_stages)]}")
+            target = stages[0] if len(stages) == 1 else stages
+            self.schedule = kind(target, cfg.micro_batches, loss_fn=peer_loss(spec))
+        except Exception as err:  # the peer's rules (M < N for 1F1B, M multiples, ...)
+            self.error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        self.params = [p for m in modules for p in m.parameters() if not p.is_meta]
+        self.first, self.last = 0 in self.stage_ids, parts - 1 in self.stage_ids
 
     def step(self, batch, keep_grads: bool = False) -> None:
         """One training step; gradients start as None, or allocated and zeroed (`keep_grads`,
@@ -222,12 +269,9 @@ class Runner:
             return
         x = (batch["x"] if "x" in batch else batch["tokens"]).to(self.device)
         y = (batch["y"] if "y" in batch else batch["targets"]).to(self.device)
-        if self.rank == 0:
-            self.schedule.step(x, return_outputs=False)
-        elif self.rank == self.n - 1:
-            self.schedule.step(target=y, losses=[], return_outputs=False)
-        else:
-            self.schedule.step(return_outputs=False)
+        args = (x,) if self.first else ()
+        kwargs = {"target": y, "losses": []} if self.last else {}
+        self.schedule.step(*args, return_outputs=False, **kwargs)
 
 
 def plain_step(model: LayeredModel, loss_fn, batch) -> None:
@@ -349,7 +393,7 @@ def measure(spec: ModelSpec, stages: int, opts: Options, device, pictures: Path 
         timelines = extra.pop("_timelines", None)
         cfg = runner.cfg
         if pictures and timelines and cfg.checkpoint == "never" and cfg.micro_batches == 4:
-            stem = f"timeline_{spec.name}_N{cfg.stages}_{cfg.schedule}_M4"
+            stem = f"timeline_{spec.name}_N{cfg.stages}_{cfg.schedule}_V{cfg.virtual_stages}_M4"
             timeline_plot.plot(timelines, pictures / f"{stem}.png")
             timeline_plot.write_trace(timelines, pictures / f"{stem}.trace.json")
         measured = times.get(cfg.key, [])

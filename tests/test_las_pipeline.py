@@ -72,7 +72,8 @@ def run_configs(rank: int, world_size: int, configs: list[dict]) -> list[dict]:
             model = LAS(**MODEL)
         engine = PipelineEngine(model, loss_for(cfg["loss"]), cfg["balance"],
                                 micro_batches=cfg["micro_batches"], topology=Topology(2, 1),
-                                schedule=cfg["schedule"], checkpoint=cfg["checkpoint"], seed=SEED)
+                                schedule=cfg["schedule"], checkpoint=cfg["checkpoint"], seed=SEED,
+                                virtual_stages=cfg.get("virtual_stages", 1))
         opt = torch.optim.SGD(engine.parameters(), lr=LR)
         losses, grads, sizes = [], [], []
         for batch in make_batches():
@@ -122,6 +123,11 @@ CONFIGS = [  # the listener alone on stage 0; the attention on stage 0 with its 
     {"loss": "cross_entropy", "balance": [4, 2], "micro_batches": 3, "schedule": "1f1b", "checkpoint": "always"},
     {"loss": "mwer", "balance": [2, 4], "micro_batches": 2, "schedule": "gpipe", "checkpoint": "except_last"},
     {"loss": "mwer", "balance": [3, 3], "micro_batches": 3, "schedule": "1f1b", "checkpoint": "always"},
+    # zero-bubble schedules: zb_h1 with MWER's pipelined N-best lists; zbv's V (stage 0 holds
+    # the listener's first layer and the projection) with cross-entropy
+    {"loss": "mwer", "balance": [2, 4], "micro_batches": 2, "schedule": "zb_h1", "checkpoint": "never"},
+    {"loss": "cross_entropy", "balance": [1, 2, 2, 1], "micro_batches": 3, "schedule": "zbv",
+     "checkpoint": "except_last", "virtual_stages": 2},
 ]
 
 

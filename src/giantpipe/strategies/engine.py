@@ -58,9 +58,9 @@ import torch.utils.checkpoint as torch_checkpoint
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from giantpipe.models.contract import Batch, Carry, LayeredModel, SumLoss, batch_size, materialize
+from giantpipe.models.contract import Batch, Carry, LayeredModel, SumLoss, batch_size
 from giantpipe.strategies.comm import Link, LocalLink, wants_grad
-from giantpipe.strategies.partition import stage_ranges, validate_balance
+from giantpipe.strategies.partition import stage_ranges
 from giantpipe.strategies.schedule import (
     BACKWARDS,
     Action,
@@ -78,12 +78,18 @@ from giantpipe.strategies.split_backward import (
     arm_linear_layers,
     defer_weight_grads,
 )
+from giantpipe.strategies.stage_setup import (
+    REMAT_MODES,
+    all_reduce_gradients,
+    chunk_links,
+    kept_buffers,
+    place_layers,
+    validated,
+)
 from giantpipe.strategies.timeline import NULL_RECORDER, Recorder, StepTimeline, TimelineRecorder
 from giantpipe.strategies.topology import PipelineGroups, Topology
 
-REMAT_MODES = ("always", "except_last", "never")
 CHECKPOINT_MODES = REMAT_MODES  # the name the config and the engine's keyword use
-BUCKET_BYTES = 25 * 2**20
 
 
 @dataclass
@@ -158,7 +164,7 @@ class PipelineEngine:
         self.rank = dist.get_rank() if distributed else 0
         self.world_size = dist.get_world_size() if distributed else 1
         self.placement = check_schedule(schedule, virtual_stages).placement
-        balance, topology = _validated(
+        balance, topology = validated(
             model, balance, topology, checkpoint, micro_batches, distributed, self.world_size,
             virtual_stages,
         )  # fmt: skip
@@ -180,7 +186,7 @@ class PipelineEngine:
             self._chunk_ranges[0] if virtual_stages == 1
             else sorted(i for r in self._chunk_ranges for i in r)
         )  # fmt: skip
-        self.module = _place_layers(model, set(self.layer_indices), self.device, seed)
+        self.module = place_layers(model, set(self.layer_indices), self.device, seed)
         self._plan_actions(split_backward)
         self._batchnorms = [
             m for i in self.layer_indices for m in model.layers[i].modules()
@@ -228,27 +234,17 @@ class PipelineEngine:
                 arm_linear_layers(self.module.layers[i])
 
     def _connect(self, groups: PipelineGroups | None, distributed: bool) -> None:
-        """Process groups (collectively, on every rank) and the links between virtual stages:
-        a `Link` to another rank (tagged by the boundary), a `LocalLink` within this rank."""
-        topology, rank, n = self.topology, self.rank, self.num_stages
+        """Process groups (collectively, on every rank) and the links between virtual stages."""
+        topology, rank = self.topology, self.rank
         self.groups = groups or (topology.create_groups(rank) if distributed else PipelineGroups())
-        ranks = topology.pipeline_ranks(self.replica)
-        last = n * self.virtual_stages - 1
-        local: dict[int, LocalLink] = {}  # boundary k -> k+1 within this rank
-
-        def link(boundary: int, peer_stage: int) -> Link | LocalLink:
-            if peer_stage == self.stage:
-                return local.setdefault(boundary, LocalLink())
-            return Link(ranks[peer_stage], self.device, tag=boundary)
-
-        self._chunks = []
-        for c, layers in enumerate(self._chunk_ranges):
-            k = virtual_stage(self.stage, c, n, self.placement)
-            prev = link(k - 1, owner(k - 1, n, self.placement)[0]) if k > 0 else None
-            nxt = link(k, owner(k + 1, n, self.placement)[0]) if k < last else None
-            self._chunks.append(
-                _Chunk(c, k, layers, prev, nxt, k == 0, k == last, self._backward_orders[c])
-            )
+        last = self.num_stages * self.virtual_stages - 1
+        links = chunk_links(
+            topology, self.stage, self.replica, self.virtual_stages, self.placement, self.device
+        )
+        self._chunks = [
+            _Chunk(c, k, self._chunk_ranges[c], prev, nxt, k == 0, k == last, self._backward_orders[c])
+            for c, (k, prev, nxt) in enumerate(links)
+        ]
         # the links of a one-chunk rank, which pipelined decoding shares
         self._prev, self._next = self._chunks[0].prev, self._chunks[0].next
 
@@ -332,17 +328,7 @@ class PipelineEngine:
         if group is None:
             return
         with self._recorder.span("sync", -1):
-            params = [p for p in self.parameters() if p.requires_grad]
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            for grads in _buckets([p.grad for p in params], BUCKET_BYTES):
-                flat = torch._utils._flatten_dense_tensors(grads)
-                dist.all_reduce(flat, group=group)
-                for grad, synced in zip(
-                    grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True
-                ):
-                    grad.copy_(synced)
+            all_reduce_gradients([p for p in self.parameters() if p.requires_grad], group)
 
     # -- one action -------------------------------------------------------------------------------
 
@@ -471,7 +457,7 @@ class PipelineEngine:
         def recompute_context():  # entered when the backward recomputes, not before
             with ExitStack() as stack:
                 if self._batchnorms:
-                    stack.enter_context(_kept_buffers(self._batchnorms))
+                    stack.enter_context(kept_buffers(self._batchnorms))
                 stack.enter_context(rec.span("recompute", i, chunk))
                 yield
 
@@ -540,113 +526,6 @@ class PipelineEngine:
         return result
 
 
-def _validated(
-    model: LayeredModel,
-    balance: Sequence[int],
-    topology: Topology | None,
-    remat_mode: str,
-    micro_batches: int,
-    distributed: bool,
-    world_size: int,
-    virtual_stages: int,
-) -> tuple[list[int], Topology]:
-    """Check the engine's arguments before anything is built; the balance and the topology."""
-    balance = validate_balance(balance, len(model.layers))
-    _check_parameters(model, balance)
-    if len(balance) % virtual_stages:
-        raise ValueError(
-            f"balance {balance} has {len(balance)} parts for virtual_stages={virtual_stages}: "
-            f"give one layer count per virtual stage (stages x virtual_stages)"
-        )
-    num_stages = len(balance) // virtual_stages
-    if not distributed and (num_stages > 1 or (topology and topology.world_size > 1)):
-        raise ValueError(
-            "a pipeline of several processes needs torch.distributed: initialize the "
-            "process group (one process per stage and replica) before building the engine"
-        )
-    topology = topology or Topology.for_world(num_stages, world_size)
-    topology.check_world_size(world_size)
-    if topology.num_stages != num_stages:
-        raise ValueError(
-            f"balance {balance} has {num_stages} stages but the topology has "
-            f"{topology.num_stages}: give one layer count per stage"
-        )
-    if remat_mode not in REMAT_MODES:
-        raise ValueError(f"unknown checkpoint mode {remat_mode!r}; choose one of {REMAT_MODES}")
-    if micro_batches < 1:
-        raise ValueError(f"micro_batches must be at least 1, got {micro_batches}")
-    return balance, topology
-
-
-def _check_parameters(model: LayeredModel, balance: list[int]) -> None:
-    """Every parameter must live in a layer, and a shared (tied) one inside a single stage."""
-    outside = [name for name, _ in model.named_parameters() if not name.startswith("layers.")]
-    if outside:
-        raise ValueError(
-            f"parameters outside model.layers cannot be placed on a stage: {outside[:5]}; "
-            f"move them into the layer that uses them"
-        )
-    stage_of_param: dict[int, tuple[int, int]] = {}
-    for stage, layers in enumerate(stage_ranges(balance)):
-        for i in layers:
-            for p in model.layers[i].parameters():
-                first = stage_of_param.setdefault(id(p), (stage, i))
-                if first[0] != stage:
-                    raise ValueError(
-                        f"layers {first[1]} and {i} share a parameter but sit on stages {first[0]} "
-                        f"and {stage}; choose a balance that keeps them on one stage, or untie them"
-                    )
-
-
-def _on_meta(module: nn.Module) -> bool:
-    return any(t.is_meta for t in [*module.parameters(), *module.buffers()])
-
-
 def _fused(action: Action) -> Action:
     """A split backward's input half as a fused backward (`split_backward=False`)."""
     return Action(Phase.BACKWARD, action.micro_batch, action.chunk) if action.phase is Phase.INPUT else action
-
-
-def _place_layers(
-    model: LayeredModel, local: set[int], device: torch.device, seed: int
-) -> LayeredModel:
-    """Materialize (or move) this stage's layers on `device`; every other layer goes to meta."""
-    for i, layer in enumerate(model.layers):
-        if i in local:
-            if _on_meta(layer):
-                materialize(model, [i], device, seed)
-            else:
-                layer.to(device)
-        elif not _on_meta(layer):
-            layer.to("meta")
-    return model
-
-
-def _buckets(tensors: list[Tensor], max_bytes: int) -> Iterator[list[Tensor]]:
-    """Consecutive runs of same-dtype tensors of at most `max_bytes` (one tensor at least)."""
-    bucket: list[Tensor] = []
-    size = 0
-    for t in tensors:
-        nbytes = t.numel() * t.element_size()
-        if bucket and (t.dtype != bucket[0].dtype or size + nbytes > max_bytes):
-            yield bucket
-            bucket, size = [], 0
-        bucket.append(t)
-        size += nbytes
-    if bucket:
-        yield bucket
-
-
-@contextmanager
-def _kept_buffers(modules: list[nn.Module]):
-    """Restore the modules' buffers on exit: a recompute must not update running statistics twice.
-    The restore writes through `.data`, leaving the buffers' autograd version unchanged: a
-    deferred weight-gradient half may still hold them saved (BatchNorm saves its running
-    statistics, and the restore gives them back the very values it saved)."""
-    saved = [(b, b.clone()) for m in modules for b in m.buffers(recurse=False)]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for buffer, value in saved:
-                buffer.data.copy_(value)

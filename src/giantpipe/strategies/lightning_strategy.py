@@ -106,7 +106,7 @@ class PipelineRunner:
             )
         return pipelined_beam_search(self.engine, batch, **search)
 
-    def sample(self, batch, **sampling) -> BeamSearchResult:
+    def sample(self, batch, **sampling) -> DecodeResult:
         """Sampled candidates through the pipeline, the same as one device's."""
         return pipelined_sample(self.engine, batch, **sampling)
 
@@ -300,6 +300,7 @@ class PipelineStrategy(DDPStrategy):
         if self.global_rank == 0:
             order = [name for name, _ in self.lightning_module.named_parameters()]
             manifest = manifest_entry(filepath, self.cfg.stages, order, generation, save_id, digests)
+            manifest["virtual_stages"] = self.virtual_stages  # which layers each shard holds
             checkpoint[MANIFEST] = manifest
             atomic_save(checkpoint, Path(filepath))
             for stale in stale_files(filepath, previous, manifest):
@@ -319,7 +320,8 @@ class PipelineStrategy(DDPStrategy):
         if not is_manifest(checkpoint):  # one file (consolidated or strategy=single): each stage takes its share
             return checkpoint
         manifest = checkpoint[MANIFEST]
-        if manifest["stages"] != self.cfg.stages:
+        layout = (manifest["stages"], manifest.get("virtual_stages", 1))
+        if layout != (self.cfg.stages, self.virtual_stages):
             # Resharding: every stage's shard is read, merged (optimizer states by parameter
             # name), and each rank keeps its own share (load_model/optimizer_state_dict).
             checkpoint = consolidate(checkpoint_path, checkpoint)
