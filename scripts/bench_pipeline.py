@@ -376,12 +376,20 @@ def schedule_model(compute_s: list[float], micro_batches: int) -> float:
 def measure(spec: ModelSpec, stages: int, opts: Options, device, pictures: Path | None) -> dict:
     """Run every configuration with `stages` stages in this process (rank of the world)."""
     distributed = dist.is_initialized()
-    model = build_materialized(spec.factory, SEED, device)  # shared by every engine here
-    baseline_model = model if not distributed else build_materialized(spec.factory, SEED, device)
+    models: dict[tuple, LayeredModel] = {}  # one per layout: an engine moves others' layers to meta
+
+    def model_for(cfg: Config) -> LayeredModel:
+        vshape = cfg.schedule in V_SHAPED
+        key = (cfg.impl == "peer", cfg.virtual_stages, vshape and cfg.virtual_stages > 1)
+        if key not in models:
+            models[key] = build_materialized(spec.factory, SEED, device)
+        return models[key]
+
     runners = [
-        Runner(c, spec, model, device, opts.split_backward)
+        Runner(c, spec, model_for(c), device, opts.split_backward)
         for c in configs_for(spec, stages, opts.micro_for(spec))
     ]
+    baseline_model = build_materialized(spec.factory, SEED, device)
 
     def baseline(batch):
         plain_step(baseline_model, spec.loss, {k: v.to(device) for k, v in batch.items()})

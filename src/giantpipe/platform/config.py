@@ -260,8 +260,9 @@ class PipelineStrategyConfig:
     stages: int = 2
     replicas: int = 1
     micro_batches: int = 4
-    schedule: str = "gpipe"  # one of strategies.schedule.SCHEDULE_NAMES
+    schedule: str = "gpipe"  # one of strategies.schedule.SCHEDULE_NAMES, or auto (profiled choice)
     virtual_stages: int = 1  # chunks per stage (V): interleaved_1f1b, zb_h1/zb_h2 any V, zbv V=2
+    memory_budget_mb: float | None = None  # auto: skip schedules predicted to hold more activations per stage
     checkpoint: str = "except_last"  # always | except_last | never (re-materialization)
     balance: Any = "params"  # list of layer counts per stage, or params | time | memory
     placement: Any = None  # optional list of rank lists, one per stage
@@ -375,9 +376,13 @@ def validate(cfg) -> None:
     from giantpipe.strategies.schedule import check_schedule  # torch-free
 
     try:
-        check_schedule(strategy.schedule, strategy.get("virtual_stages", 1))
+        if strategy.schedule != "auto":  # auto picks the schedule and V itself
+            check_schedule(strategy.schedule, strategy.get("virtual_stages", 1))
     except ValueError as err:
-        raise ConfigError(f"strategy.schedule={strategy.schedule!r}: {err}") from None
+        raise ConfigError(f"strategy.schedule={strategy.schedule!r}: {err}; or strategy.schedule=auto") from None
+    budget = strategy.get("memory_budget_mb")
+    if budget is not None and budget <= 0:
+        raise ConfigError(f"strategy.memory_budget_mb={budget}: give a positive number of MB, or null")
     if strategy.checkpoint not in ("always", "except_last", "never"):
         raise ConfigError(f"strategy.checkpoint={strategy.checkpoint!r}: choose always, except_last or never")
 

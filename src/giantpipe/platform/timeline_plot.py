@@ -18,7 +18,6 @@ from giantpipe.strategies.timeline import (
     StepTimeline,
     aligned,
     bubble_fraction,
-    theoretical_bubble,
 )
 
 # -- outputs -----------------------------------------------------------------------------------
@@ -57,7 +56,8 @@ def to_chrome_trace(timelines: Sequence[StepTimeline]) -> dict:
             "micro_batches": first.micro_batches,
             "schedule": first.schedule,
             "bubble_measured": bubble_fraction(timelines),
-            "bubble_theoretical": theoretical_bubble(first.num_stages, first.micro_batches),
+            "virtual_stages": first.virtual_stages,
+            "bubble_theoretical": first.bubble_theory,
         }
     return {"traceEvents": trace, "displayTimeUnit": "ms", "otherData": meta}
 
@@ -126,10 +126,11 @@ def figure(timelines: Sequence[StepTimeline], title: str | None = None):
     ax.set_xlabel("seconds since the step's start")
     if title is None and rows:
         first = rows[0]
+        chunks = f" (V={first.virtual_stages})" if first.virtual_stages > 1 else ""
         title = (
-            f"{first.schedule}: {first.num_stages} stages x {first.micro_batches} micro-batches; "
+            f"{first.schedule}{chunks}: {first.num_stages} stages x {first.micro_batches} micro-batches; "
             f"bubble {bubble_fraction(rows):.1%} measured, "
-            f"{theoretical_bubble(first.num_stages, first.micro_batches):.1%} theoretical"
+            f"{first.bubble_theory:.1%} theoretical"
         )
     ax.set_title(title or "", fontsize=10)
     handles = [Patch(facecolor=c, label=k) for k, c in _COLORS.items() if k != "recompute"]

@@ -263,7 +263,7 @@ class PipelineEngine:
         if on and not self.timeline:
             self._recorder = TimelineRecorder(
                 self.rank, self.stage, self.replica, self.num_stages, self.micro_batches,
-                self.schedule, self.device,
+                self.schedule, self.device, self.virtual_stages,
             )  # fmt: skip
             self._recorder.watch_backward(self.parameters())
         elif not on and self.timeline:

@@ -34,6 +34,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
 from giantpipe.models.contract import DecodeResult
+from giantpipe.strategies import schedule_auto
 from giantpipe.strategies.batchnorm import DeferredBatchNorm
 from giantpipe.strategies.engine import PipelineEngine
 from giantpipe.strategies.faults import maybe_inject, maybe_inject_in_save, maybe_skip_join
@@ -146,6 +147,7 @@ class PipelineStrategy(DDPStrategy):
         super().__init__(timeout=timedelta(seconds=cfg.timeout_s), **kwargs)
         self.cfg = cfg
         self.runner: PipelineRunner | None = None
+        self._balances: dict[int, list[int]] = {}  # by virtual_stages
         self.saves = 0  # checkpoints this process has saved (fault injection counts them)
 
     # ------------------------------------------------------------------ placement
@@ -163,42 +165,78 @@ class PipelineStrategy(DDPStrategy):
         """Build this rank's stage of `task.model` (called from the task's `configure_model`)."""
         if self.runner is not None:
             return self.runner
-        balance = self.resolve_balance(task)
         if self.cfg.deferred_batch_norm:
             DeferredBatchNorm.convert(task.model, self.cfg.micro_batches)
-        engine = PipelineEngine(
+        if self.cfg.schedule == "auto":
+            engine = self.auto_schedule(task)
+        else:
+            engine = self.build_engine(task, self.cfg.schedule, self.virtual_stages)
+        if self.global_rank == 0:
+            from rich.console import Console
+
+            Console().print(self.partition(task, engine))
+        self.runner = PipelineRunner(engine, self.cfg.timeout_s)
+        return self.runner
+
+    def build_engine(self, task, schedule: str, chunks: int, groups=None) -> PipelineEngine:
+        return PipelineEngine(
             task.model,
             task.loss_fn,
-            balance,
+            self.resolve_balance(task, chunks),
             micro_batches=self.cfg.micro_batches,
             topology=self.topology,
-            schedule=self.cfg.schedule,
+            schedule=schedule,
             checkpoint=self.cfg.checkpoint,
             device=self.root_device,
             seed=task.seed,
-            virtual_stages=self.virtual_stages,
+            virtual_stages=chunks,
+            groups=groups,
+        )
+
+    def auto_schedule(self, task) -> PipelineEngine:
+        """Profile a few zb_h1 steps, predict every schedule and V (strategies/schedule_auto.py),
+        print why, and rebuild the engine with the choice (same process groups)."""
+        engine = self.build_engine(task, schedule_auto.PROFILE_SCHEDULE, 1)
+        batch = next(iter(task.trainer.datamodule.train_dataloader()))
+        try:
+            profile = schedule_auto.profile_engine(engine, batch)
+        except Exception as err:
+            raise ValueError(f"strategy.schedule=auto could not profile a training step ({err}); "
+                             f"choose a schedule by name (strategy.schedule=zb_h1, ...)") from err
+        profiles = schedule_auto.gather_profiles(profile, engine.stage, self.cfg.stages)
+        layers = len(task.model.layers)
+        max_chunks = 1 if not isinstance(self.cfg.balance, str) else min(2, layers // self.cfg.stages)
+        best, predictions = schedule_auto.choose(
+            profiles, self.cfg.micro_batches, self.cfg.get("memory_budget_mb"), max_chunks
         )
         if self.global_rank == 0:
-            holders = [owner(k, self.cfg.stages, engine.placement)[0] for k in range(len(balance))]
-            ranks = [self.topology.stage_ranks(s) for s in holders]  # per virtual stage
-            from rich.console import Console
+            print(schedule_auto.explain(best, predictions), flush=True)
+        if (best.schedule, best.chunks) == (engine.schedule, engine.virtual_stages):
+            return engine
+        return self.build_engine(task, best.schedule, best.chunks, groups=engine.groups)
 
-            Console().print(partition_table(task.model, balance, ranks=ranks))
-        self.runner = PipelineRunner(engine, self.cfg.timeout_s)
-        return self.runner
+    def partition(self, task, engine: PipelineEngine):
+        """The partition table: one row per virtual stage, with the ranks holding it."""
+        balance = self.resolve_balance(task, engine.virtual_stages)
+        holders = [owner(k, self.cfg.stages, engine.placement)[0] for k in range(len(balance))]
+        ranks = [self.topology.stage_ranks(s) for s in holders]
+        return partition_table(task.model, balance, ranks=ranks)
 
     @property
     def virtual_stages(self) -> int:
         """Chunks per stage (V); the balance lists stages x V layer counts."""
         return int(self.cfg.get("virtual_stages", 1) or 1)
 
-    def resolve_balance(self, task) -> list[int]:
+    def resolve_balance(self, task, chunks: int | None = None) -> list[int]:
         balance = self.cfg.balance
         num_layers = len(task.model.layers)
-        parts = self.cfg.stages * self.virtual_stages
+        chunks = self.virtual_stages if chunks is None else chunks
+        if chunks in self._balances:  # measured balances are measured once
+            return self._balances[chunks]
+        parts = self.cfg.stages * chunks
         if parts > num_layers:
             raise ValueError(
-                f"strategy.stages={self.cfg.stages} x virtual_stages={self.virtual_stages} is more than the "
+                f"strategy.stages={self.cfg.stages} x virtual_stages={chunks} is more than the "
                 f"model's {num_layers} layers; use at most {num_layers} virtual stages"
             )
         if isinstance(balance, str):
@@ -206,7 +244,8 @@ class PipelineStrategy(DDPStrategy):
             if balance in ("time", "memory"):
                 sample = next(iter(task.trainer.datamodule.train_dataloader()))
             balance = auto_balance(task.model, parts, by=balance, sample=sample, seed=task.seed)
-        return validate_balance(list(balance), num_layers, parts)
+        self._balances[chunks] = validate_balance(list(balance), num_layers, parts)
+        return self._balances[chunks]
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup_distributed(self) -> None:

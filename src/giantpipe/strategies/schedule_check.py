@@ -9,6 +9,8 @@ between F and their last backward action.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from giantpipe.strategies.schedule_actions import (
     BACKWARDS,
     COSTS,
@@ -23,17 +25,25 @@ def chunks_of(schedule: Schedule) -> int:
     return 1 + max((a.chunk for row in schedule for a in row), default=0)
 
 
-def simulate(schedule: Schedule, placement: str = "looped") -> list[list[int]]:
-    """The clock at which each action starts, as soon as possible (`COSTS` clocks each).
+Cost = Callable[[int, Action], float]  # (rank, action) -> duration
+
+
+def unit_cost(rank: int, action: Action) -> float:
+    return COSTS[action.phase]
+
+
+def simulate(schedule: Schedule, placement: str = "looped", cost: Cost = unit_cost) -> list[list]:
+    """When each action starts, as soon as possible (`cost`: `COSTS` clocks each by default,
+    or measured seconds per rank and action, as `schedule_auto` predicts step times).
 
     F waits for F of the previous virtual stage; B or BW for its own F and the next virtual
     stage's B or BW; W for its own B. Raises ValueError when the schedule deadlocks (a rank
     waits on work that never comes)."""
     n = len(schedule)
     stages = n * chunks_of(schedule)
-    finish: dict[tuple[str, int, int], int] = {}
-    starts: list[list[int]] = [[] for _ in schedule]
-    free = [0] * n
+    finish: dict[tuple[str, int, int], float] = {}
+    starts: list[list] = [[] for _ in schedule]
+    free = [0] * n  # ints with the unit cost (clock pictures), floats with seconds
     while any(len(starts[r]) < len(schedule[r]) for r in range(n)):
         progressed = False
         for r, actions in enumerate(schedule):
@@ -45,7 +55,7 @@ def simulate(schedule: Schedule, placement: str = "looped") -> list[list[int]]:
                     break
                 start = max([free[r], *(finish[dep] for dep in deps)])
                 starts[r].append(start)
-                free[r] = start + COSTS[action.phase]
+                free[r] = start + cost(r, action)
                 finish[(_kind(action.phase), k, action.micro_batch)] = free[r]
                 progressed = True
         if not progressed:
@@ -114,10 +124,11 @@ def validate(
                 raise ValueError(f"W{a.micro_batch} runs before its B")
 
 
-def makespan(schedule: Schedule, placement: str = "looped") -> int:
-    starts = simulate(schedule, placement)
+def makespan(schedule: Schedule, placement: str = "looped", cost: Cost = unit_cost):
+    """The step's length: the last action's end (clocks, or seconds with a measured `cost`)."""
+    starts = simulate(schedule, placement, cost)
     return max(
-        (t + COSTS[a.phase] for row, ts in zip(schedule, starts, strict=True)
+        (t + cost(r, a) for r, (row, ts) in enumerate(zip(schedule, starts, strict=True))
          for a, t in zip(row, ts, strict=True)),
         default=0,
     )  # fmt: skip

@@ -9,7 +9,7 @@ send, receive and wait, timed with `perf_counter` relative to the step's start, 
 stage's peak memory in the step.
 
     gather(timeline)            every rank's StepTimeline, on rank 0 (a collective)
-    bubble_fraction(timelines)  idle / total over stages, beside theoretical_bubble(N, M)
+    bubble_fraction(timelines)  idle / total over stages, beside theoretical_bubble(N, M, ...)
 
 The picture and the Chrome/Perfetto trace are drawn by the platform
 (`giantpipe.platform.timeline_plot`).
@@ -43,6 +43,8 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+
+from giantpipe.strategies.schedule import SCHEDULES, bubble, make_schedule
 
 # backward: a fused backward, or the input-gradient half of a split one (split_backward.py);
 # weight: the weight-gradient half; recompute runs inside a backward box
@@ -79,6 +81,11 @@ class StepTimeline:
     memory_kind: str | None = None  # "cuda_allocator" | "cpu_heap" | None (not measured)
     base_bytes: int | None = None
     peak_bytes: int | None = None
+    virtual_stages: int = 1  # chunks per stage (V)
+
+    @property
+    def bubble_theory(self) -> float:
+        return theoretical_bubble(self.num_stages, self.micro_batches, self.schedule, self.virtual_stages)
 
     def total(self, kinds: Sequence[str]) -> float:
         return sum(e.duration for e in self.events if e.kind in kinds)
@@ -193,8 +200,10 @@ class TimelineRecorder:
         micro_batches: int,
         schedule: str,
         device: torch.device,
+        virtual_stages: int = 1,
     ):
         self._where = (rank, stage, replica, num_stages, micro_batches, schedule)
+        self._chunks = virtual_stages
         self.memory = MemoryProbe(device)
         self._origin = 0.0
         self._timeline: StepTimeline | None = None
@@ -202,7 +211,9 @@ class TimelineRecorder:
 
     def start(self, phase: str) -> None:
         self.memory.reset()
-        self._timeline = StepTimeline(*self._where, phase=phase, wall_origin=time.time())
+        self._timeline = StepTimeline(
+            *self._where, phase=phase, wall_origin=time.time(), virtual_stages=self._chunks
+        )
         self._origin = time.perf_counter()
 
     @property
@@ -320,9 +331,15 @@ def aligned(timelines: Sequence[StepTimeline]) -> list[StepTimeline]:
     return out
 
 
-def theoretical_bubble(num_stages: int, micro_batches: int) -> float:
-    """GPipe's bubble, (N-1)/(M+N-1), for equal stages and equal micro-batches."""
-    return (num_stages - 1) / (micro_batches + num_stages - 1)
+def theoretical_bubble(
+    num_stages: int, micro_batches: int, schedule: str = "gpipe", chunks: int = 1
+) -> float:
+    """The schedule's bubble for equal stages and micro-batches: GPipe's and 1F1B's
+    (N-1)/(M+N-1); the others' from their clock simulation (schedule.bubble, F = B = W)."""
+    if schedule in ("gpipe", "1f1b") or schedule not in SCHEDULES:
+        return (num_stages - 1) / (micro_batches + num_stages - 1)
+    actions = make_schedule(schedule, num_stages, micro_batches, chunks)
+    return bubble(actions, SCHEDULES[schedule].placement)
 
 
 def bubble_from_spans(busy_s: Sequence[float], spans: Sequence[tuple[float, float]]) -> float:
