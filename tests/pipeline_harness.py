@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from giantpipe.models.contract import Batch, Carry, LayeredModel, build_materialized, split_batch
+from giantpipe.strategies.batchnorm import DeferredBatchNorm
 from giantpipe.strategies.engine import PipelineEngine
 from giantpipe.strategies.topology import Topology
 
@@ -360,6 +361,8 @@ def run_configs(rank: int, world_size: int, configs: list[dict]) -> list[dict]:
         torch.manual_seed(1234)  # the same dropout stream in every configuration
         with torch.device("meta"):
             model = ToySeq2Seq(**cfg["model"])
+        if cfg.get("deferred_batch_norm"):
+            DeferredBatchNorm.convert(model, cfg["micro_batches"])
         replicas = cfg["replicas"]
         chunks = cfg.get("virtual_stages", 1)
         topology = Topology(len(cfg["balance"]) // chunks, replicas, cfg["placement"])

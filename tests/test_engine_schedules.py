@@ -47,6 +47,13 @@ ZBV_MODES = [
     config(even(4), 4, "zbv", mode, virtual_stages=2, dropout=0.3, batchnorm=True)
     for mode in MODES
 ]
+# deferred BatchNorm: the mini-batch's running statistics whatever the schedule and chunks
+DEFERRED_BN = [
+    {**config(even(2), 4, "gpipe", "never", batchnorm=True), "deferred_batch_norm": True},
+    {**config(even(4), 4, "zbv", "always", virtual_stages=2, batchnorm=True), "deferred_batch_norm": True},
+    {**config(even(4), 4, "interleaved_1f1b", "except_last", virtual_stages=2, batchnorm=True),
+     "deferred_batch_norm": True},
+]
 # replicas of V-shaped and looped chunks (world 4: 2 stages x 2 replicas)
 DP = [
     config(even(4), 4, "zbv", "never", replicas=2, virtual_stages=2),
@@ -61,7 +68,7 @@ def per_config(results: list) -> list[list[dict]]:
 @pytest.fixture(scope="module")
 def jobs():
     return {
-        2: per_config(spawn(run_configs, 2, GRIDS[2] + ZBV_MODES, join_timeout=300)),
+        2: per_config(spawn(run_configs, 2, GRIDS[2] + ZBV_MODES + DEFERRED_BN, join_timeout=300)),
         3: per_config(spawn(run_configs, 3, GRIDS[3], join_timeout=300)),
         4: per_config(spawn(run_configs, 4, GRIDS[4] + DP, join_timeout=300)),
     }
@@ -92,7 +99,7 @@ def test_replicas_of_chunked_stages_equal_the_global_batch(jobs):
 
 
 def test_v_shape_modes_agree_with_dropout_and_batchnorm(jobs):
-    runs = jobs[2][len(GRIDS[2]) :]
+    runs = jobs[2][len(GRIDS[2]) : len(GRIDS[2]) + len(ZBV_MODES)]
     no_dropout = reference(config(even(4), 4, "gpipe", "never", batchnorm=True))
     for per_rank in runs[1:]:
         for base, res in zip(runs[0], per_rank, strict=True):
@@ -101,3 +108,16 @@ def test_v_shape_modes_agree_with_dropout_and_batchnorm(jobs):
                     assert close(value, base[key][name]), f"{key} {name}"
             assert res["losses"] == pytest.approx(base["losses"], rel=1e-6)
     assert runs[0][0]["losses"] != pytest.approx(no_dropout["losses"], rel=1e-3), "dropout was off"
+
+
+def test_deferred_batch_norm_keeps_mini_batch_statistics_through_chunks(jobs):
+    runs = jobs[2][len(GRIDS[2]) + len(ZBV_MODES) :]
+    buffers = [{n: b for r in per_rank for n, b in r["buffers"].items()} for per_rank in runs]
+    stats = [n for n in buffers[0] if n.endswith(("running_mean", "running_var"))]
+    assert stats, "no BatchNorm statistics compared"
+    weights = [{n: w for r in per_rank for n, w in r["weights"].items()} for per_rank in runs]
+    for cfg, other, other_weights in zip(DEFERRED_BN[1:], buffers[1:], weights[1:], strict=True):
+        for name in stats:
+            assert close(other[name], buffers[0][name]), f"{cfg['schedule']}: {name}"
+        for name, w in other_weights.items():  # micro-batch statistics in the forward: the same
+            assert close(w, weights[0][name]), f"{cfg['schedule']}: weight {name}"

@@ -1,15 +1,14 @@
-"""The pipeline engine: one process runs one stage (composite layer) of one replica.
+"""The pipeline engine: one process runs one stage of one replica (V chunks of the model).
 
     train_step(batch)
       split the batch into M micro-batches           (model.split; every stage has the batch)
-      for each action of this stage's schedule (schedule.py):
-        F i: carry <- first_carry(mb_i) or recv from the previous stage
-             out <- local layers (re-materialized in backward if recomputed)
-             last stage: loss_i = loss_fn(out, mb_i) / normalizer(whole batch); else send out
-        B i: last stage: backward(loss_i); else backward(out_i, recv'd output gradients)
-             (a split backward leaves the linear layers' weight products to W i)
-             send the input gradients to the previous stage
-        W i: the deferred weight products of micro-batch i
+      for each action of this stage's schedule (schedule.py), on (micro-batch i, chunk c):
+        F: carry <- first_carry(mb_i) or recv from the previous virtual stage
+           out <- chunk c's layers (re-materialized in backward if recomputed)
+           last virtual stage: loss_i = loss_fn(out, mb_i) / normalizer(whole batch); else send
+        B / BW: last virtual stage: backward(loss_i); else backward(out, recv'd output grads)
+           (B leaves the linear layers' weight products to W), send the input gradients back
+        W: the deferred weight products of (i, c)
       all-reduce (sum) gradients over the stage's replicas; all-reduce the loss over the world
 
 The loss of each replica is divided by the normalizer of the *global* batch (summed over
@@ -17,17 +16,23 @@ replicas), so summing replicas' gradients gives exactly the gradients of the glo
 even when replicas hold different numbers of tokens; with equal normalizers this is the usual
 average. Gradients accumulate into `.grad` like `loss.backward()`: zero them between steps.
 
+Chunks (`virtual_stages=V`): the balance lists N·V layer counts; stage r holds the virtual
+stages its schedule places there (looped or V-shaped, schedule_actions.py). Neighbouring
+virtual stages on two ranks talk over a `Link` tagged by their boundary; on one rank (the V's
+turn) over a `LocalLink`.
+
 Re-materialization (torchgpipe's names): `always` recomputes every micro-batch's forward in
 its backward, `except_last` all but the last (whose backward comes first in GPipe, so keeping
 it costs nothing extra), `never` none. Recomputation is torch.utils.checkpoint (non-reentrant,
 preserve_rng_state): the forward's CPU and device RNG states are stashed and restored for the
 recompute, so dropout masks are the same, and BatchNorm running statistics are restored after
-it so they are updated once per micro-batch.
+it so they are updated once per micro-batch. A recomputed micro-batch's backward stays fused
+(its W is empty): deferring would keep the linear layers' inputs alive through the recompute.
 
-Split backward (`split_backward=True`, the default): on every stage but the first, the first
-and the last backward of a step run without their linear layers' weight products, send the
-input gradients at once, and run those products later (split_backward.py) as scheduled W
-actions (`schedule.split_ends`). Re-materialized micro-batches keep the fused backward.
+Split backward: the zero-bubble schedules split every backward into B and W. Under gpipe and
+1f1b (`split_backward=True`, the default) the first and the last backward of a step on every
+stage but the first are split (`schedule.split_ends`), where the previous stage waits for
+this one; `split_backward=False` fuses every backward back.
 
 Receives go ahead of need: at a step's start a stage announces its M incoming carries
 (`Link.expect_carries`), and each backward's output gradients are posted as soon as the one
@@ -43,6 +48,9 @@ memory. Off (the default), the recorder is a no-op.
 A stage that dies leaves its neighbours blocked in a receive or a collective; they raise
 once the process group's timeout passes (gloo) or the NCCL watchdog fires. A step that
 raised leaves the pipeline out of step: end the run.
+
+(Over 400 lines on purpose: one class whose step methods read top to bottom as the schedule
+runs; its set-up lives in stage_setup.py.)
 """
 
 from __future__ import annotations

@@ -198,6 +198,8 @@ class PipelineStrategy(DDPStrategy):
         print why, and rebuild the engine with the choice (same process groups)."""
         engine = self.build_engine(task, schedule_auto.PROFILE_SCHEDULE, 1)
         batch = next(iter(task.trainer.datamodule.train_dataloader()))
+        if hasattr(task, "with_sample_keys"):  # keyed dropout reads per-sample keys
+            batch = task.with_sample_keys(batch, 0)
         try:
             profile = schedule_auto.profile_engine(engine, batch)
         except Exception as err:
