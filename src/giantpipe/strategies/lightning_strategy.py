@@ -36,6 +36,7 @@ from torch import Tensor
 from giantpipe.models.contract import DecodeResult
 from giantpipe.strategies import schedule_auto
 from giantpipe.strategies.batchnorm import DeferredBatchNorm
+from giantpipe.strategies.chunked_decoding import chunked_beam_search
 from giantpipe.strategies.engine import PipelineEngine
 from giantpipe.strategies.faults import maybe_inject, maybe_inject_in_save, maybe_skip_join
 from giantpipe.strategies.partition import (
@@ -100,11 +101,8 @@ class PipelineRunner:
     def decode(self, batch, **search) -> DecodeResult:
         """Beam search through the pipeline (all its ranks together); every rank gets the
         result one device would (strategies/pipelined_decoding.py)."""
-        if self.engine.virtual_stages > 1:
-            raise ValueError(
-                "pipelined beam search runs over one chunk per stage: decode with "
-                "strategy.virtual_stages=1 (a checkpoint trained with V=2 loads into it)"
-            )
+        if self.engine.virtual_stages > 1:  # forward only, chunk by chunk
+            return chunked_beam_search(self.engine, batch, **search)
         return pipelined_beam_search(self.engine, batch, **search)
 
     def sample(self, batch, **sampling) -> DecodeResult:
