@@ -28,8 +28,12 @@ Models (`--models`, all by default; definitions in bench_models.py):
 
 For each model: N=1 (one process; M micro-batches = gradient accumulation, the gpipe order:
 with one stage 1f1b runs the same operations) and N=2 stages, M in {1, 2, 4, 8, 16}, schedules
-gpipe and 1f1b, re-materialization never, except_last and always, and for fixed-shape models the same stages run by
-`torch.distributed.pipelining` (`PipelineStage` with `ScheduleGPipe` / `Schedule1F1B`).
+gpipe and 1f1b with re-materialization never, except_last and always, and the zero-bubble and
+interleaved ones without (interleaved_1f1b V=2, zb_h1 V=1 and 2, zb_h2, zbv V=2; the balance of
+N·V chunks by parameter count). For fixed-shape models the same stages also run under
+`torch.distributed.pipelining`: `ScheduleGPipe`, `Schedule1F1B`, `ScheduleInterleaved1F1B`
+(looped, V=2), `ScheduleInterleavedZeroBubble` (looped, V=2), `ScheduleZBVZeroBubble` and
+`ScheduleDualPipeV` (V-shaped); a configuration the peer refuses keeps its error in the JSON.
 After the timed rounds each giantpipe configuration runs three steps with its timeline on:
 measured bubble, per-stage compute / communication time and peak memory.
 
@@ -46,7 +50,8 @@ JSON (`--out`, default bench_pipeline.json):
                    baseline_tokens_per_s, seconds (this model's share of the run),
                    loadavg_start / loadavg_end (while this model ran)}}
   runs     one per configuration:
-           model, impl ("giantpipe" | "peer"), stages, micro_batches, schedule, checkpoint,
+           model, impl ("giantpipe" | "peer"), stages, micro_batches, schedule, virtual_stages,
+           label (the tables' name: "zbv/V2"), checkpoint,
            step_s (median s/step), steps_s (every round), baseline_s (median of the baseline
            rounds interleaved with it, same processes), speedup (baseline_s / step_s),
            speedup_of_fastest (fastest baseline round / fastest round: the least disturbed
@@ -57,7 +62,8 @@ JSON (`--out`, default bench_pipeline.json):
            step, every thread, summed over ranks), baseline_cpu_s, cpu_ratio (cpu_s /
            baseline_cpu_s: the work the configuration adds, robust to a busy host),
            bubble_measured (idle / total stage-time in the instrumented step; see
-           strategies/timeline.py), bubble_theoretical ((N-1)/(M+N-1)),
+           strategies/timeline.py), bubble_theoretical (the schedule's clock simulation,
+           schedule.bubble: (N-1)/(M+N-1) for gpipe and 1f1b; null for the peer's dualpipev),
            schedule_model_s ((M-1)*max_s(c_s/M) + sum_s(c_s/M) for the instrumented step's
            per-stage compute c_s: the step a schedule of whole, fused backward boxes allows
            with zero engine overhead), schedule_efficiency (schedule_model_s / the

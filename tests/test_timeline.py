@@ -32,12 +32,24 @@ def record_steps(rank: int, world_size: int) -> list:
         )  # fmt: skip
         engine.train_step(make_batches(1, 8, seed=2)[0])
         out.append(tl.gather(engine.last_timeline))
-    return out
+    with torch.device("meta"):
+        model = ToySeq2Seq()
+    engine = PipelineEngine(
+        model, ToyLoss(), [3, 2, 2, 3], micro_batches=M, schedule="zbv", checkpoint="never",
+        seed=1, timeline=True, virtual_stages=2,
+    )  # fmt: skip
+    engine.train_step(make_batches(1, 8, seed=2)[0])
+    return out, tl.gather(engine.last_timeline)
 
 
 @pytest.fixture(scope="module")
-def recorded():
-    return spawn(record_steps, 2)[0]  # rank 0: per configuration, both ranks' timelines
+def recorded_all():
+    return spawn(record_steps, 2)[0]  # rank 0: every rank's timelines
+
+
+@pytest.fixture(scope="module")
+def recorded(recorded_all):
+    return recorded_all[0]  # per configuration, both ranks' timelines
 
 
 def kinds_by_micro_batch(timeline: StepTimeline, kind: str) -> list[int]:
@@ -73,6 +85,21 @@ def test_events_follow_the_schedule(recorded):
         for r in (e for e in t.events if e.kind == "recompute"):
             (b,) = [e for e in t.events if e.kind == "backward" and e.micro_batch == r.micro_batch]
             assert b.start <= r.start <= r.end <= b.end
+
+
+def test_v_shaped_chunks_record_f_b_w_of_every_micro_batch_and_chunk(recorded_all, tmp_path):
+    timelines = recorded_all[1]
+    for t in timelines:
+        assert (t.schedule, t.virtual_stages) == ("zbv", 2)
+        for kind in ("forward", "backward", "weight"):  # zbv splits every backward into B and W
+            done = sorted((e.micro_batch, e.chunk) for e in t.events if e.kind == kind)
+            assert done == [(i, c) for i in range(M) for c in (0, 1)], (t.stage, kind)
+    assert timelines[0].bubble_theory == pytest.approx(0.04)  # schedule.bubble of zbv 2 x 4
+    fig = timeline_plot.figure(timelines)
+    labels = {t.get_text() for t in fig.axes[0].texts}
+    assert "zbv (V=2)" in fig.axes[0].get_title() and labels <= {
+        f"{k}{i}{p}" for k in "FBW" for i in range(M) for p in ("", "'")
+    }
 
 
 def test_picture_and_trace_are_written(recorded, tmp_path):
