@@ -177,3 +177,13 @@ def test_a_w_before_its_b_or_a_missing_w_is_refused():
 def test_split_ends_takes_w_off_the_fill_and_drain():
     actions = sched.split_ends(one_f_one_b(2, 3)[1])
     assert [str(a) for a in actions] == ["F0", "B0", "F1", "BW1", "F2", "B2", "W0", "W2"]
+
+
+def test_schedules_import_without_torch():
+    """Configs validate schedule names and V before torch is imported (platform/config.py)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, giantpipe.strategies.schedule, giantpipe.strategies.schedule_auto; "
+            "sys.exit('torch' in sys.modules)")  # fmt: skip
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
