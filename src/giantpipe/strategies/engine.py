@@ -172,6 +172,12 @@ class PipelineEngine:
         self.rank = dist.get_rank() if distributed else 0
         self.world_size = dist.get_world_size() if distributed else 1
         self.placement = check_schedule(schedule, virtual_stages).placement
+        if virtual_stages > 1 and distributed and dist.get_backend() == "nccl":
+            raise ValueError(
+                "virtual_stages > 1 needs tagged point-to-point messages (several virtual "
+                "stages talk over one pair of ranks) and NCCL ignores tags: use "
+                "strategy.virtual_stages=1 on GPUs (zb_h1 and zb_h2 run at V=1)"
+            )
         balance, topology = validated(
             model, balance, topology, checkpoint, micro_batches, distributed, self.world_size,
             virtual_stages,
