@@ -1,7 +1,7 @@
 """Pipeline throughput, bubble and memory: giantpipe's engine beside torch.distributed.pipelining.
 
     python scripts/bench_pipeline.py                      # all models, < 10 min on 2 CPU cores
-    python scripts/bench_pipeline.py --quick              # smoke run, < 1 min
+    python scripts/bench_pipeline.py --quick              # smoke run, a few minutes
     python scripts/bench_pipeline.py --models mlp --reps 7 --out /tmp/b.json
     python scripts/bench_pipeline.py --models mlp --fused-backward   # the engine unsplit
 
@@ -165,13 +165,15 @@ PEER_SCHEDULES = {
 V_SHAPED = ("zbv", "dualpipev")
 
 
-def configs_for(spec: ModelSpec, stages: int, micro: tuple[int, ...]) -> list[Config]:
+def configs_for(spec: ModelSpec, stages: int, micro: tuple[int, ...], quick: bool = False) -> list[Config]:
     if stages == 1:  # one stage: both schedules run the same operations (M-way accumulation)
         return [Config("giantpipe", 1, m, "gpipe", "never") for m in micro]
     out = [Config("giantpipe", 2, m, s, c) for c in spec.modes for s in SCHEDULES for m in micro]
-    out += [Config("giantpipe", 2, m, s, "never", v) for s, v in NEW_SCHEDULES for m in micro]
+    newer = [m for m in micro if m > 1] if quick else micro  # smoke runs: the new ones at M > 1
+    out += [Config("giantpipe", 2, m, s, "never", v) for s, v in NEW_SCHEDULES for m in newer]
     if spec.peer_keys is not None:
-        out += [Config("peer", 2, m, s, "never", v) for s, v in PEER_SCHEDULES for m in micro]
+        out += [Config("peer", 2, m, s, "never", 1) for s in SCHEDULES for m in micro]
+        out += [Config("peer", 2, m, s, "never", v) for s, v in PEER_SCHEDULES if v > 1 for m in newer]
     return out
 
 
@@ -393,7 +395,7 @@ def measure(spec: ModelSpec, stages: int, opts: Options, device, pictures: Path 
 
     runners = [
         Runner(c, spec, model_for(c), device, opts.split_backward)
-        for c in configs_for(spec, stages, opts.micro_for(spec))
+        for c in configs_for(spec, stages, opts.micro_for(spec), opts.quick)
     ]
     baseline_model = build_materialized(spec.factory, SEED, device)
 

@@ -23,7 +23,7 @@ def test_quick_benchmark_writes_valid_json(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "bench_pipeline.py"), "--quick", "--out", str(out),
          "--pictures", str(tmp_path / "pictures")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.read_text())
@@ -65,7 +65,6 @@ def test_quick_benchmark_writes_valid_json(tmp_path):
     labels = {r["label"] for r in ours}
     assert {"interleaved_1f1b/V2", "zb_h1", "zb_h1/V2", "zb_h2", "zbv/V2"} <= labels
     assert all(r["error"] is None for r in ours if r["micro_batches"] == 4)
-    assert any(r["error"] for r in ours if r["label"] == "interleaved_1f1b/V2" and r["micro_batches"] == 1)
     peer_labels = {r["label"] for r in peers}
     assert {"interleaved_1f1b/V2", "zb_h1/V2", "zbv/V2", "dualpipev/V2"} <= peer_labels
     for r in peers:
