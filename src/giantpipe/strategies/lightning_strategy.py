@@ -36,7 +36,7 @@ from torch import Tensor
 from giantpipe.models.contract import DecodeResult
 from giantpipe.strategies import schedule_auto
 from giantpipe.strategies.batchnorm import DeferredBatchNorm
-from giantpipe.strategies.chunked_decoding import chunked_beam_search
+from giantpipe.strategies.chunked_decoding import chunked_beam_search, chunked_sample
 from giantpipe.strategies.engine import PipelineEngine
 from giantpipe.strategies.faults import maybe_inject, maybe_inject_in_save, maybe_skip_join
 from giantpipe.strategies.partition import (
@@ -107,6 +107,8 @@ class PipelineRunner:
 
     def sample(self, batch, **sampling) -> DecodeResult:
         """Sampled candidates through the pipeline, the same as one device's."""
+        if self.engine.virtual_stages > 1:
+            return chunked_sample(self.engine, batch, **sampling)
         return pipelined_sample(self.engine, batch, **sampling)
 
     def restore_gradients(self, scale: float) -> None:
