@@ -1,7 +1,7 @@
 """Pipeline throughput, bubble and memory: giantpipe's engine beside torch.distributed.pipelining.
 
     python scripts/bench_pipeline.py                      # all models, < 10 min on 2 CPU cores
-    python scripts/bench_pipeline.py --quick              # smoke run, < 1 min
+    python scripts/bench_pipeline.py --quick              # smoke run, a few minutes
     python scripts/bench_pipeline.py --models mlp --reps 7 --out /tmp/b.json
     python scripts/bench_pipeline.py --models mlp --fused-backward   # the engine unsplit
 
@@ -28,8 +28,12 @@ Models (`--models`, all by default; definitions in bench_models.py):
 
 For each model: N=1 (one process; M micro-batches = gradient accumulation, the gpipe order:
 with one stage 1f1b runs the same operations) and N=2 stages, M in {1, 2, 4, 8, 16}, schedules
-gpipe and 1f1b, re-materialization never, except_last and always, and for fixed-shape models the same stages run by
-`torch.distributed.pipelining` (`PipelineStage` with `ScheduleGPipe` / `Schedule1F1B`).
+gpipe and 1f1b with re-materialization never, except_last and always, and the zero-bubble and
+interleaved ones without (interleaved_1f1b V=2, zb_h1 V=1 and 2, zb_h2, zbv V=2; the balance of
+N·V chunks by parameter count). For fixed-shape models the same stages also run under
+`torch.distributed.pipelining`: `ScheduleGPipe`, `Schedule1F1B`, `ScheduleInterleaved1F1B`
+(looped, V=2), `ScheduleInterleavedZeroBubble` (looped, V=2), `ScheduleZBVZeroBubble` and
+`ScheduleDualPipeV` (V-shaped); a configuration the peer refuses keeps its error in the JSON.
 After the timed rounds each giantpipe configuration runs three steps with its timeline on:
 measured bubble, per-stage compute / communication time and peak memory.
 
@@ -46,7 +50,8 @@ JSON (`--out`, default bench_pipeline.json):
                    baseline_tokens_per_s, seconds (this model's share of the run),
                    loadavg_start / loadavg_end (while this model ran)}}
   runs     one per configuration:
-           model, impl ("giantpipe" | "peer"), stages, micro_batches, schedule, checkpoint,
+           model, impl ("giantpipe" | "peer"), stages, micro_batches, schedule, virtual_stages,
+           label (the tables' name: "zbv/V2"), checkpoint,
            step_s (median s/step), steps_s (every round), baseline_s (median of the baseline
            rounds interleaved with it, same processes), speedup (baseline_s / step_s),
            speedup_of_fastest (fastest baseline round / fastest round: the least disturbed
@@ -57,7 +62,8 @@ JSON (`--out`, default bench_pipeline.json):
            step, every thread, summed over ranks), baseline_cpu_s, cpu_ratio (cpu_s /
            baseline_cpu_s: the work the configuration adds, robust to a busy host),
            bubble_measured (idle / total stage-time in the instrumented step; see
-           strategies/timeline.py), bubble_theoretical ((N-1)/(M+N-1)),
+           strategies/timeline.py), bubble_theoretical (the schedule's clock simulation,
+           schedule.bubble: (N-1)/(M+N-1) for gpipe and 1f1b; null for the peer's dualpipev),
            schedule_model_s ((M-1)*max_s(c_s/M) + sum_s(c_s/M) for the instrumented step's
            per-stage compute c_s: the step a schedule of whole, fused backward boxes allows
            with zero engine overhead), schedule_efficiency (schedule_model_s / the
@@ -102,9 +108,11 @@ from torch import nn
 from bench_models import MODEL_NAMES, SEED, ModelSpec, make_spec
 from bench_results import SCHEDULES, collect, median, print_tables, summarize
 from giantpipe.models.contract import LayeredModel, build_materialized
+from giantpipe.platform import timeline_plot
 from giantpipe.platform.allocator import keep_freed_memory
 from giantpipe.strategies import timeline as tl
 from giantpipe.strategies.engine import PipelineEngine
+from giantpipe.strategies.partition import balance_by_cost, param_costs
 
 MICRO_BATCHES = (1, 2, 4, 8, 16)
 
@@ -137,19 +145,52 @@ class Config:
     micro_batches: int
     schedule: str
     checkpoint: str
+    virtual_stages: int = 1
 
     @property
     def key(self) -> str:
-        return f"{self.impl}/N{self.stages}/M{self.micro_batches}/{self.schedule}/{self.checkpoint}"
+        return (f"{self.impl}/N{self.stages}/M{self.micro_batches}/{self.schedule}"
+                f"/V{self.virtual_stages}/{self.checkpoint}")  # fmt: skip
 
 
-def configs_for(spec: ModelSpec, stages: int, micro: tuple[int, ...]) -> list[Config]:
+# the zero-bubble and interleaved schedules, without re-materialization: (name, V)
+NEW_SCHEDULES = (("interleaved_1f1b", 2), ("zb_h1", 1), ("zb_h1", 2), ("zb_h2", 1), ("zbv", 2))
+# the peer's schedule for each (name, V) it has; dualpipev is the peer's alone
+PEER_SCHEDULES = {
+    ("gpipe", 1): "ScheduleGPipe", ("1f1b", 1): "Schedule1F1B",
+    ("interleaved_1f1b", 2): "ScheduleInterleaved1F1B",
+    ("zb_h1", 2): "ScheduleInterleavedZeroBubble", ("zbv", 2): "ScheduleZBVZeroBubble",
+    ("dualpipev", 2): "ScheduleDualPipeV",
+}  # fmt: skip
+V_SHAPED = ("zbv", "dualpipev")
+
+
+def configs_for(spec: ModelSpec, stages: int, micro: tuple[int, ...], quick: bool = False) -> list[Config]:
     if stages == 1:  # one stage: both schedules run the same operations (M-way accumulation)
         return [Config("giantpipe", 1, m, "gpipe", "never") for m in micro]
     out = [Config("giantpipe", 2, m, s, c) for c in spec.modes for s in SCHEDULES for m in micro]
+    newer = [m for m in micro if m > 1] if quick else micro  # smoke runs: the new ones at M > 1
+    out += [Config("giantpipe", 2, m, s, "never", v) for s, v in NEW_SCHEDULES for m in newer]
     if spec.peer_keys is not None:
-        out += [Config("peer", 2, m, s, "never") for s in SCHEDULES for m in micro]
+        out += [Config("peer", 2, m, s, "never", 1) for s in SCHEDULES for m in micro]
+        out += [Config("peer", 2, m, s, "never", v) for s, v in PEER_SCHEDULES if v > 1 for m in newer]
     return out
+
+
+def balance_for(spec: ModelSpec, model: LayeredModel, parts: int) -> list[int]:
+    """The spec's 2-stage balance, or one by parameter count for more (virtual) stages."""
+    if parts == len(spec.balance):
+        return spec.balance
+    return balance_by_cost(param_costs(model), parts)
+
+
+def peer_stage_indices(schedule: str, rank: int, stages: int, chunks: int) -> list[int]:
+    """The peer's stage indices on this rank: looped, or in a V for zbv and dualpipev."""
+    if chunks == 1:
+        return [rank]
+    if schedule in V_SHAPED:
+        return [rank, 2 * stages - 1 - rank]
+    return [rank + c * stages for c in range(chunks)]
 
 
 class PeerStageModule(nn.Module):
@@ -183,30 +224,45 @@ class Runner:
         self.cfg, self.spec, self.device = cfg, spec, device
         self.error: str | None = None
         self.engine = None
+        parts = cfg.stages * cfg.virtual_stages
+        balance = balance_for(spec, model, parts) if cfg.stages > 1 else [len(model.layers)]
         if cfg.impl == "giantpipe":
-            self.engine = PipelineEngine(
-                model, spec.loss, spec.balance if cfg.stages > 1 else [len(model.layers)],
-                micro_batches=cfg.micro_batches, schedule=cfg.schedule,
-                checkpoint=cfg.checkpoint, device=device, seed=SEED, split_backward=split_backward,
-            )  # fmt: skip
+            try:
+                self.engine = PipelineEngine(
+                    model, spec.loss, balance, micro_batches=cfg.micro_batches,
+                    schedule=cfg.schedule, checkpoint=cfg.checkpoint, device=device, seed=SEED,
+                    split_backward=split_backward, virtual_stages=cfg.virtual_stages,
+                )  # fmt: skip
+            except ValueError as err:  # a schedule not defined at this M (e.g. interleaved, M=1)
+                self.error, self.params = str(err).split("\n")[0], []
+                return
             self.params = list(self.engine.parameters())
             return
-        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+        self._build_peer(cfg, spec, model, balance)
 
-        rank, n = dist.get_rank(), cfg.stages
-        start = sum(spec.balance[:rank])
-        keys = spec.peer_keys
-        module = PeerStageModule(
-            model, range(start, start + spec.balance[rank]), keys[rank], keys[rank + 1]
-        )
-        stage = PipelineStage(module, rank, n, device)
-        kind = ScheduleGPipe if cfg.schedule == "gpipe" else Schedule1F1B
+    def _build_peer(self, cfg: Config, spec: ModelSpec, model: LayeredModel, balance) -> None:
+        import torch.distributed.pipelining as peer
+        from torch.distributed.pipelining import PipelineStage
+
+        rank, n, parts = dist.get_rank(), cfg.stages, len(balance)
+        keys = [spec.peer_keys[0], *[spec.peer_keys[1]] * (parts - 1), spec.peer_keys[-1]]
+        starts = [sum(balance[:k]) for k in range(parts)]
+        self.stage_ids = peer_stage_indices(cfg.schedule, rank, n, cfg.virtual_stages)
+        modules = [
+            PeerStageModule(model, range(starts[k], starts[k] + balance[k]), keys[k], keys[k + 1])
+            for k in self.stage_ids
+        ]
+        stages = [PipelineStage(m, k, parts, self.device) for m, k in zip(modules, self.stage_ids, strict=True)]
+        kind = getattr(peer, PEER_SCHEDULES[(cfg.schedule, cfg.virtual_stages)], None)
         try:
-            self.schedule = kind(stage, cfg.micro_batches, loss_fn=peer_loss(spec))
-        except ValueError as err:
-            self.error = str(err).split("\n")[0]
-        self.params = [p for p in module.parameters() if not p.is_meta]
-        self.rank, self.n = rank, n
+            if kind is None:
+                raise ValueError(f"torch {torch.__version__} has no {PEER_SCHEDULES[(cfg.schedule, cfg.virtual_stages)]}")
+            target = stages[0] if len(stages) == 1 else stages
+            self.schedule = kind(target, cfg.micro_batches, loss_fn=peer_loss(spec))
+        except Exception as err:  # the peer's rules (M < N for 1F1B, M multiples, ...)
+            self.error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        self.params = [p for m in modules for p in m.parameters() if not p.is_meta]
+        self.first, self.last = 0 in self.stage_ids, parts - 1 in self.stage_ids
 
     def step(self, batch, keep_grads: bool = False) -> None:
         """One training step; gradients start as None, or allocated and zeroed (`keep_grads`,
@@ -221,12 +277,9 @@ class Runner:
             return
         x = (batch["x"] if "x" in batch else batch["tokens"]).to(self.device)
         y = (batch["y"] if "y" in batch else batch["targets"]).to(self.device)
-        if self.rank == 0:
-            self.schedule.step(x, return_outputs=False)
-        elif self.rank == self.n - 1:
-            self.schedule.step(target=y, losses=[], return_outputs=False)
-        else:
-            self.schedule.step(return_outputs=False)
+        args = (x,) if self.first else ()
+        kwargs = {"target": y, "losses": []} if self.last else {}
+        self.schedule.step(*args, return_outputs=False, **kwargs)
 
 
 def plain_step(model: LayeredModel, loss_fn, batch) -> None:
@@ -331,12 +384,20 @@ def schedule_model(compute_s: list[float], micro_batches: int) -> float:
 def measure(spec: ModelSpec, stages: int, opts: Options, device, pictures: Path | None) -> dict:
     """Run every configuration with `stages` stages in this process (rank of the world)."""
     distributed = dist.is_initialized()
-    model = build_materialized(spec.factory, SEED, device)  # shared by every engine here
-    baseline_model = model if not distributed else build_materialized(spec.factory, SEED, device)
+    models: dict[tuple, LayeredModel] = {}  # one per layout: an engine moves others' layers to meta
+
+    def model_for(cfg: Config) -> LayeredModel:
+        vshape = cfg.schedule in V_SHAPED
+        key = (cfg.impl == "peer", cfg.virtual_stages, vshape and cfg.virtual_stages > 1)
+        if key not in models:
+            models[key] = build_materialized(spec.factory, SEED, device)
+        return models[key]
+
     runners = [
-        Runner(c, spec, model, device, opts.split_backward)
-        for c in configs_for(spec, stages, opts.micro_for(spec))
+        Runner(c, spec, model_for(c), device, opts.split_backward)
+        for c in configs_for(spec, stages, opts.micro_for(spec), opts.quick)
     ]
+    baseline_model = build_materialized(spec.factory, SEED, device)
 
     def baseline(batch):
         plain_step(baseline_model, spec.loss, {k: v.to(device) for k, v in batch.items()})
@@ -348,9 +409,9 @@ def measure(spec: ModelSpec, stages: int, opts: Options, device, pictures: Path 
         timelines = extra.pop("_timelines", None)
         cfg = runner.cfg
         if pictures and timelines and cfg.checkpoint == "never" and cfg.micro_batches == 4:
-            stem = f"timeline_{spec.name}_N{cfg.stages}_{cfg.schedule}_M4"
-            tl.plot(timelines, pictures / f"{stem}.png")
-            tl.write_trace(timelines, pictures / f"{stem}.trace.json")
+            stem = f"timeline_{spec.name}_N{cfg.stages}_{cfg.schedule}_V{cfg.virtual_stages}_M4"
+            timeline_plot.plot(timelines, pictures / f"{stem}.png")
+            timeline_plot.write_trace(timelines, pictures / f"{stem}.trace.json")
         measured = times.get(cfg.key, [])
         rows.append(
             {

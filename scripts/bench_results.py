@@ -6,10 +6,25 @@ from __future__ import annotations
 import statistics
 
 from bench_models import MODES, ModelSpec
-from giantpipe.strategies import timeline as tl
+from giantpipe.strategies import schedule as sched
 
 SCHEDULES = ("gpipe", "1f1b")
 MLP_TARGET = 1.55
+
+
+def label(schedule: str, virtual_stages: int = 1) -> str:
+    """A schedule as the tables name it: zbv/V2, zb_h1 (V=1 is left out)."""
+    return schedule if virtual_stages == 1 else f"{schedule}/V{virtual_stages}"
+
+
+def theoretical_bubble(schedule: str, stages: int, micro_batches: int, chunks: int) -> float | None:
+    """The schedule's bubble with one clock per F, B, W (two per fused BW), as schedule.py
+    computes it; (N-1)/(M+N-1) for gpipe and 1f1b; None where giantpipe lacks the schedule."""
+    try:
+        spec = sched.check_schedule(schedule, chunks)
+        return sched.bubble(sched.make_schedule(schedule, stages, micro_batches, chunks), spec.placement)
+    except ValueError:
+        return None
 
 
 def median(xs):
@@ -34,8 +49,9 @@ def collect(spec: ModelSpec, parts: list[dict]) -> tuple[list[dict], float, floa
             n, m = cfg["stages"], cfg["micro_batches"]
             steps = row.pop("steps_s")
             step = median(steps)
+            v = cfg.get("virtual_stages", 1)
             runs.append({
-                "model": spec.name, **cfg, "step_s": step, "steps_s": steps,
+                "model": spec.name, **cfg, "label": label(cfg["schedule"], v), "step_s": step, "steps_s": steps,
                 "baseline_s": base, "speedup": base / step if step else None,
                 "speedup_of_fastest": base_min / min(steps) if step else None,
                 "baseline_threads_s": threads,
@@ -45,7 +61,7 @@ def collect(spec: ModelSpec, parts: list[dict]) -> tuple[list[dict], float, floa
                 "tokens_per_s": tokens / step if step and tokens else None,
                 "baseline_cpu_s": base_cpu,
                 "cpu_ratio": row["cpu_s"] / base_cpu if row.get("cpu_s") and base_cpu else None,
-                "bubble_theoretical": tl.theoretical_bubble(n, m), **row,
+                "bubble_theoretical": theoretical_bubble(cfg["schedule"], n, m, v), **row,
             })  # fmt: skip
     return runs, median(all_base), median(all_threads)
 
@@ -57,14 +73,14 @@ def summarize(name: str, runs: list[dict]) -> dict:
     out: dict = {}
     if best:
         out["best_n2_speedup"] = {
-            k: best[k] for k in ("speedup", "schedule", "micro_batches", "checkpoint")
+            k: best[k] for k in ("speedup", "label", "micro_batches", "checkpoint")
         }
     vs = []
     for peer in (r for r in mine if r["impl"] == "peer"):
-        ours = next((r for r in n2 if r["checkpoint"] == "never" and r["schedule"] == peer["schedule"]
+        ours = next((r for r in n2 if r["checkpoint"] == "never" and r["label"] == peer["label"]
                      and r["micro_batches"] == peer["micro_batches"]), None)  # fmt: skip
         if ours:
-            vs.append({"schedule": peer["schedule"], "micro_batches": peer["micro_batches"],
+            vs.append({"schedule": peer["label"], "micro_batches": peer["micro_batches"],
                        "giantpipe_s": ours["step_s"], "peer_s": peer["step_s"],
                        "peer_over_giantpipe": peer["step_s"] / ours["step_s"]})  # fmt: skip
     if vs:
@@ -75,7 +91,7 @@ def summarize(name: str, runs: list[dict]) -> dict:
         out["target_met"] = best["speedup"] >= MLP_TARGET
         fastest = max(n2, key=lambda r: r["speedup_of_fastest"])
         out["best_n2_speedup_of_fastest"] = {
-            k: fastest[k] for k in ("speedup_of_fastest", "schedule", "micro_batches", "checkpoint")
+            k: fastest[k] for k in ("speedup_of_fastest", "label", "micro_batches", "checkpoint")
         }
     if best and best.get("schedule_efficiency"):
         out["best_n2_speedup"]["schedule_efficiency"] = best["schedule_efficiency"]
@@ -84,7 +100,7 @@ def summarize(name: str, runs: list[dict]) -> dict:
     if with_threads:
         top = max(with_threads, key=lambda r: r["speedup_vs_threads"])
         out["best_n2_speedup_vs_threads"] = {
-            k: top[k] for k in ("speedup_vs_threads", "schedule", "micro_batches", "checkpoint")
+            k: top[k] for k in ("speedup_vs_threads", "label", "micro_batches", "checkpoint")
         }
     k1 = next((r for r in mine if r["impl"] == "giantpipe" and r["stages"] == 1
                and r["micro_batches"] == 1 and r["schedule"] == "gpipe"), None)  # fmt: skip
@@ -109,7 +125,7 @@ def tokens_summary(runs: list[dict]) -> dict:
             if cands:
                 top = max(cands, key=lambda r: r["tokens_per_s"])
                 row[f"n{n}_tokens_per_s"] = top["tokens_per_s"]
-                row[f"n{n}_schedule"] = top["schedule"]
+                row[f"n{n}_schedule"] = top["label"]
                 row[f"n{n}_over_single"] = top["speedup"]
         per_m.append(row)
     return {"single": single, "by_micro_batches": per_m}
@@ -150,9 +166,9 @@ def _speed_table(name: str, model: dict, runs: list[dict], micro: list[int]):
     )  # fmt: skip
     groups: dict = {}
     for r in runs:
-        key = (r["impl"], r["stages"], r["schedule"], r["checkpoint"])
+        key = (r["impl"], r["stages"], r["label"], r["checkpoint"])
         groups.setdefault(key, {})[r["micro_batches"]] = r
-    for (impl, n, sched, mode), by_m in groups.items():
+    for (impl, n, schedule, mode), by_m in groups.items():
         cells = []
         for m in micro:
             r = by_m.get(m)
@@ -160,10 +176,10 @@ def _speed_table(name: str, model: dict, runs: list[dict], micro: list[int]):
                 cells.append("n/a")
                 continue
             cell = f"{r['speedup']:.2f}x"
-            if r.get("bubble_measured") is not None and n > 1:
+            if r.get("bubble_measured") is not None and r.get("bubble_theoretical") is not None and n > 1:
                 cell += f" {r['bubble_measured']:.0%}/{r['bubble_theoretical']:.0%}"
             cells.append(cell)
-        table.add_row(impl, str(n), sched, mode, *cells)
+        table.add_row(impl, str(n), schedule, mode, *cells)
     return table
 
 
@@ -172,16 +188,18 @@ def _memory_table(name: str, runs: list[dict], micro: list[int]):
         f"{name}: peak activation memory, MB (stage 0 / stage 1), N=2", ["schedule", "remat"], micro
     )
     modes = sorted({r["checkpoint"] for r in runs if r["stages"] == 2}, key=MODES.index)
-    for sched in SCHEDULES:
+    labels = dict.fromkeys(r["label"] for r in runs if r["impl"] == "giantpipe" and r["stages"] == 2)
+    for schedule in labels:
         for mode in modes:
             cells = []
             for m in micro:
-                r = next((r for r in runs if (r["impl"], r["stages"], r["schedule"], r["checkpoint"], r["micro_batches"])
-                          == ("giantpipe", 2, sched, mode, m)), None)  # fmt: skip
+                r = next((r for r in runs if (r["impl"], r["stages"], r["label"], r["checkpoint"], r["micro_batches"])
+                          == ("giantpipe", 2, schedule, mode, m)), None)  # fmt: skip
                 peaks = (r or {}).get("peak_step_mb")
                 ok = peaks and None not in peaks
                 cells.append("/".join(f"{p:.1f}" for p in peaks) if ok else "n/a")
-            table.add_row(sched, mode, *cells)
+            if any(c != "n/a" for c in cells):
+                table.add_row(schedule, mode, *cells)
     return table
 
 
@@ -208,7 +226,7 @@ def _summary_lines(name: str, model: dict, summary: dict) -> list[str]:
     lines = []
     if "best_n2_speedup" in summary:
         b = summary["best_n2_speedup"]
-        line = f"{name}: best N=2 speedup {b['speedup']:.2f}x ({b['schedule']}, M={b['micro_batches']}, {b['checkpoint']})"
+        line = f"{name}: best N=2 speedup {b['speedup']:.2f}x ({b['label']}, M={b['micro_batches']}, {b['checkpoint']})"
         if "schedule_efficiency" in b:
             compute = "/".join(f"{c * 1e3:.0f}" for c in b["compute_s"])
             line += (f"; stage compute {compute} ms, the schedule allows"
@@ -216,7 +234,7 @@ def _summary_lines(name: str, model: dict, summary: dict) -> list[str]:
         if "target_met" in summary:
             line += f"; target {MLP_TARGET}x {'met' if summary['target_met'] else 'NOT met'}"
             f = summary["best_n2_speedup_of_fastest"]
-            line += (f" (fastest rounds: {f['speedup_of_fastest']:.2f}x, {f['schedule']},"
+            line += (f" (fastest rounds: {f['speedup_of_fastest']:.2f}x, {f['label']},"
                      f" M={f['micro_batches']})")  # fmt: skip
         if "beats_peer_everywhere" in summary:
             worst = min(summary["vs_peer"], key=lambda v: v["peer_over_giantpipe"])
@@ -227,7 +245,7 @@ def _summary_lines(name: str, model: dict, summary: dict) -> list[str]:
         t = summary["best_n2_speedup_vs_threads"]
         lines.append(
             f"{name}: against 1 process with 2 threads ({model['baseline_threads_s'] * 1e3:.0f} ms/step):"
-            f" best N=2 {t['speedup_vs_threads']:.2f}x ({t['schedule']}, M={t['micro_batches']})"
+            f" best N=2 {t['speedup_vs_threads']:.2f}x ({t['label']}, M={t['micro_batches']})"
         )  # fmt: skip
     if "k1_engine_overhead" in summary:
         lines.append(

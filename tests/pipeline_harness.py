@@ -22,6 +22,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -29,6 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from giantpipe.models.contract import Batch, Carry, LayeredModel, build_materialized, split_batch
+from giantpipe.strategies.batchnorm import DeferredBatchNorm
+from giantpipe.strategies.engine import PipelineEngine
+from giantpipe.strategies.topology import Topology
 
 torch.set_num_threads(1)
 
@@ -92,6 +96,7 @@ def _child(fn, rank, world_size, port, pg_timeout, out_dir, args) -> None:
     start = time.monotonic()
     try:
         store = dist.TCPStore("127.0.0.1", port, world_size, False)
+        _all_started(store, world_size)  # a short pg_timeout must not be spent on start-up
         dist.init_process_group(
             "gloo", store=store, rank=rank, world_size=world_size,
             timeout=datetime.timedelta(seconds=pg_timeout),
@@ -104,6 +109,16 @@ def _child(fn, rank, world_size, port, pg_timeout, out_dir, args) -> None:
     os.replace(os.path.join(out_dir, f"{rank}.pt.tmp"), os.path.join(out_dir, f"{rank}.pt"))
     if outcome.error is None and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _all_started(store: dist.TCPStore, world_size: int, timeout: float = 120.0) -> None:
+    """Wait (on the store, not the process group) until every worker has started."""
+    store.add("started", 1)
+    deadline = time.monotonic() + timeout
+    while store.add("started", 0) < world_size:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not all {world_size} workers started within {timeout} s")
+        time.sleep(0.02)
 
 
 # -- a toy seq2seq model -------------------------------------------------------------------------
@@ -318,3 +333,103 @@ def pipelined_run(engine, batches: list[Batch], lr: float) -> dict:
     weights = {n: p.detach().clone() for n, p in engine.named_parameters()}
     buffers = {n: b.clone() for n, b in engine.module.named_buffers() if not b.is_meta}
     return {"losses": losses, "grads": grads, "weights": weights, "buffers": buffers}
+
+
+# -- transparency grids: configurations run in one launch, compared with one process --------------
+
+SEED, LR, STEPS, BATCH = 3, 0.5, 3, 8
+ATOL, RTOL = 1e-10, 1e-8  # float64 model: only summation order differs
+
+
+def config(
+    balance, micro_batches, schedule, checkpoint, replicas=1, placement=None, split=True,
+    virtual_stages=1, **model,
+):  # fmt: skip
+    """One engine configuration of the transparency grids (the balance lists N x V parts)."""
+    return {
+        "balance": balance, "micro_batches": micro_batches, "schedule": schedule,
+        "checkpoint": checkpoint, "replicas": replicas, "placement": placement, "model": model,
+        "split_backward": split, "virtual_stages": virtual_stages,
+        "data": {"steps": STEPS, "size": BATCH, "seed": 11},
+    }  # fmt: skip
+
+
+def run_configs(rank: int, world_size: int, configs: list[dict]) -> list[dict]:
+    """Worker: train each configuration for STEPS steps; report this stage's numbers."""
+    results = []
+    for cfg in configs:
+        torch.manual_seed(1234)  # the same dropout stream in every configuration
+        with torch.device("meta"):
+            model = ToySeq2Seq(**cfg["model"])
+        if cfg.get("deferred_batch_norm"):
+            DeferredBatchNorm.convert(model, cfg["micro_batches"])
+        replicas = cfg["replicas"]
+        chunks = cfg.get("virtual_stages", 1)
+        topology = Topology(len(cfg["balance"]) // chunks, replicas, cfg["placement"])
+        engine = PipelineEngine(
+            model, ToyLoss(), cfg["balance"], micro_batches=cfg["micro_batches"],
+            topology=topology, schedule=cfg["schedule"], checkpoint=cfg["checkpoint"], seed=SEED,
+            split_backward=cfg["split_backward"], virtual_stages=chunks,
+        )  # fmt: skip
+        global_batches = make_batches(**cfg["data"])
+        batches = [replica_share(b, engine.replica, replicas) for b in global_batches]
+        result = pipelined_run(engine, batches, LR)
+        result["eval_loss"] = engine.eval_step(batches[0]).item()
+        out = engine.forward(batches[0])
+        result["logits"] = None if out is None else out["logits"]
+        result["stage"], result["replica"] = engine.stage, engine.replica
+        result["meta"] = {n: p.is_meta for n, p in model.named_parameters()}
+        result["layers"] = list(engine.layer_indices)
+        results.append(result)
+    return results
+
+
+_references: dict = {}
+
+
+def reference(cfg: dict) -> dict:
+    key = repr((cfg["model"], cfg["data"]))
+    if key not in _references:
+        batches = make_batches(**cfg["data"])
+        ref = reference_run(cfg["model"], batches, SEED, LR)
+        model = build_materialized(lambda: ToySeq2Seq(**cfg["model"]), SEED)
+        model.load_state_dict(ref["weights"], strict=False)
+        with torch.no_grad():
+            b0 = batches[0]
+            ref["eval_loss"] = (ToyLoss()(model(b0), b0) / ToyLoss().normalizer(b0)).item()
+            ref["logits"], ref["mask"] = model(b0)["logits"], b0["mask"]
+        _references[key] = ref
+    return _references[key]
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.allclose(a, b, atol=ATOL, rtol=RTOL)
+
+
+def assert_transparent(cfg: dict, per_rank: list[dict]) -> None:
+    """Every rank's losses, and every parameter's gradients and final weights, equal the
+    single-process reference; together the replica-0 stages cover every parameter."""
+    ref = reference(cfg)
+    seen = set()
+    for res in per_rank:
+        where = (
+            f"{cfg['schedule']}/{cfg['checkpoint']} V={cfg.get('virtual_stages', 1)} "
+            f"M={cfg['micro_batches']} balance={cfg['balance']} "
+            f"replicas={cfg['replicas']} stage {res['stage']} replica {res['replica']}"
+        )
+        assert res["losses"] == pytest.approx(ref["losses"], rel=1e-6), where
+        assert res["eval_loss"] == pytest.approx(ref["eval_loss"], rel=1e-6), where
+        for step, grads in enumerate(res["grads"]):
+            for name, grad in grads.items():
+                assert close(grad, ref["grads"][step][name]), (
+                    f"{where}: grad of {name} at step {step}"
+                )
+        for name, weight in res["weights"].items():
+            assert close(weight, ref["weights"][name]), f"{where}: weight {name}"
+            seen.add(name)
+        if res["logits"] is not None and cfg["replicas"] == 1:
+            mask = ref["mask"]  # merged micro-batches are zero-padded; compare real tokens
+            assert close(res["logits"][mask], ref["logits"][mask]), f"{where}: forward output"
+    assert seen == set(ref["weights"]), "some parameters were never compared"
+
+

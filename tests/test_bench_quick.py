@@ -13,7 +13,7 @@ RUN_FIELDS = {
     "model", "impl", "stages", "micro_batches", "schedule", "checkpoint", "step_s", "steps_s",
     "baseline_s", "speedup", "speedup_of_fastest", "ideal_speedup", "samples_per_s",
     "tokens_per_s", "baseline_threads_s", "speedup_vs_threads", "bubble_theoretical", "cpu_s",
-    "cpu_ratio", "error",
+    "cpu_ratio", "error", "virtual_stages", "label",
 }  # fmt: skip
 
 
@@ -23,7 +23,7 @@ def test_quick_benchmark_writes_valid_json(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "bench_pipeline.py"), "--quick", "--out", str(out),
          "--pictures", str(tmp_path / "pictures")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.read_text())
@@ -59,5 +59,14 @@ def test_quick_benchmark_writes_valid_json(tmp_path):
     assert {r["checkpoint"] for r in runs if r["model"] == "gnmt" and r["stages"] == 2} == {
         "never", "always",
     }  # fmt: skip
-    assert list((tmp_path / "pictures").glob("timeline_mlp_N2_gpipe_M4.png"))
+    assert list((tmp_path / "pictures").glob("timeline_mlp_N2_gpipe_V1_M4.png"))
+    assert list((tmp_path / "pictures").glob("timeline_mlp_N2_zbv_V2_M4.png"))
+    # the new schedules beside the peer's: run, or the peer's error recorded
+    labels = {r["label"] for r in ours}
+    assert {"interleaved_1f1b/V2", "zb_h1", "zb_h1/V2", "zb_h2", "zbv/V2"} <= labels
+    assert all(r["error"] is None for r in ours if r["micro_batches"] == 4)
+    peer_labels = {r["label"] for r in peers}
+    assert {"interleaved_1f1b/V2", "zb_h1/V2", "zbv/V2", "dualpipev/V2"} <= peer_labels
+    for r in peers:
+        assert r["error"] is not None or r["step_s"] > 0, r
     assert "speedup over 1 process" in proc.stdout and "gnmt: tokens/s" in proc.stdout

@@ -48,11 +48,15 @@ def grad_for(t: torch.Tensor) -> torch.Tensor:
     return t.detach() * 2 + 1
 
 
-def exchange(rank: int, world_size: int, meta_capacities: list[int]) -> list[str]:
+def exchange(
+    rank: int, world_size: int, meta_capacities: list[int], packed: bool | None = None
+) -> list[str]:
     """Rank 0 sends every carry and checks the gradients; rank 1 checks what arrives."""
     problems = []
     for capacity in meta_capacities:
-        problems += _exchange(Link(1 - rank, meta_capacity=capacity), rank)
+        link = Link(1 - rank, meta_capacity=capacity, packed=packed)
+        assert link.packed is (packed if packed is not None else True)
+        problems += _exchange(link, rank)
     return problems
 
 
@@ -88,6 +92,12 @@ def _exchange(link: Link, rank: int) -> list[str]:
 def test_carries_and_gradients_round_trip():
     # capacity 8: the metadata of every carry overflows into a second message
     assert spawn(exchange, 2, [64, 8]) == [[], []]
+
+
+def test_nccl_wire_format_round_trips_over_gloo():
+    """`packed=False` is NCCL's format (a fixed-size metadata message, one message per
+    tensor, gradients one by one): the same carries must arrive intact over gloo."""
+    assert spawn(exchange, 2, [64, 8], False) == [[], []]
 
 
 @given(

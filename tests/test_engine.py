@@ -13,108 +13,23 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from giantpipe.models.contract import build_materialized
 from giantpipe.strategies.engine import PipelineEngine
 from giantpipe.strategies.topology import Topology
 from pipeline_harness import (
+    BATCH,
+    LR,
+    SEED,
     ToyLoss,
     ToySeq2Seq,
+    assert_transparent,
+    close,
+    config,
     make_batches,
     pipelined_run,
-    reference_run,
-    replica_share,
+    reference,
+    run_configs,
     spawn,
 )
-
-SEED, LR, STEPS, BATCH = 3, 0.5, 3, 8
-ATOL, RTOL = 1e-10, 1e-8  # float64 model: only summation order differs
-
-
-def config(
-    balance, micro_batches, schedule, checkpoint, replicas=1, placement=None, split=True, **model
-):
-    return {
-        "balance": balance, "micro_batches": micro_batches, "schedule": schedule,
-        "checkpoint": checkpoint, "replicas": replicas, "placement": placement, "model": model,
-        "split_backward": split,
-        "data": {"steps": STEPS, "size": BATCH, "seed": 11},
-    }  # fmt: skip
-
-
-def run_configs(rank: int, world_size: int, configs: list[dict]) -> list[dict]:
-    """Worker: train each configuration for STEPS steps; report this stage's numbers."""
-    results = []
-    for cfg in configs:
-        torch.manual_seed(1234)  # the same dropout stream in every configuration
-        with torch.device("meta"):
-            model = ToySeq2Seq(**cfg["model"])
-        replicas = cfg["replicas"]
-        topology = Topology(len(cfg["balance"]), replicas, cfg["placement"])
-        engine = PipelineEngine(
-            model, ToyLoss(), cfg["balance"], micro_batches=cfg["micro_batches"],
-            topology=topology, schedule=cfg["schedule"], checkpoint=cfg["checkpoint"], seed=SEED,
-            split_backward=cfg["split_backward"],
-        )  # fmt: skip
-        global_batches = make_batches(**cfg["data"])
-        batches = [replica_share(b, engine.replica, replicas) for b in global_batches]
-        result = pipelined_run(engine, batches, LR)
-        result["eval_loss"] = engine.eval_step(batches[0]).item()
-        out = engine.forward(batches[0])
-        result["logits"] = None if out is None else out["logits"]
-        result["stage"], result["replica"] = engine.stage, engine.replica
-        result["meta"] = {n: p.is_meta for n, p in model.named_parameters()}
-        result["layers"] = list(engine.layer_indices)
-        results.append(result)
-    return results
-
-
-_references: dict = {}
-
-
-def reference(cfg: dict) -> dict:
-    key = repr((cfg["model"], cfg["data"]))
-    if key not in _references:
-        batches = make_batches(**cfg["data"])
-        ref = reference_run(cfg["model"], batches, SEED, LR)
-        model = build_materialized(lambda: ToySeq2Seq(**cfg["model"]), SEED)
-        model.load_state_dict(ref["weights"], strict=False)
-        with torch.no_grad():
-            b0 = batches[0]
-            ref["eval_loss"] = (ToyLoss()(model(b0), b0) / ToyLoss().normalizer(b0)).item()
-            ref["logits"], ref["mask"] = model(b0)["logits"], b0["mask"]
-        _references[key] = ref
-    return _references[key]
-
-
-def close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and torch.allclose(a, b, atol=ATOL, rtol=RTOL)
-
-
-def assert_transparent(cfg: dict, per_rank: list[dict]) -> None:
-    """Every rank's losses, and every parameter's gradients and final weights, equal the
-    single-process reference; together the replica-0 stages cover every parameter."""
-    ref = reference(cfg)
-    seen = set()
-    for res in per_rank:
-        where = (
-            f"{cfg['schedule']}/{cfg['checkpoint']} M={cfg['micro_batches']} balance={cfg['balance']} "
-            f"replicas={cfg['replicas']} stage {res['stage']} replica {res['replica']}"
-        )
-        assert res["losses"] == pytest.approx(ref["losses"], rel=1e-6), where
-        assert res["eval_loss"] == pytest.approx(ref["eval_loss"], rel=1e-6), where
-        for step, grads in enumerate(res["grads"]):
-            for name, grad in grads.items():
-                assert close(grad, ref["grads"][step][name]), (
-                    f"{where}: grad of {name} at step {step}"
-                )
-        for name, weight in res["weights"].items():
-            assert close(weight, ref["weights"][name]), f"{where}: weight {name}"
-            seen.add(name)
-        if res["logits"] is not None and cfg["replicas"] == 1:
-            mask = ref["mask"]  # merged micro-batches are zero-padded; compare real tokens
-            assert close(res["logits"][mask], ref["logits"][mask]), f"{where}: forward output"
-    assert seen == set(ref["weights"]), "some parameters were never compared"
-
 
 # -- 2 stages: the full grid of micro-batches × schedules × checkpoint modes, plus dropout ---------
 
@@ -254,24 +169,22 @@ def fail_mid_step(rank: int, world_size: int) -> dict:
     if engine.stage == 1:
         model.layers[4].arm(fail_on=2)
     dist.barrier()
-    start = time.monotonic()
     try:
         engine.train_step(batch)
     except RuntimeError as err:
         if "Boom" in str(err):
-            time.sleep(
-                PG_TIMEOUT + 1.5
-            )  # alive past the timeout: neighbours must not need its exit
-        return {"error": str(err), "seconds": time.monotonic() - start}
-    return {"error": None, "seconds": time.monotonic() - start}
+            time.sleep(PG_TIMEOUT + 1.5)  # alive past the timeout: neighbours must not need its exit
+        return {"error": str(err)}
+    return {"error": None}
 
 
-def test_failed_stage_makes_others_raise_within_timeout():
+def test_failed_stage_makes_others_raise_on_the_group_timeout():
+    """The neighbours raise gloo's timeout while the failed stage still lives (it sleeps past
+    the timeout), so they rely on the timeout, not on its exit (no clock is asserted)."""
     outcomes = spawn(fail_mid_step, 3, pg_timeout=PG_TIMEOUT, join_timeout=60)
     assert "Boom" in outcomes[1]["error"]
     for rank in (0, 2):
         assert "Timed out" in outcomes[rank]["error"], outcomes[rank]["error"]
-        assert outcomes[rank]["seconds"] < PG_TIMEOUT + 2, f"rank {rank}: {outcomes[rank]}"
 
 
 # -- single process and validation ---------------------------------------------------------------

@@ -20,6 +20,7 @@ from giantpipe.models.las import LAS
 from giantpipe.models.losses import TokenCrossEntropy
 from giantpipe.models.mwer import MWERLoss, nbest_batch
 from giantpipe.platform.data.speech import SpeechCollator
+from giantpipe.strategies.chunked_decoding import chunked_beam_search
 from giantpipe.strategies.engine import PipelineEngine
 from giantpipe.strategies.pipelined_decoding import pipelined_beam_search
 from giantpipe.strategies.topology import Topology
@@ -72,12 +73,14 @@ def run_configs(rank: int, world_size: int, configs: list[dict]) -> list[dict]:
             model = LAS(**MODEL)
         engine = PipelineEngine(model, loss_for(cfg["loss"]), cfg["balance"],
                                 micro_batches=cfg["micro_batches"], topology=Topology(2, 1),
-                                schedule=cfg["schedule"], checkpoint=cfg["checkpoint"], seed=SEED)
+                                schedule=cfg["schedule"], checkpoint=cfg["checkpoint"], seed=SEED,
+                                virtual_stages=cfg.get("virtual_stages", 1))
         opt = torch.optim.SGD(engine.parameters(), lr=LR)
         losses, grads, sizes = [], [], []
         for batch in make_batches():
             if cfg["loss"] == "mwer":
-                batch = with_nbest(batch, functools.partial(pipelined_beam_search, engine, **SEARCH))
+                search = pipelined_beam_search if engine.virtual_stages == 1 else chunked_beam_search
+                batch = with_nbest(batch, functools.partial(search, engine, **SEARCH))
                 sizes.append(tuple(batch["tgt_out"].shape))
             opt.zero_grad()
             losses.append(engine.train_step(batch).item())
@@ -122,6 +125,13 @@ CONFIGS = [  # the listener alone on stage 0; the attention on stage 0 with its 
     {"loss": "cross_entropy", "balance": [4, 2], "micro_batches": 3, "schedule": "1f1b", "checkpoint": "always"},
     {"loss": "mwer", "balance": [2, 4], "micro_batches": 2, "schedule": "gpipe", "checkpoint": "except_last"},
     {"loss": "mwer", "balance": [3, 3], "micro_batches": 3, "schedule": "1f1b", "checkpoint": "always"},
+    # zero-bubble schedules: zb_h1 with MWER's pipelined N-best lists; zbv's V (stage 0 holds
+    # the listener's first layer and the projection) with cross-entropy
+    {"loss": "mwer", "balance": [2, 4], "micro_batches": 2, "schedule": "zb_h1", "checkpoint": "never"},
+    {"loss": "cross_entropy", "balance": [1, 2, 2, 1], "micro_batches": 3, "schedule": "zbv",
+     "checkpoint": "except_last", "virtual_stages": 2},
+    {"loss": "mwer", "balance": [2, 1, 2, 1], "micro_batches": 2, "schedule": "zbv",
+     "checkpoint": "never", "virtual_stages": 2},  # N-best lists searched through the V
 ]
 
 

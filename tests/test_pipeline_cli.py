@@ -175,3 +175,35 @@ def test_bf16_mixed_precision_pipeline_follows_one_device(tmp_path):
     assert sorted(got) == sorted(expected) == [0, 1, 2, 3]
     for step in got:
         assert got[step] == pytest.approx(expected[step], rel=1e-3), step
+
+
+def test_every_new_schedule_logs_the_same_losses_as_one_device(tmp_path, single_run):
+    """One sweep over interleaved_1f1b, zb_h1, zb_h2 and zbv with V=2 chunks per stage (4
+    virtual stages of the 4 layers), global-norm clipping active: each job's every logged loss
+    equals one device's."""
+    sweep = tmp_path / "sweep"
+    schedules = ["interleaved_1f1b", "zb_h1", "zb_h2", "zbv"]
+    run_train(["-m", f"strategy.schedule={','.join(schedules)}", "strategy.virtual_stages=2", *TINY, *PIPE2,
+               "model.dropout=0", "strategy.micro_batches=4", "trainer.max_steps=20", "logger=csv",
+               "callbacks=none", "trainer.gradient_clip_val=0.05", f"hydra.sweep.dir={sweep}"], tmp_path, timeout=900)
+    expected = losses(single_run)
+    for job, name in enumerate(schedules):
+        assert f"strategy.schedule={name}" in (sweep / str(job) / ".hydra" / "overrides.yaml").read_text()
+        got = losses(sweep / str(job))
+        assert sorted(got) == sorted(expected), name
+        for step in got:
+            assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-5), (name, step)
+
+
+def test_auto_schedule_profiles_chooses_says_why_and_trains_like_one_device(tmp_path, single_run):
+    run_dir = tmp_path / "auto"
+    proc = run_train(TINY + PIPE2 + ["model.dropout=0", "strategy.micro_batches=4", "strategy.schedule=auto",
+                                     "strategy.memory_budget_mb=1000", "trainer.max_steps=20", "logger=csv",
+                                     "callbacks=none", "trainer.gradient_clip_val=0.05", f"hydra.run.dir={run_dir}"],
+                     tmp_path)
+    assert "strategy.schedule=auto: predicted from the profiled steps" in proc.stdout
+    assert "zbv V=2" in proc.stdout and "chose " in proc.stdout
+    expected, got = losses(single_run), losses(run_dir)  # profiling left no trace in training
+    assert sorted(got) == sorted(expected)
+    for step in got:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-5), step

@@ -77,6 +77,25 @@ def test_resuming_with_another_stage_count_continues_the_optimizer_and_schedule(
             assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), (run_dir.name, step)
 
 
+def test_a_v_shaped_checkpoint_resumes_with_one_chunk_per_stage_and_another_stage_count(tmp_path):
+    """2 stages holding 2 chunks each in a V (zbv: stage 0 holds layers 0 and 3) save shards
+    that do not follow the layer order; resumed as 4 stages of one chunk, the optimizer and
+    schedule come back and every resumed step's loss equals the uninterrupted run's."""
+    args = TINY + ["model.dropout=0", "trainer.max_steps=6", "trainer.val_check_interval=2", "logger=csv",
+                   "callbacks.model_checkpoint.save_top_k=-1", "optim.warmup_steps=4"]
+    zbv, four = tmp_path / "zbv", tmp_path / "four"
+    run_train(args + stages(2) + ["strategy.schedule=zbv", "strategy.virtual_stages=2", f"hydra.run.dir={zbv}"],
+              tmp_path, timeout=400)
+    saved = torch.load(zbv / "checkpoints" / "step2.ckpt", weights_only=False)
+    assert saved["giantpipe_shards"]["virtual_stages"] == 2
+    run_train(args + stages(4) + [f"ckpt_path={zbv}/checkpoints/step2.ckpt", f"hydra.run.dir={four}"],
+              tmp_path, timeout=400)
+    expected, got = losses(zbv), losses(four)
+    assert sorted(got) == [2, 3, 4, 5]
+    for step in got:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
+
+
 def adamw(params: list[tuple[str, torch.nn.Parameter]]) -> torch.optim.AdamW:
     """The platform's grouping: weight decay on matrices, none on vectors."""
     return torch.optim.AdamW([{"params": [p for _, p in params if p.ndim >= 2], "weight_decay": 0.1},

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import TINY, run_train
+from giantpipe.platform import timeline_plot
 from giantpipe.platform.pipeline_metrics import step_metrics
 from giantpipe.strategies import timeline as tl
 from giantpipe.strategies.engine import PipelineEngine
@@ -31,12 +32,24 @@ def record_steps(rank: int, world_size: int) -> list:
         )  # fmt: skip
         engine.train_step(make_batches(1, 8, seed=2)[0])
         out.append(tl.gather(engine.last_timeline))
-    return out
+    with torch.device("meta"):
+        model = ToySeq2Seq()
+    engine = PipelineEngine(
+        model, ToyLoss(), [3, 2, 2, 3], micro_batches=M, schedule="zbv", checkpoint="never",
+        seed=1, timeline=True, virtual_stages=2,
+    )  # fmt: skip
+    engine.train_step(make_batches(1, 8, seed=2)[0])
+    return out, tl.gather(engine.last_timeline)
 
 
 @pytest.fixture(scope="module")
-def recorded():
-    return spawn(record_steps, 2)[0]  # rank 0: per configuration, both ranks' timelines
+def recorded_all():
+    return spawn(record_steps, 2)[0]  # rank 0: every rank's timelines
+
+
+@pytest.fixture(scope="module")
+def recorded(recorded_all):
+    return recorded_all[0]  # per configuration, both ranks' timelines
 
 
 def kinds_by_micro_batch(timeline: StepTimeline, kind: str) -> list[int]:
@@ -74,11 +87,26 @@ def test_events_follow_the_schedule(recorded):
             assert b.start <= r.start <= r.end <= b.end
 
 
+def test_v_shaped_chunks_record_f_b_w_of_every_micro_batch_and_chunk(recorded_all, tmp_path):
+    timelines = recorded_all[1]
+    for t in timelines:
+        assert (t.schedule, t.virtual_stages) == ("zbv", 2)
+        for kind in ("forward", "backward", "weight"):  # zbv splits every backward into B and W
+            done = sorted((e.micro_batch, e.chunk) for e in t.events if e.kind == kind)
+            assert done == [(i, c) for i in range(M) for c in (0, 1)], (t.stage, kind)
+    assert timelines[0].bubble_theory == pytest.approx(0.04)  # schedule.bubble of zbv 2 x 4
+    fig = timeline_plot.figure(timelines)
+    labels = {t.get_text() for t in fig.axes[0].texts}
+    assert "zbv (V=2)" in fig.axes[0].get_title() and labels <= {
+        f"{k}{i}{p}" for k in "FBW" for i in range(M) for p in ("", "'")
+    }
+
+
 def test_picture_and_trace_are_written(recorded, tmp_path):
     timelines = recorded[0]
-    picture = tl.plot(timelines, tmp_path / "timeline.png")
+    picture = timeline_plot.plot(timelines, tmp_path / "timeline.png")
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    trace = json.loads(tl.write_trace(timelines, tmp_path / "trace.json").read_text())
+    trace = json.loads(timeline_plot.write_trace(timelines, tmp_path / "trace.json").read_text())
     boxes = [e for e in trace["traceEvents"] if e["ph"] == "X"]
     assert len(boxes) == sum(len(t.events) for t in timelines)
     assert {e["tid"] for e in boxes} == {0, 1}
@@ -178,9 +206,24 @@ def test_logged_metrics_from_every_ranks_stats():
     assert metrics["pipeline/stage1/step_mem_mb"] == 2.0
 
 
-def test_plot_of_a_synthetic_step(tmp_path):
-    path = tl.plot(synthetic_gpipe(), tmp_path / "g.png")
-    assert path.stat().st_size > 1000
+def test_picture_of_a_synthetic_step_has_a_row_per_stage_and_a_box_per_action(tmp_path):
+    import matplotlib.pyplot as plt
+
+    timelines = synthetic_gpipe()
+    fig = timeline_plot.figure(timelines)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["stage 0", "stage 1"]
+    bands = [c for c in ax.collections if len(c.get_paths()) == 1]
+    heights = sorted({round(c.get_paths()[0].get_extents().height, 2) for c in bands})
+    compute = [c for c in bands if c.get_paths()[0].get_extents().height == pytest.approx(0.76)]
+    assert len(compute) == 12 and heights == [0.1, 0.76]  # 2 stages x (3 F + 3 B); 1 recv band
+    rows = sorted(round(c.get_paths()[0].get_extents().y0 + 0.38) for c in compute)
+    assert rows == [0] * 6 + [1] * 6
+    labels = sorted(t.get_text() for t in ax.texts)
+    assert labels == sorted(["F0", "F1", "F2", "B0", "B1", "B2"] * 2)
+    assert "bubble 25.0% measured, 25.0% theoretical" in ax.get_title()
+    plt.close(fig)
+    assert timeline_plot.plot(timelines, tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
 
 
 # -- the Lightning callback ---------------------------------------------------------------------

@@ -16,7 +16,7 @@ Two more rules make a pipelined run equal a plain one:
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -73,6 +73,47 @@ class SumLoss(Protocol):
     def __call__(self, out: Carry, micro_batch: Batch) -> Tensor: ...
 
     def normalizer(self, batch: Batch) -> float: ...
+
+
+class DecodeResult(Protocol):
+    """What a search returns (models/beam_search.BeamSearchResult)."""
+
+    def best(self) -> list[list[int]]: ...
+
+    def padded(self, pad_id: int) -> tuple[Tensor, Tensor]: ...
+
+
+class Decodable(Protocol):
+    """The decoding interface of a seq2seq model (GNMT, LAS), which pipelined decoding drives
+    without importing any model module: the layers' roles, one-token steps over any subset of
+    the decoder layers, and the model's own search over a step decoder (its `step_decoder()`,
+    or a pipelined one that spreads the steps over stages)."""
+
+    encoder_indices: range
+    decoder_indices: range
+
+    def first_carry(self, batch: Batch) -> Carry: ...
+
+    def run_layers(self, carry: Carry, indices: Iterable[int] | None = None) -> Carry: ...
+
+    def encode(self, batch: Batch) -> Carry: ...
+
+    def step_decoder(self) -> Any: ...
+
+    def init_step_states(
+        self, encoded: Carry, beam_size: int = 1, indices: Iterable[int] | None = None
+    ) -> dict[int, dict[str, Tensor]]: ...
+
+    def step_layers(
+        self, carry: Carry, states: dict[int, dict[str, Tensor]], indices=None
+    ) -> tuple[Carry, dict[int, dict[str, Tensor]]]: ...
+
+    def reorder_step_states(
+        self, states: dict[int, dict[str, Tensor]], index: Tensor
+    ) -> dict[int, dict[str, Tensor]]: ...
+
+    def beam_search(self, decoder: Any, encoded: Carry, src_len: Tensor, **search) -> DecodeResult:
+        ...
 
 
 def layer_seed(seed: int, index: int) -> int:

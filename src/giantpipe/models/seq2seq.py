@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
+from giantpipe.models.beam_search import BeamSearchResult
+from giantpipe.models.beam_search import beam_search as run_beam_search
 from giantpipe.models.contract import Carry, LayeredModel
 
 State = dict[str, Tensor]
@@ -58,6 +60,11 @@ class AttentionSeq2Seq(LayeredModel):
 
     def step_decoder(self) -> Seq2SeqStepDecoder:
         return Seq2SeqStepDecoder(self)
+
+    def beam_search(self, decoder, encoded: Carry, src_len: Tensor, **search) -> BeamSearchResult:
+        """Beam search driven by `decoder` (`step_decoder()`, or a pipelined one): the search
+        the `Decodable` contract offers, so strategies need not import models.beam_search."""
+        return run_beam_search(decoder, encoded, src_len, **search)
 
 
 class Seq2SeqStepDecoder:

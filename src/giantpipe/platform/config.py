@@ -263,7 +263,9 @@ class PipelineStrategyConfig:
     stages: int = 2
     replicas: int = 1
     micro_batches: int = 4
-    schedule: str = "gpipe"  # gpipe | 1f1b
+    schedule: str = "gpipe"  # one of strategies.schedule.SCHEDULE_NAMES, or auto (profiled choice)
+    virtual_stages: int = 1  # chunks per stage (V): interleaved_1f1b, zb_h1/zb_h2 any V, zbv V=2
+    memory_budget_mb: float | None = None  # auto: skip schedules predicted to hold more activations per stage
     checkpoint: str = "except_last"  # always | except_last | never (re-materialization)
     balance: Any = "params"  # list of layer counts per stage, or params | time | memory
     placement: Any = None  # optional list of rank lists, one per stage
@@ -375,8 +377,16 @@ def validate(cfg) -> None:
             f"{per_replica}; lower micro_batches or raise data.batch_size"
         )
     check_partition(cfg)
-    if strategy.schedule not in ("gpipe", "1f1b"):
-        raise ConfigError(f"strategy.schedule={strategy.schedule!r}: choose gpipe or 1f1b")
+    from giantpipe.strategies.schedule import check_schedule  # torch-free
+
+    try:
+        if strategy.schedule != "auto":  # auto picks the schedule and V itself
+            check_schedule(strategy.schedule, strategy.get("virtual_stages", 1))
+    except ValueError as err:
+        raise ConfigError(f"strategy.schedule={strategy.schedule!r}: {err}; or strategy.schedule=auto") from None
+    budget = strategy.get("memory_budget_mb")
+    if budget is not None and budget <= 0:
+        raise ConfigError(f"strategy.memory_budget_mb={budget}: give a positive number of MB, or null")
     if strategy.checkpoint not in ("always", "except_last", "never"):
         raise ConfigError(f"strategy.checkpoint={strategy.checkpoint!r}: choose always, except_last or never")
 
@@ -415,10 +425,11 @@ def check_partition(cfg) -> None:
 
     strategy = cfg.strategy
     layers = layer_count(cfg.model)
-    if strategy.stages > layers:
+    chunks = strategy.get("virtual_stages", 1)
+    if strategy.stages * chunks > layers:
         raise ConfigError(
-            f"strategy.stages={strategy.stages} is more than the {layers} layers of model={cfg_choice(cfg, 'model')}; "
-            f"use at most {layers} stages or a deeper model"
+            f"strategy.stages={strategy.stages} x strategy.virtual_stages={chunks} is more than the {layers} layers "
+            f"of model={cfg_choice(cfg, 'model')}; use at most {layers} virtual stages or a deeper model"
         )
     balance = strategy.balance
     if isinstance(balance, str):
@@ -426,10 +437,11 @@ def check_partition(cfg) -> None:
             raise ConfigError(f"strategy.balance={balance!r}: give a list of layer counts, or params, time or memory")
         return
     balance = list(balance)
-    if len(balance) != strategy.stages or sum(balance) != layers or min(balance) < 1:
+    parts = strategy.stages * chunks
+    if len(balance) != parts or sum(balance) != layers or min(balance) < 1:
         raise ConfigError(
-            f"strategy.balance={balance} must give each of the {strategy.stages} stages at least one layer and sum to "
-            f"the model's {layers} layers, e.g. strategy.balance={even_balance(layers, strategy.stages)}"
+            f"strategy.balance={balance} must give each of the {parts} (virtual) stages at least one layer and sum "
+            f"to the model's {layers} layers, e.g. strategy.balance={even_balance(layers, parts)}"
         )
 
 

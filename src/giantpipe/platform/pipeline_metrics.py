@@ -1,13 +1,13 @@
 """Pipeline metrics for every logger, and the schedule picture of the run.
 
-Under the pipeline strategy, `PipelineMetrics` turns on the engine's timeline
+Under the pipeline strategy, `PipelineMetrics` turns on the engine's timeline recorder
 (strategies/timeline.py) and, every `every_n_steps` training steps, logs through Lightning
 (so every configured logger gets them, at `trainer.log_every_n_steps`):
 
     pipeline/bubble                 measured: idle / total stage-time in the step
-    pipeline/bubble_theory          (N-1)/(M+N-1)
+    pipeline/bubble_theory          the schedule's: (N-1)/(M+N-1) for gpipe and 1f1b
     pipeline/step_s                 the step's span, first to last compute over all stages
-    pipeline/stage{s}/compute_s     forward + backward (recompute included) of stage s
+    pipeline/stage{s}/compute_s     forward + backward + weight (recompute included) of stage s
     pipeline/stage{s}/comm_s        sends, receives (waiting included) and all-reduces
     pipeline/stage{s}/peak_mem_mb   peak memory in the step: CUDA allocator, or on CPU the
                                     glibc heap bytes in use (see timeline.py's MemoryProbe)
@@ -32,6 +32,7 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 
+from giantpipe.platform import timeline_plot
 from giantpipe.strategies import timeline as tl
 
 log = logging.getLogger(__name__)
@@ -87,8 +88,8 @@ class PipelineMetrics(pl.Callback):
         if timelines is None:  # not rank 0
             return
         out = Path(trainer.default_root_dir) / self.dirname
-        picture = tl.plot(timelines, out / "timeline.png")
-        tl.write_trace(timelines, out / "timeline.trace.json")
+        picture = timeline_plot.plot(timelines, out / "timeline.png")
+        timeline_plot.write_trace(timelines, out / "timeline.trace.json")
         log.info("pipeline timeline: %s (and timeline.trace.json for ui.perfetto.dev)", picture)
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
@@ -118,6 +119,7 @@ def gather_stats(timeline: tl.StepTimeline, device: torch.device) -> list[dict]:
     stats = [dict(zip(_FIELDS, p.tolist(), strict=True)) for p in parts]
     for s in stats:
         s["num_stages"], s["micro_batches"] = timeline.num_stages, timeline.micro_batches
+        s["schedule"], s["virtual_stages"] = timeline.schedule, timeline.virtual_stages
     return stats
 
 
@@ -128,7 +130,8 @@ def step_metrics(stats: list[dict]) -> dict[str, float]:
     metrics = {
         "pipeline/bubble": tl.bubble_from_spans([s["compute_s"] for s in stats], spans),
         "pipeline/bubble_theory": tl.theoretical_bubble(
-            first["num_stages"], first["micro_batches"]
+            first["num_stages"], first["micro_batches"], first.get("schedule", "gpipe"),
+            first.get("virtual_stages", 1),
         ),
         "pipeline/step_s": max(e for _, e in spans) - min(s for s, _ in spans),
     }

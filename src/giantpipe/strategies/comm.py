@@ -32,6 +32,7 @@ with the metadata on the device (NCCL moves only device tensors).
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 
 import torch
@@ -104,13 +105,17 @@ class Link:
         device: torch.device | str = "cpu",
         group: dist.ProcessGroup | None = None,
         meta_capacity: int = META_CAPACITY,
+        tag: int = 0,
+        packed: bool | None = None,
     ) -> None:
         self.peer = peer
         self.device = torch.device(device)
         self.group = group
         self.meta_capacity = meta_capacity
+        self.tag = tag  # links between the same two ranks (virtual stages) differ by tag
         backend = dist.get_backend(group)
-        self.packed = backend != "nccl"  # gloo accepts a message shorter than its buffer
+        # gloo accepts a message shorter than its buffer; `packed=False` forces NCCL's format
+        self.packed = backend != "nccl" if packed is None else packed
         self.meta_device = self.device if backend == "nccl" else torch.device("cpu")
         # packed carries: the receive buffer size both ends agree on, per direction
         self._send_capacity = self._recv_capacity = max(2 * 8, meta_capacity * 8)
@@ -241,10 +246,11 @@ class Link:
     def _isend(self, tensor: Tensor) -> None:
         if len(self._pending) > 32:
             self._pending = [(w, t) for w, t in self._pending if not w.is_completed()]
-        self._pending.append((dist.isend(tensor, self.peer, group=self.group), tensor))
+        work = dist.isend(tensor, self.peer, group=self.group, tag=self.tag)
+        self._pending.append((work, tensor))
 
     def _irecv(self, tensor: Tensor) -> dist.Work:
-        return dist.irecv(tensor, self.peer, group=self.group)
+        return dist.irecv(tensor, self.peer, group=self.group, tag=self.tag)
 
     def _recv_all(self, tensors: Sequence[Tensor]) -> None:
         works = [self._irecv(t) for t in tensors if t.numel()]
@@ -318,10 +324,46 @@ class Link:
     def _recv_meta(self) -> list[int]:
         cap = self.meta_capacity
         buf = torch.empty(cap, dtype=torch.int64, device=self.meta_device)
-        dist.recv(buf, self.peer, group=self.group)
+        dist.recv(buf, self.peer, group=self.group, tag=self.tag)
         meta = buf.tolist()
         if meta[0] > cap:
             rest = torch.empty(meta[0] - cap, dtype=torch.int64, device=self.meta_device)
-            dist.recv(rest, self.peer, group=self.group)
+            dist.recv(rest, self.peer, group=self.group, tag=self.tag)
             meta += rest.tolist()
         return meta
+
+
+class LocalLink:
+    """Two consecutive virtual stages on one rank (ZB-V's turn): the `Link` interface, with
+    carries and gradients handed over in memory. The receiving chunk gets detached leaves, so
+    its backward stops there and the gradients come back through `send_grads`."""
+
+    def __init__(self) -> None:
+        self._carries: deque[Carry] = deque()
+        self._grads: deque[list[Tensor]] = deque()
+
+    def send_carry(self, carry: Carry) -> list[Tensor]:
+        self._carries.append(
+            {k: t.detach().requires_grad_(wants_grad(t)) for k, t in carry.items()}
+        )
+        return [t for t in carry.values() if wants_grad(t)]
+
+    def recv_carry(self) -> Carry:
+        return self._carries.popleft()
+
+    def send_grads(self, grads: Sequence[Tensor]) -> None:
+        self._grads.append([g.detach() for g in grads])
+
+    def recv_grads(self, sent: Sequence[Tensor]) -> list[Tensor]:
+        grads = self._grads.popleft()
+        assert len(grads) == len(sent), "local gradients out of step with their carry"
+        return grads
+
+    def expect_carries(self, count: int) -> None:
+        """Nothing to post ahead: the carry is already here when it is needed."""
+
+    def post_grads(self, sent: Sequence[Tensor]) -> None:
+        """Nothing to post ahead."""
+
+    def wait(self) -> None:
+        """Nothing in flight."""

@@ -33,8 +33,10 @@ from lightning.pytorch.trainer import call
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
-from giantpipe.models.beam_search import BeamSearchResult
+from giantpipe.models.contract import DecodeResult
+from giantpipe.strategies import schedule_auto
 from giantpipe.strategies.batchnorm import DeferredBatchNorm
+from giantpipe.strategies.chunked_decoding import chunked_beam_search, chunked_sample
 from giantpipe.strategies.engine import PipelineEngine
 from giantpipe.strategies.faults import maybe_inject, maybe_inject_in_save, maybe_skip_join
 from giantpipe.strategies.memory_model import memory_balance, status_kb
@@ -45,6 +47,7 @@ from giantpipe.strategies.partition import (
 )
 from giantpipe.strategies.pipelined_decoding import pipelined_beam_search, pipelined_sample
 from giantpipe.strategies.rendezvous import join_store
+from giantpipe.strategies.schedule import owner
 from giantpipe.strategies.stage_checkpoint import (
     MANIFEST,
     atomic_save,
@@ -97,13 +100,17 @@ class PipelineRunner:
         with peers_named(self.engine):
             return self.engine.eval_step(batch)
 
-    def decode(self, batch, **search) -> BeamSearchResult:
+    def decode(self, batch, **search) -> DecodeResult:
         """Beam search through the pipeline (all its ranks together); every rank gets the
         result one device would (strategies/pipelined_decoding.py)."""
+        if self.engine.virtual_stages > 1:  # forward only, chunk by chunk
+            return chunked_beam_search(self.engine, batch, **search)
         return pipelined_beam_search(self.engine, batch, **search)
 
-    def sample(self, batch, **sampling) -> BeamSearchResult:
+    def sample(self, batch, **sampling) -> DecodeResult:
         """Sampled candidates through the pipeline, the same as one device's."""
+        if self.engine.virtual_stages > 1:
+            return chunked_sample(self.engine, batch, **sampling)
         return pipelined_sample(self.engine, batch, **sampling)
 
     def restore_gradients(self, scale: float) -> None:
@@ -153,6 +160,7 @@ class PipelineStrategy(DDPStrategy):
         super().__init__(timeout=timedelta(seconds=cfg.timeout_s), **kwargs)
         self.cfg = cfg
         self.runner: PipelineRunner | None = None
+        self._balances: dict[int, list[int]] = {}  # by virtual_stages
         self.saves = 0  # checkpoints this process has saved (fault injection counts them)
 
     # ------------------------------------------------------------------ placement
@@ -170,47 +178,94 @@ class PipelineStrategy(DDPStrategy):
         """Build this rank's stage of `task.model` (called from the task's `configure_model`)."""
         if self.runner is not None:
             return self.runner
-        balance = self.resolve_balance(task)
         if self.cfg.deferred_batch_norm:
             DeferredBatchNorm.convert(task.model, self.cfg.micro_batches)
-        engine = PipelineEngine(
-            task.model,
-            task.loss_fn,
-            balance,
-            micro_batches=self.cfg.micro_batches,
-            topology=self.topology,
-            schedule=self.cfg.schedule,
-            checkpoint=self.cfg.checkpoint,
-            device=self.root_device,
-            seed=task.seed,
-        )
+        if self.cfg.schedule == "auto":
+            engine = self.auto_schedule(task)
+        else:
+            engine = self.build_engine(task, self.cfg.schedule, self.virtual_stages)
         if self.global_rank == 0:
-            ranks = [self.topology.stage_ranks(s) for s in range(self.cfg.stages)]
             from rich.console import Console
 
-            Console().print(partition_table(task.model, balance, ranks=ranks))
+            Console().print(self.partition(task, engine))
         self.runner = PipelineRunner(engine, self.cfg.timeout_s, self.cfg.get("memory_budget_mb"))
         return self.runner
 
-    def resolve_balance(self, task) -> list[int]:
+    def build_engine(self, task, schedule: str, chunks: int, groups=None) -> PipelineEngine:
+        return PipelineEngine(
+            task.model,
+            task.loss_fn,
+            self.resolve_balance(task, chunks),
+            micro_batches=self.cfg.micro_batches,
+            topology=self.topology,
+            schedule=schedule,
+            checkpoint=self.cfg.checkpoint,
+            device=self.root_device,
+            seed=task.seed,
+            virtual_stages=chunks,
+            groups=groups,
+        )
+
+    def auto_schedule(self, task) -> PipelineEngine:
+        """Profile a few zb_h1 steps, predict every schedule and V (strategies/schedule_auto.py),
+        print why, and rebuild the engine with the choice (same process groups)."""
+        engine = self.build_engine(task, schedule_auto.PROFILE_SCHEDULE, 1)
+        batch = next(iter(task.trainer.datamodule.train_dataloader()))
+        if hasattr(task, "with_sample_keys"):  # keyed dropout reads per-sample keys
+            batch = task.with_sample_keys(batch, 0)
+        try:
+            profile = schedule_auto.profile_engine(engine, batch)
+        except Exception as err:
+            raise ValueError(f"strategy.schedule=auto could not profile a training step ({err}); "
+                             f"choose a schedule by name (strategy.schedule=zb_h1, ...)") from err
+        profiles = schedule_auto.gather_profiles(profile, engine.stage, self.cfg.stages)
+        layers = len(task.model.layers)
+        max_chunks = 1 if not isinstance(self.cfg.balance, str) else min(2, layers // self.cfg.stages)
+        best, predictions = schedule_auto.choose(
+            profiles, self.cfg.micro_batches, self.cfg.get("memory_budget_mb"), max_chunks
+        )
+        if self.global_rank == 0:
+            print(schedule_auto.explain(best, predictions), flush=True)
+        if (best.schedule, best.chunks) == (engine.schedule, engine.virtual_stages):
+            return engine
+        return self.build_engine(task, best.schedule, best.chunks, groups=engine.groups)
+
+    def partition(self, task, engine: PipelineEngine):
+        """The partition table: one row per virtual stage, with the ranks holding it."""
+        balance = self.resolve_balance(task, engine.virtual_stages)
+        holders = [owner(k, self.cfg.stages, engine.placement)[0] for k in range(len(balance))]
+        ranks = [self.topology.stage_ranks(s) for s in holders]
+        return partition_table(task.model, balance, ranks=ranks)
+
+    @property
+    def virtual_stages(self) -> int:
+        """Chunks per stage (V); the balance lists stages x V layer counts."""
+        return int(self.cfg.get("virtual_stages", 1) or 1)
+
+    def resolve_balance(self, task, chunks: int | None = None) -> list[int]:
         balance = self.cfg.balance
         num_layers = len(task.model.layers)
-        if self.cfg.stages > num_layers:
+        chunks = self.virtual_stages if chunks is None else chunks
+        if chunks in self._balances:  # measured balances are measured once
+            return self._balances[chunks]
+        parts = self.cfg.stages * chunks
+        if parts > num_layers:
             raise ValueError(
-                f"strategy.stages={self.cfg.stages} is more than the model's {num_layers} layers; "
-                f"use at most {num_layers} stages"
+                f"strategy.stages={self.cfg.stages} x virtual_stages={chunks} is more than the "
+                f"model's {num_layers} layers; use at most {num_layers} virtual stages"
             )
         if balance == "memory":  # the same memory model as giantpipe-plan
             sample = next(iter(task.trainer.datamodule.train_dataloader()))
-            balance = memory_balance(task.model, task.loss_fn, sample, self.cfg.stages,
+            balance = memory_balance(task.model, task.loss_fn, sample, parts,
                                      micro_batches=self.cfg.micro_batches, schedule=self.cfg.schedule,
                                      checkpoint=self.cfg.checkpoint, seed=task.seed)
         elif isinstance(balance, str):
             sample = None
             if balance == "time":
                 sample = next(iter(task.trainer.datamodule.train_dataloader()))
-            balance = auto_balance(task.model, self.cfg.stages, by=balance, sample=sample, seed=task.seed)
-        return validate_balance(list(balance), num_layers, self.cfg.stages)
+            balance = auto_balance(task.model, parts, by=balance, sample=sample, seed=task.seed)
+        self._balances[chunks] = validate_balance(list(balance), num_layers, parts)
+        return self._balances[chunks]
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup_distributed(self) -> None:
@@ -304,6 +359,7 @@ class PipelineStrategy(DDPStrategy):
         if self.global_rank == 0:
             order = [name for name, _ in self.lightning_module.named_parameters()]
             manifest = manifest_entry(filepath, self.cfg.stages, order, generation, save_id, digests)
+            manifest["virtual_stages"] = self.virtual_stages  # which layers each shard holds
             checkpoint[MANIFEST] = manifest
             atomic_save(checkpoint, Path(filepath))
             for stale in stale_files(filepath, previous, manifest):
@@ -323,7 +379,8 @@ class PipelineStrategy(DDPStrategy):
         if not is_manifest(checkpoint):  # one file (consolidated or strategy=single): each stage takes its share
             return checkpoint
         manifest = checkpoint[MANIFEST]
-        if manifest["stages"] != self.cfg.stages:
+        layout = (manifest["stages"], manifest.get("virtual_stages", 1))
+        if layout != (self.cfg.stages, self.virtual_stages):
             # Resharding: every stage's shard is read, merged (optimizer states by parameter
             # name), and each rank keeps its own share (load_model/optimizer_state_dict).
             checkpoint = consolidate(checkpoint_path, checkpoint)

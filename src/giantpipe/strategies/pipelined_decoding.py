@@ -35,9 +35,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from giantpipe.models.beam_search import BeamSearchResult, beam_search
 from giantpipe.models.candidate_sampling import sample_candidates
-from giantpipe.models.contract import Batch, Carry, batch_size
+from giantpipe.models.contract import Batch, Carry, DecodeResult, batch_size
 
 State = dict[int, dict[str, Tensor]]
 
@@ -166,22 +165,22 @@ def decoder_for_engine(engine) -> PipelinedStepDecoder:
 
 
 @torch.no_grad()
-def pipelined_beam_search(engine, batch: Batch, **search) -> BeamSearchResult:
+def pipelined_beam_search(engine, batch: Batch, **search) -> DecodeResult:
     """Beam search over `batch` through the engine's pipeline; every rank of the pipeline calls
     it together and gets the same result, equal to `beam_search` on one device. `search` takes
     `beam_search`'s keyword arguments (bos_id, eos_id, beam_size, alpha, beta, max_len, ...)."""
-    return _through_pipeline(engine, batch, beam_search, search)
+    return _through_pipeline(engine, batch, engine.module.beam_search, search)
 
 
 @torch.no_grad()
-def pipelined_sample(engine, batch: Batch, **sampling) -> BeamSearchResult:
+def pipelined_sample(engine, batch: Batch, **sampling) -> DecodeResult:
     """`sample_candidates` through the engine's pipeline (every rank together, with the same
     `keys`): the same samples as one device, since every rank sees the last stage's
     log-probabilities and draws from the same keyed noise."""
     return _through_pipeline(engine, batch, sample_candidates, sampling)
 
 
-def _through_pipeline(engine, batch: Batch, search_fn, kwargs: dict) -> BeamSearchResult:
+def _through_pipeline(engine, batch: Batch, search_fn, kwargs: dict) -> DecodeResult:
     decoder = decoder_for_engine(engine)
     batch = {k: v.to(engine.device) for k, v in batch.items()}
     try:

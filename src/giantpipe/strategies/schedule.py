@@ -1,53 +1,71 @@
-"""Pipeline schedules: for every stage, the ordered list of forward and backward actions.
+"""Pipeline schedules: for every rank, the ordered list of F, B, W (and fused BW) actions.
 
-A schedule says only *what* each stage does and in which order; the engine executes it and
-the communication it implies: a forward of micro-batch i on stage s receives i's carry from
-stage s-1 and sends its output to s+1; a backward receives the output gradient from s+1 and
-sends the input gradient to s-1. Sends never block (isend), so a schedule runs iff its
-dependency graph is acyclic, which `simulate` checks.
+A schedule says only *what* each rank does and in which order; the engine executes it and
+the communication it implies. The language (actions, chunk placement) is in
+schedule_actions.py, the checks (deadlock simulation, bubble, memory, pictures) in
+schedule_check.py, the list-scheduled zero-bubble schedules in zero_bubble.py; this module
+holds the hand-written ones and the registry, `SCHEDULES`: the names `strategy.schedule`
+accepts and the V each is defined for.
 
-Both schedules compute exactly the same gradients; they differ in the order of work and so
-in how many micro-batches' activations a stage holds at once (GPipe: all M; 1F1B: at most
-the number of stages).
+    gpipe             all forwards, then all backwards (the patent's method)       V = 1
+    1f1b              one forward, one backward: at most N micro-batches held      V = 1
+    interleaved_1f1b  Megatron's: V looped chunks per rank, fill 1/V as long       V >= 1
+    zb_h1             zero bubble at 1F1B's memory: B first, W fills the bubble    V >= 1
+    zb_h2             zero bubble at about twice 1F1B's memory                     V >= 1
+    zbv               zero bubble, two chunks per rank in a V                      V = 2
+
+Every schedule computes exactly the same gradients; they differ in the order of work. Pure
+Python (no torch), so configs can validate names and V without importing torch.
 """
 
 from __future__ import annotations
 
-from enum import Enum
-from typing import NamedTuple
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from giantpipe.strategies.schedule_actions import (
+    BACKWARDS,
+    COSTS,
+    Action,
+    Phase,
+    Schedule,
+    StageActions,
+    owner,
+    virtual_stage,
+)
+from giantpipe.strategies.schedule_check import (
+    bubble,
+    chunks_of,
+    makespan,
+    peak_in_flight,
+    render,
+    simulate,
+    validate,
+)
+from giantpipe.strategies.zero_bubble import POLICIES, list_schedule
+
+__all__ = [
+    "BACKWARDS", "COSTS", "SCHEDULES", "SCHEDULE_NAMES", "Action", "Phase", "Schedule",
+    "ScheduleSpec", "StageActions", "bubble", "check_schedule", "chunks_of", "forward_only_stage",
+    "make_schedule", "makespan", "owner", "peak_in_flight", "render", "simulate", "split_ends",
+    "stage_actions", "validate", "virtual_stage",
+]  # fmt: skip
 
 
-class Phase(str, Enum):
-    FORWARD = "F"
-    BACKWARD = "B"
-
-
-class Action(NamedTuple):
-    phase: Phase
-    micro_batch: int
-
-    def __str__(self) -> str:
-        return f"{self.phase.value}{self.micro_batch}"
-
-
-StageActions = list[Action]
-Schedule = list[StageActions]  # indexed by stage
-
-
-def _forwards(micro_batches: range) -> StageActions:
+def _forwards(micro_batches: Iterable[int]) -> StageActions:
     return [Action(Phase.FORWARD, i) for i in micro_batches]
 
 
-def _backwards(micro_batches) -> StageActions:
+def _backwards(micro_batches: Iterable[int]) -> StageActions:
     return [Action(Phase.BACKWARD, i) for i in micro_batches]
 
 
-# GPipe, 3 stages x 4 micro-batches, one clock cycle per box (`render(gpipe(3, 4))`):
+# GPipe, 3 stages x 4 micro-batches, one clock per F, two per BW (`render(gpipe(3, 4))`):
 #
-#   clock     0  1  2  3  4  5  6  7  8  9 10 11
-#   stage 0  F0 F1 F2 F3             B3 B2 B1 B0
-#   stage 1     F0 F1 F2 F3       B3 B2 B1 B0
-#   stage 2        F0 F1 F2 F3 B3 B2 B1 B0
+#   clock      0   1   2   3   4   5   6   7   8   9  10  11  12  13  14  15  16  17
+#   stage 0   F0  F1  F2  F3                         BW3   - BW2   - BW1   - BW0   -
+#   stage 1       F0  F1  F2  F3             BW3   - BW2   - BW1   - BW0   -
+#   stage 2           F0  F1  F2  F3 BW3   - BW2   - BW1   - BW0   -
 #
 # The patent's method: every stage forwards all micro-batches, then backwards them in reverse
 # order. The empty triangles are the bubble, (N-1)/(M+N-1) of the time.
@@ -58,10 +76,10 @@ def gpipe_stage(stage: int, num_stages: int, micro_batches: int) -> StageActions
 
 # 1F1B, 3 stages x 4 micro-batches (`render(one_f_one_b(3, 4))`):
 #
-#   clock     0  1  2  3  4  5  6  7  8  9 10 11
-#   stage 0  F0 F1 F2       B0 F3 B1    B2    B3
-#   stage 1     F0 F1    B0 F2 B1 F3 B2    B3
-#   stage 2        F0 B0 F1 B1 F2 B2 F3 B3
+#   clock      0   1   2   3   4   5   6   7   8   9  10  11  12  13  14  15  16  17
+#   stage 0   F0  F1  F2                 BW0   -  F3 BW1   -     BW2   -     BW3   -
+#   stage 1       F0  F1         BW0   -  F2 BW1   -  F3 BW2   -     BW3   -
+#   stage 2           F0 BW0   -  F1 BW1   -  F2 BW2   -  F3 BW3   -
 #
 # Stage s warms up with N-1-s forwards, then alternates one forward and one backward, then
 # cools down with the remaining backwards. Same bubble as GPipe, but a stage holds at most
@@ -76,29 +94,107 @@ def one_f_one_b_stage(stage: int, num_stages: int, micro_batches: int) -> StageA
     return actions + _backwards(range(micro_batches - warmup, micro_batches))
 
 
-def forward_only_stage(stage: int, num_stages: int, micro_batches: int) -> StageActions:
-    """Evaluation and inference: forwards in micro-batch order, no backward."""
-    return _forwards(range(micro_batches))
+def forward_only_stage(stage: int, num_stages: int, micro_batches: int, chunks: int = 1):
+    """Evaluation and inference: forwards in micro-batch order (chunk by chunk), no backward."""
+    return [Action(Phase.FORWARD, i, c) for c in range(chunks) for i in range(micro_batches)]
 
 
-STAGE_SCHEDULES = {"gpipe": gpipe_stage, "1f1b": one_f_one_b_stage}
+def split_ends(actions: StageActions) -> StageActions:
+    """The first and the last backward split into B and W: W of the first runs after the
+    last B, W of the last at the end (how gpipe and 1f1b take W off the fill and drain)."""
+    order = [a for a in actions if a.phase is Phase.BACKWARD]
+    if not order:
+        return list(actions)
+    ends = [order[0], order[-1]] if order[0] != order[-1] else [order[0]]
+    out = [Action(Phase.INPUT, a.micro_batch, a.chunk) if a in ends else a for a in actions]
+    return out + [Action(Phase.WEIGHT, a.micro_batch, a.chunk) for a in ends]
 
 
-def stage_actions(name: str, stage: int, num_stages: int, micro_batches: int) -> StageActions:
-    """The action list of one stage under the schedule called `name` ("gpipe" or "1f1b")."""
-    if name not in STAGE_SCHEDULES:
+# Interleaved 1F1B (Megatron), looped, 2 ranks x 4 micro-batches x 2 chunks; a primed action
+# is chunk 1 (`render(make_schedule("interleaved_1f1b", 2, 4, 2))`):
+#
+#   clock       0    1    2    3    4    5    6    7    8    9   10   11   12   13   14   15   16   17   18   19   20   21   22   23   24   25   26
+#   stage 0    F0   F1  F0'  F1'   F2      BW0'    -   F3 BW1'    -  F2'  BW0    -  F3'  BW1    -      BW2'    -      BW3'    -  BW2    -  BW3    -
+#   stage 1         F0   F1  F0' BW0'    -  F1' BW1'    -   F2  BW0    -   F3  BW1    -  F2' BW2'    -  F3' BW3'    -  BW2    -  BW3    -
+#
+# Each rank holds chunks r and r+N; forwards go in groups of N micro-batches, chunk 0 then
+# chunk 1 (backwards: the last chunk first). After (N-r-1)·2 + (V-1)·N warm-up forwards a
+# rank alternates one forward and one backward. The fill is 1/V as long as 1F1B's.
+def interleaved_stage(rank: int, num_ranks: int, micro_batches: int, chunks: int) -> StageActions:
+    """Megatron's interleaved 1F1B for one rank (V chunks, fused backwards)."""
+    n, pairs = num_ranks, [(i, c) for c in range(chunks) for i in range(micro_batches)]
+    forwards = sorted(pairs, key=lambda p: (p[0] // n, p[1], p[0]))
+    backwards = sorted(pairs, key=lambda p: (p[0] // n, -p[1], p[0]))
+    warmup = min((n - rank - 1) * 2 + (chunks - 1) * n, len(pairs))
+    actions = [Action(Phase.FORWARD, i, c) for i, c in forwards[:warmup]]
+    for (fi, fc), (bi, bc) in zip(forwards[warmup:], backwards, strict=False):
+        actions += [Action(Phase.FORWARD, fi, fc), Action(Phase.BACKWARD, bi, bc)]
+    done = len(forwards) - warmup
+    return actions + [Action(Phase.BACKWARD, i, c) for i, c in backwards[done:]]
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """A schedule's name, how its chunks are placed and which V it is defined for."""
+
+    name: str
+    placement: str  # looped | vshape
+    chunks: tuple[int, ...] | None  # the V it allows; None: any V >= 1
+    summary: str
+
+
+SCHEDULES: dict[str, ScheduleSpec] = {
+    s.name: s
+    for s in (
+        ScheduleSpec("gpipe", "looped", (1,), "all forwards, then all backwards (the patent's)"),
+        ScheduleSpec("1f1b", "looped", (1,), "one forward, one backward: at most N in flight"),
+        ScheduleSpec("interleaved_1f1b", "looped", None, "Megatron's: V looped chunks per rank"),
+        ScheduleSpec("zb_h1", "looped", None, "zero bubble at 1F1B's memory: B first, W fills"),
+        ScheduleSpec("zb_h2", "looped", None, "zero bubble at about twice 1F1B's memory"),
+        ScheduleSpec("zbv", "vshape", (2,), "zero bubble, two chunks per rank in a V"),
+    )
+}
+SCHEDULE_NAMES = tuple(SCHEDULES)  # what strategy.schedule accepts (besides "auto")
+_STAGE_FUNCTIONS = {"gpipe": gpipe_stage, "1f1b": one_f_one_b_stage}
+
+
+def check_schedule(name: str, chunks: int = 1) -> ScheduleSpec:
+    """The spec of schedule `name` at V = `chunks`; ValueError naming the choices otherwise."""
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown pipeline schedule {name!r}; choose one of {sorted(SCHEDULES)}")
+    spec = SCHEDULES[name]
+    if chunks < 1 or (spec.chunks is not None and chunks not in spec.chunks):
+        allowed = "any V >= 1" if spec.chunks is None else f"V in {list(spec.chunks)}"
         raise ValueError(
-            f"unknown pipeline schedule {name!r}; choose one of {sorted(STAGE_SCHEDULES)}"
+            f"schedule {name!r} is not defined for virtual_stages={chunks}: it takes {allowed}"
         )
-    if not 0 <= stage < num_stages:
-        raise ValueError(f"stage {stage} is outside 0..{num_stages - 1}")
+    return spec
+
+
+def make_schedule(name: str, num_stages: int, micro_batches: int, chunks: int = 1) -> Schedule:
+    """Every rank's actions under schedule `name` with N ranks, M micro-batches, V chunks."""
+    check_schedule(name, chunks)
+    if num_stages < 1:
+        raise ValueError(f"num_stages must be at least 1, got {num_stages}")
     if micro_batches < 1:
         raise ValueError(f"micro_batches must be at least 1, got {micro_batches}")
-    return STAGE_SCHEDULES[name](stage, num_stages, micro_batches)
+    if name in _STAGE_FUNCTIONS:
+        return [_STAGE_FUNCTIONS[name](s, num_stages, micro_batches) for s in range(num_stages)]
+    if name == "interleaved_1f1b":
+        if chunks > 1 and micro_batches % num_stages:
+            raise ValueError(
+                f"interleaved_1f1b with virtual_stages={chunks} needs micro_batches to be a "
+                f"multiple of the {num_stages} stages (got {micro_batches})"
+            )
+        return [interleaved_stage(r, num_stages, micro_batches, chunks) for r in range(num_stages)]
+    return list_schedule(POLICIES[name], num_stages, micro_batches, chunks)
 
 
-def make_schedule(name: str, num_stages: int, micro_batches: int) -> Schedule:
-    return [stage_actions(name, s, num_stages, micro_batches) for s in range(num_stages)]
+def stage_actions(name: str, stage: int, num_stages: int, micro_batches: int, chunks: int = 1):
+    """The action list of one rank under the schedule called `name`."""
+    if not 0 <= stage < num_stages:
+        raise ValueError(f"stage {stage} is outside 0..{num_stages - 1}")
+    return make_schedule(name, num_stages, micro_batches, chunks)[stage]
 
 
 def gpipe(num_stages: int, micro_batches: int) -> Schedule:
@@ -109,76 +205,3 @@ def one_f_one_b(num_stages: int, micro_batches: int) -> Schedule:
     return make_schedule("1f1b", num_stages, micro_batches)
 
 
-def simulate(schedule: Schedule) -> list[list[int]]:
-    """The clock cycle at which each action starts, one cycle per action, as soon as possible.
-
-    A forward waits for the same micro-batch's forward on the previous stage; a backward
-    waits for its backward on the next stage (the last stage: for its own forward). Raises
-    ValueError when the schedule deadlocks (a stage waits on work that never comes).
-    """
-    num_stages = len(schedule)
-    finish: dict[tuple[int, Action], int] = {}
-    starts: list[list[int]] = [[] for _ in schedule]
-    free = [0] * num_stages
-    while any(len(starts[s]) < len(schedule[s]) for s in range(num_stages)):
-        progressed = False
-        for s, actions in enumerate(schedule):
-            while len(starts[s]) < len(actions):
-                action = actions[len(starts[s])]
-                deps = _dependencies(s, num_stages, action)
-                if any(dep not in finish for dep in deps):
-                    break
-                start = max([free[s], *(finish[dep] for dep in deps)])
-                starts[s].append(start)
-                free[s] = finish[(s, action)] = start + 1
-                progressed = True
-        if not progressed:
-            stuck = {
-                s: str(a[len(starts[s])]) for s, a in enumerate(schedule) if len(starts[s]) < len(a)
-            }
-            raise ValueError(f"schedule deadlocks: stages wait forever at {stuck}")
-    return starts
-
-
-def _dependencies(stage: int, num_stages: int, action: Action) -> list[tuple[int, Action]]:
-    i = action.micro_batch
-    if action.phase is Phase.FORWARD:
-        return [(stage - 1, action)] if stage > 0 else []
-    deps = [(stage, Action(Phase.FORWARD, i))]
-    if stage < num_stages - 1:
-        deps.append((stage + 1, action))
-    return deps
-
-
-def validate(schedule: Schedule, micro_batches: int, *, backward: bool = True) -> None:
-    """Check that every stage forwards (and backwards) each micro-batch exactly once, that
-    neighbours take micro-batches in the same order (messages on a link arrive in the order
-    sent), and that the whole schedule runs without deadlock."""
-    expected = list(range(micro_batches))
-    for phase in (Phase.FORWARD, Phase.BACKWARD) if backward else (Phase.FORWARD,):
-        orders = [[a.micro_batch for a in actions if a.phase is phase] for actions in schedule]
-        for s, order in enumerate(orders):
-            if sorted(order) != expected:
-                raise ValueError(
-                    f"stage {s} runs {phase.name.lower()} on {order}, expected {expected}"
-                )
-            if s and order != orders[s - 1]:
-                raise ValueError(
-                    f"stages {s - 1} and {s} run {phase.name.lower()} in different orders "
-                    f"({orders[s - 1]} vs {order}); carries would be matched to the wrong micro-batch"
-                )
-    simulate(schedule)
-
-
-def render(schedule: Schedule) -> str:
-    """The clock-cycle picture of a schedule: stages × time, one box per action."""
-    starts = simulate(schedule)
-    length = max((t + 1 for row in starts for t in row), default=0)
-    width = max(3, *(len(str(a)) + 1 for row in schedule for a in row))
-    lines = ["clock   " + "".join(f"{t:>{width}}" for t in range(length))]
-    for s, (actions, times) in enumerate(zip(schedule, starts, strict=True)):
-        cells = [""] * length
-        for action, t in zip(actions, times, strict=True):
-            cells[t] = str(action)
-        lines.append(f"stage {s} " + "".join(f"{c:>{width}}" for c in cells).rstrip())
-    return "\n".join(lines)

@@ -1,16 +1,18 @@
-"""What each stage did when: the pipeline's timeline, its bubble, its picture and its trace.
+"""What each stage did when: the pipeline's timeline and its bubble (the engine only records).
 
-The engine records, when asked (`PipelineEngine(timeline=True)` or `engine.timeline = True`),
-one `StepTimeline` per step and rank: an `Event` for every micro-batch's forward, backward
-(with a split backward: its input-gradient half, and a `weight` event for the other half) and
-recompute, and for every send, receive and wait, timed with `perf_counter` relative to the
-step's start, plus the stage's peak memory in the step. Off, the engine does one `is None`
-test per action and nothing else.
+The engine always holds a recorder: a `TimelineRecorder` when asked
+(`PipelineEngine(timeline=True)` or `engine.timeline = True`), else the `NULL_RECORDER`,
+whose spans are one shared no-op context. Recording, each step yields one `StepTimeline` per
+rank: an `Event` for every micro-batch's forward, backward (with a split backward: its
+input-gradient half, and a `weight` event for the other half) and recompute, and for every
+send, receive and wait, timed with `perf_counter` relative to the step's start, plus the
+stage's peak memory in the step.
 
     gather(timeline)            every rank's StepTimeline, on rank 0 (a collective)
-    bubble_fraction(timelines)  idle / total over stages, beside theoretical_bubble(N, M)
-    plot(timelines, path)       the GPipe figure: stages x time, F/B boxes, the bubble (PNG)
-    write_trace(timelines, p)   Chrome / Perfetto trace JSON (chrome://tracing, ui.perfetto.dev)
+    bubble_fraction(timelines)  idle / total over stages, beside theoretical_bubble(N, M, ...)
+
+The picture and the Chrome/Perfetto trace are drawn by the platform
+(`giantpipe.platform.timeline_plot`).
 
 Measured bubble: over the span from the first compute start to the last compute end across
 stages, the share of stage-time spent outside forward and backward compute (waiting on a
@@ -33,16 +35,16 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import json
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+
+from giantpipe.strategies.schedule import SCHEDULES, bubble, make_schedule
 
 # backward: a fused backward, or the input-gradient half of a split one (split_backward.py);
 # weight: the weight-gradient half; recompute runs inside a backward box
@@ -56,6 +58,7 @@ class Event(NamedTuple):
     micro_batch: int  # -1 for step-level events (final wait, all-reduces)
     start: float  # seconds since the step's start on this rank
     end: float
+    chunk: int = 0  # the rank's local chunk (virtual stages)
 
     @property
     def duration(self) -> float:
@@ -78,6 +81,11 @@ class StepTimeline:
     memory_kind: str | None = None  # "cuda_allocator" | "cpu_heap" | None (not measured)
     base_bytes: int | None = None
     peak_bytes: int | None = None
+    virtual_stages: int = 1  # chunks per stage (V)
+
+    @property
+    def bubble_theory(self) -> float:
+        return theoretical_bubble(self.num_stages, self.micro_batches, self.schedule, self.virtual_stages)
 
     def total(self, kinds: Sequence[str]) -> float:
         return sum(e.duration for e in self.events if e.kind in kinds)
@@ -192,8 +200,10 @@ class TimelineRecorder:
         micro_batches: int,
         schedule: str,
         device: torch.device,
+        virtual_stages: int = 1,
     ):
         self._where = (rank, stage, replica, num_stages, micro_batches, schedule)
+        self._chunks = virtual_stages
         self.memory = MemoryProbe(device)
         self._origin = 0.0
         self._timeline: StepTimeline | None = None
@@ -201,7 +211,9 @@ class TimelineRecorder:
 
     def start(self, phase: str) -> None:
         self.memory.reset()
-        self._timeline = StepTimeline(*self._where, phase=phase, wall_origin=time.time())
+        self._timeline = StepTimeline(
+            *self._where, phase=phase, wall_origin=time.time(), virtual_stages=self._chunks
+        )
         self._origin = time.perf_counter()
 
     @property
@@ -209,23 +221,29 @@ class TimelineRecorder:
         """Inside a step (between `start` and `finish`)."""
         return self._timeline is not None
 
-    def add(self, kind: str, micro_batch: int, start: float, end: float) -> None:
+    def add(self, kind: str, micro_batch: int, start: float, end: float, chunk: int = 0) -> None:
         """Record an event from two `perf_counter()` readings."""
         assert self._timeline is not None, "TimelineRecorder.add outside a step"
         self._timeline.events.append(
-            Event(kind, micro_batch, start - self._origin, end - self._origin)
+            Event(kind, micro_batch, start - self._origin, end - self._origin, chunk)
         )
 
     def sample_memory(self) -> None:
         self.memory.sample()
 
+    def span(self, kind: str, micro_batch: int, chunk: int = 0) -> AbstractContextManager[None]:
+        """Time the block as one event (then sample memory); a no-op outside a step."""
+        if self._timeline is None:
+            return nullcontext()
+        return self._timed(kind, micro_batch, chunk)
+
     @contextmanager
-    def span(self, kind: str, micro_batch: int) -> Iterator[None]:
+    def _timed(self, kind: str, micro_batch: int, chunk: int) -> Iterator[None]:
         start = time.perf_counter()
         try:
             yield
         finally:
-            self.add(kind, micro_batch, start, time.perf_counter())
+            self.add(kind, micro_batch, start, time.perf_counter(), chunk)
             self.memory.sample()
 
     def watch_backward(self, parameters) -> None:
@@ -254,6 +272,35 @@ class TimelineRecorder:
         return timeline
 
 
+class NullRecorder:
+    """The recorder when the timeline is off: every span is one shared no-op context."""
+
+    recording = False
+    _span = nullcontext()
+
+    def start(self, phase: str) -> None:
+        pass
+
+    def span(self, kind: str, micro_batch: int, chunk: int = 0) -> AbstractContextManager[None]:
+        return self._span
+
+    def add(self, kind: str, micro_batch: int, start: float, end: float, chunk: int = 0) -> None:
+        pass
+
+    def watch_backward(self, parameters: Iterable) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def finish(self) -> None:
+        return None
+
+
+NULL_RECORDER = NullRecorder()
+Recorder = TimelineRecorder | NullRecorder
+
+
 # -- across ranks ------------------------------------------------------------------------------
 
 
@@ -279,14 +326,20 @@ def aligned(timelines: Sequence[StepTimeline]) -> list[StepTimeline]:
     out = []
     for t in timelines:
         shift = t.wall_origin - zero
-        events = [Event(e.kind, e.micro_batch, e.start + shift, e.end + shift) for e in t.events]
+        events = [e._replace(start=e.start + shift, end=e.end + shift) for e in t.events]
         out.append(replace(t, wall_origin=zero, events=events))
     return out
 
 
-def theoretical_bubble(num_stages: int, micro_batches: int) -> float:
-    """GPipe's bubble, (N-1)/(M+N-1), for equal stages and equal micro-batches."""
-    return (num_stages - 1) / (micro_batches + num_stages - 1)
+def theoretical_bubble(
+    num_stages: int, micro_batches: int, schedule: str = "gpipe", chunks: int = 1
+) -> float:
+    """The schedule's bubble for equal stages and micro-batches: GPipe's and 1F1B's
+    (N-1)/(M+N-1); the others' from their clock simulation (schedule.bubble, F = B = W)."""
+    if schedule in ("gpipe", "1f1b") or schedule not in SCHEDULES:
+        return (num_stages - 1) / (micro_batches + num_stages - 1)
+    actions = make_schedule(schedule, num_stages, micro_batches, chunks)
+    return bubble(actions, SCHEDULES[schedule].placement)
 
 
 def bubble_from_spans(busy_s: Sequence[float], spans: Sequence[tuple[float, float]]) -> float:
@@ -306,114 +359,3 @@ def bubble_fraction(timelines: Sequence[StepTimeline]) -> float:
     return bubble_from_spans(
         [t.compute_s for t in with_compute], [t.compute_span() for t in with_compute]
     )
-
-
-# -- outputs -----------------------------------------------------------------------------------
-
-_TRACE_NAMES = {"forward": "F", "backward": "B", "weight": "W", "recompute": "R"}
-
-
-def to_chrome_trace(timelines: Sequence[StepTimeline]) -> dict:
-    """Chrome trace-event JSON: one process per replica, one thread per stage, 'X' events in µs."""
-    trace = []
-    for t in aligned(timelines):
-        pid, tid = t.replica, t.stage
-        trace.append(
-            {"ph": "M", "name": "thread_name", "pid": pid, "tid": tid,
-             "args": {"name": f"stage {t.stage} (rank {t.rank})"}}
-        )  # fmt: skip
-        trace.append(
-            {"ph": "M", "name": "process_name", "pid": pid, "args": {"name": f"replica {pid}"}}
-        )
-        for e in t.events:
-            name = _TRACE_NAMES.get(e.kind, e.kind)
-            if e.micro_batch >= 0:
-                name += str(e.micro_batch) if e.kind in _TRACE_NAMES else f" {e.micro_batch}"
-            trace.append(
-                {"ph": "X", "name": name, "cat": e.kind, "pid": pid, "tid": tid,
-                 "ts": e.start * 1e6, "dur": max(e.duration, 0.0) * 1e6,
-                 "args": {"micro_batch": e.micro_batch, "rank": t.rank, "phase": t.phase}}
-            )  # fmt: skip
-    first = timelines[0] if timelines else None
-    meta = {}
-    if first is not None:
-        meta = {
-            "stages": first.num_stages,
-            "micro_batches": first.micro_batches,
-            "schedule": first.schedule,
-            "bubble_measured": bubble_fraction(timelines),
-            "bubble_theoretical": theoretical_bubble(first.num_stages, first.micro_batches),
-        }
-    return {"traceEvents": trace, "displayTimeUnit": "ms", "otherData": meta}
-
-
-def write_trace(timelines: Sequence[StepTimeline], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(to_chrome_trace(timelines)))
-    return path
-
-
-_COLORS = {
-    "forward": "#4C72B0",
-    "backward": "#55A868",
-    "weight": "#8172B2",
-    "recompute": "#C44E52",
-}
-_COMM_COLOR = "#8C8C8C"
-
-
-def plot(timelines: Sequence[StepTimeline], path: str | Path, title: str | None = None) -> Path:
-    """The GPipe figure as a PNG: one row per stage (replica 0 on top), F/B boxes labelled with
-    their micro-batch, recompute hatched inside backward, communication as a thin grey band,
-    and the empty space between boxes is the bubble."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
-
-    rows = sorted(aligned(timelines), key=lambda t: (t.replica, t.stage))
-    fig, ax = plt.subplots(figsize=(12, 0.7 * len(rows) + 1.6))
-    end = max((t.step_s for t in rows), default=1.0) or 1.0
-    for y, t in enumerate(rows):
-        for e in sorted(t.events, key=lambda e: e.kind == "recompute"):  # hatch over backward
-            if e.kind in _COLORS:
-                recompute = e.kind == "recompute"
-                ax.broken_barh(
-                    [(e.start, e.duration)], (y - 0.38, 0.76),
-                    facecolors="none" if recompute else _COLORS[e.kind],
-                    edgecolors=_COLORS[e.kind] if recompute else "white",
-                    hatch="///" if recompute else None, linewidth=0.8,
-                )  # fmt: skip
-                if not recompute and e.duration > end / 60:
-                    label = f"{_TRACE_NAMES[e.kind]}{e.micro_batch}"
-                    ax.text(e.start + e.duration / 2, y, label, ha="center", va="center",
-                            color="white", fontsize=7)  # fmt: skip
-            elif e.kind in COMM_KINDS:
-                ax.broken_barh([(e.start, e.duration)], (y + 0.38, 0.1), facecolors=_COMM_COLOR)
-    labels = [f"stage {t.stage}" + (f" r{t.replica}" if t.replica else "") for t in rows]
-    ax.set_yticks(range(len(rows)), labels)
-    ax.set_ylim(len(rows) - 0.4, -0.6)  # stage 0 on top
-    ax.set_xlim(0, end)
-    ax.set_xlabel("seconds since the step's start")
-    if title is None and rows:
-        first = rows[0]
-        title = (
-            f"{first.schedule}: {first.num_stages} stages x {first.micro_batches} micro-batches; "
-            f"bubble {bubble_fraction(rows):.1%} measured, "
-            f"{theoretical_bubble(first.num_stages, first.micro_batches):.1%} theoretical"
-        )
-    ax.set_title(title or "", fontsize=10)
-    handles = [Patch(facecolor=c, label=k) for k, c in _COLORS.items() if k != "recompute"]
-    handles += [
-        Patch(facecolor="none", edgecolor=_COLORS["recompute"], hatch="///", label="recompute"),
-        Patch(facecolor=_COMM_COLOR, label="send/recv/wait"),
-    ]
-    ax.legend(handles=handles, loc="upper right", fontsize=7, ncol=4)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
