@@ -50,7 +50,7 @@ WIDTH = {"model.d_model": 128, "model.d_ff": 512, "model.n_heads": 4, "data.seq_
 QUICK_BUDGET_MB = 600.0  # a few blocks over the framework's own cost: short trials
 QUIET = ["trainer.max_steps=3", "trainer.limit_val_batches=0", "trainer.limit_test_batches=0",
          "run_test=false", "logger=none", "callbacks=none", "trainer.enable_progress_bar=false",
-         "model.dropout=0.1", "optim.warmup_steps=1"]
+         "model.dropout=0.1", "lr_schedule.warmup_steps=1"]
 MICRO_BATCHES = 8
 TARGETS = {"remat_over_naive": 2.5, "stages8_over_remat1": 7.0, "plan_error_pct": 15.0}
 

@@ -39,7 +39,7 @@ TINY_LAS = ["model=las", "model.listener_hidden=32", "model.listener_layers=3", 
             "model.embedding_size=16", "model.attention=dot", "data.batch_size=16"]
 RUN = ["trainer.max_steps=6", "trainer.val_check_interval=6", "trainer.limit_val_batches=1",
        "run_test=false", "logger=none", "callbacks=none", "trainer.enable_progress_bar=false",
-       "optim.warmup_steps=2", "model.decode.beam_size=1"]
+       "lr_schedule.warmup_steps=2", "model.decode.beam_size=1"]
 
 
 # --- corpora -------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ LOSSES = {
     "risk_sample": ["loss=mwer", "loss.risk=gleu", "loss.candidates=sample", "loss.nbest=4"],
 }
 QUIET = ["trainer.limit_val_batches=0", "trainer.limit_test_batches=0", "run_test=false",
-         "logger=none", "trainer.enable_progress_bar=false", "optim.warmup_steps=1"]
+         "logger=none", "trainer.enable_progress_bar=false", "lr_schedule.warmup_steps=1"]
 
 
 def train(args: list[str], out_dir: Path) -> dict:

@@ -19,7 +19,7 @@ TINY = [
     "data.seq_len=32", "data.batch_size=8", "data.max_bytes=300000",
     "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.limit_val_batches=2",
     "trainer.limit_test_batches=2", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
-    "optim.warmup_steps=2",
+    "lr_schedule.warmup_steps=2",
 ]
 
 

@@ -19,7 +19,7 @@ TINY_LAS = [
     "model.speller_hidden=16", "model.speller_layers=1", "model.dropout=0", "model.decode.beam_size=2",
     "model.decode.max_len=20", "data.train_size=48", "data.val_size=8", "data.test_size=8",
     "data.batch_size=8", "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
-    "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "optim.warmup_steps=2",
+    "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "lr_schedule.warmup_steps=2",
 ]
 
 FAMILIES = {
@@ -62,7 +62,7 @@ def test_resuming_with_another_stage_count_continues_the_optimizer_and_schedule(
     moments and the warmup/cosine schedule must come back for that (a fresh AdamW differs at the
     first resumed update by ~1e-2)."""
     args = TINY + ["trainer.max_steps=8", "trainer.val_check_interval=2", "callbacks.model_checkpoint.save_top_k=-1",
-                   "logger=csv", "optim.warmup_steps=4"]
+                   "logger=csv", "lr_schedule.warmup_steps=4"]
     four, two, one = tmp_path / "four", tmp_path / "two", tmp_path / "one"
     run_train(args + stages(4) + [f"hydra.run.dir={four}"], tmp_path, timeout=400)
     run_train(args + stages(2) + [f"ckpt_path={four}/checkpoints/step2.ckpt", f"hydra.run.dir={two}"], tmp_path)
@@ -82,7 +82,7 @@ def test_a_v_shaped_checkpoint_resumes_with_one_chunk_per_stage_and_another_stag
     that do not follow the layer order; resumed as 4 stages of one chunk, the optimizer and
     schedule come back and every resumed step's loss equals the uninterrupted run's."""
     args = TINY + ["model.dropout=0", "trainer.max_steps=6", "trainer.val_check_interval=2", "logger=csv",
-                   "callbacks.model_checkpoint.save_top_k=-1", "optim.warmup_steps=4"]
+                   "callbacks.model_checkpoint.save_top_k=-1", "lr_schedule.warmup_steps=4"]
     zbv, four = tmp_path / "zbv", tmp_path / "four"
     run_train(args + stages(2) + ["strategy.schedule=zbv", "strategy.virtual_stages=2", f"hydra.run.dir={zbv}"],
               tmp_path, timeout=400)

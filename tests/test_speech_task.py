@@ -27,7 +27,7 @@ TINY_LAS = [
     "data.train_size=48", "data.val_size=12", "data.test_size=12", "data.batch_size=8",
     "trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.limit_val_batches=1",
     "trainer.limit_test_batches=1", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
-    "optim.warmup_steps=1", "logger=csv",
+    "lr_schedule.warmup_steps=1", "logger=csv",
 ]
 PIPE2 = ["strategy=pipeline", "strategy.stages=2", "trainer.devices=2", "strategy.micro_batches=2"]
 EVAL = [sys.executable, "-m", "giantpipe.platform.evaluate"]

@@ -4,9 +4,9 @@ import csv
 import json
 import subprocess
 import sys
-import time
 
 from conftest import TINY, read_summary, run_train
+from offline_wandb import read_run
 
 
 def per_step_losses(run_dir) -> dict[int, float]:
@@ -14,14 +14,16 @@ def per_step_losses(run_dir) -> dict[int, float]:
     return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
 
 
-def test_bad_key_and_bad_choice_fail_fast_with_the_valid_options(tmp_path):
-    for args, words in ((["model.nme=3"], ["model.nme", "n_layers"]), (["model=gnmtt"], ["model=gnmtt", "giant_net"])):
-        started = time.perf_counter()
+def test_bad_key_choice_and_value_fail_with_one_line_naming_the_fix(tmp_path):
+    """How fast is scripts/bench_config_latency.py's (a benchmark, not a test): here, that the
+    process says the fix in one line, exit code 2, and never got to Lightning."""
+    for args, words in ((["model.nme=3"], ["model.nme", "n_layers"]), (["model=gnmtt"], ["model=gnmtt", "giant_net"]),
+                        (["trainer.max_steps=-5"], ["trainer.max_steps=-5", "-1 for no limit"])):
         proc = run_train(args, tmp_path, check=False)
         assert proc.returncode == 2
         assert all(w in proc.stderr for w in words), proc.stderr
-        assert "Traceback" not in proc.stderr
-        assert time.perf_counter() - started < 30
+        assert "Traceback" not in proc.stderr and "lightning" not in proc.stderr.lower()
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
 def test_tiny_run_trains_validates_tests_and_summarizes(tmp_path):
@@ -54,22 +56,14 @@ def test_multirun_writes_one_summary_per_job(tmp_path):
     assert first["metrics"]["train/loss"] != second["metrics"]["train/loss"]
 
 
-def test_optuna_search_runs_trials_and_reports_the_best(tmp_path):
-    sweep = tmp_path / "opt"
-    run_train(["hparams_search=giant_net_optuna", "hydra.sweeper.n_trials=2", *TINY, "trainer.max_steps=2",
-               "callbacks=none", f"hydra.sweep.dir={sweep}"], tmp_path)
-    results = (sweep / "optimization_results.yaml").read_text()
-    assert "best_params" in results and "optim.lr" in results
-    assert read_summary(sweep / "1")["steps"] == 2
-
-
 def test_wandb_offline_run_keeps_the_resolved_config(tmp_path):
     run_dir = tmp_path / "run"
     run_train(TINY + ["trainer.max_steps=2", "logger=wandb", "callbacks=none", f"hydra.run.dir={run_dir}"], tmp_path)
     runs = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1, list(run_dir.rglob("*"))[:20]
-    record = runs[0].read_bytes()  # the offline run's protobuf log holds the config as JSON
-    assert b'"seq_len":32' in record.replace(b" ", b"") and b"${" not in record
+    config = read_run(runs[0]).config
+    assert config["data"]["seq_len"] == 32 and config["lr_schedule"]["name"] == "cosine"
+    assert "${" not in json.dumps(config)
 
 
 def test_resume_continues_with_the_same_next_losses(tmp_path):

@@ -26,7 +26,7 @@ TINY_GNMT = [
     "data.size=2000", "data.val_size=40", "data.test_size=40", "data.vocab_size=200", "data.batch_size=16",
     "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=2",
     "trainer.limit_test_batches=2", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
-    "optim.warmup_steps=2",
+    "lr_schedule.warmup_steps=2",
 ]
 EVAL = [sys.executable, "-m", "giantpipe.platform.evaluate"]
 

@@ -6,7 +6,6 @@ names the data module and the task that go with a model.
 
 from __future__ import annotations
 
-import functools
 import os
 from pathlib import Path
 
@@ -17,24 +16,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from giantpipe.platform.callbacks import FinalCheckpoint
 from giantpipe.platform.checkpoint_io import AtomicCheckpointIO
-from giantpipe.platform.config import ConfigError
+from giantpipe.platform.model_spec import model_factory
 from giantpipe.platform.pipeline_metrics import PipelineMetrics
 from giantpipe.platform.summary import ThroughputMonitor
 
 
-def model_factory(model_cfg: DictConfig, **overrides):
-    """A zero-argument callable building the model (called under the meta device by the task)."""
-    # `family` and `decode` (beam search settings) are read by the platform, not the constructor
-    kwargs = {k: v for k, v in OmegaConf.to_container(model_cfg, resolve=True).items()
-              if k not in ("_target_", "family", "decode")}
-    kwargs.update(overrides)
-    return functools.partial(hydra.utils.get_class(model_cfg._target_), **kwargs)
-
-
-def layer_count(model_cfg: DictConfig) -> int:
-    """How many layers the model's layer list has (built on the meta device: no memory)."""
-    with torch.device("meta"):
-        return len(model_factory(model_cfg)().layers)
+def optim_settings(cfg: DictConfig) -> DictConfig:
+    """What a task needs to build its optimizer: the `optim` option and the `lr_schedule` option
+    (absent from a run directory's config written before the LR schedule was its own group;
+    evaluation builds no optimizer)."""
+    return OmegaConf.create({"optimizer": cfg.optim, "lr_schedule": cfg.get("lr_schedule")})
 
 
 def build_language_model(cfg: DictConfig):
@@ -43,13 +34,11 @@ def build_language_model(cfg: DictConfig):
 
     data = TextDataModule(cfg.data, batch_size=cfg.data.batch_size, seed=cfg.seed)
     data.prepare()
-    if cfg.data.seq_len > cfg.model.max_len:
-        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_len={cfg.model.max_len}")
     bytes_per_token = {s: data.stats[f"{k}_bytes_per_token"] for s, k in
                        (("train", "train"), ("val", "validation"), ("test", "test"))}
     task = LanguageModelTask(
         model_factory(cfg.model, vocab_size=data.vocab_size),
-        optim=cfg.optim,
+        optim=optim_settings(cfg),
         seed=cfg.seed,
         bytes_per_token=bytes_per_token,
         label_smoothing=cfg.loss.label_smoothing,
@@ -73,7 +62,7 @@ def build_translation(cfg: DictConfig):
     src, tgt = data.src_vocab, data.tgt_vocab
     factory = model_factory(cfg.model, src_vocab_size=src.vocab_size, tgt_vocab_size=tgt.vocab_size,
                             pad_id=tgt.pad_id)
-    task = TranslationTask(factory, optim=cfg.optim, seed=cfg.seed, loss=cfg.loss,
+    task = TranslationTask(factory, optim=optim_settings(cfg), seed=cfg.seed, loss=cfg.loss,
                            decode=OmegaConf.to_container(cfg.model.decode, resolve=True),
                            src_vocab=src, tgt_vocab=tgt)
     extras = {"bleu_signature": corpus_bleu([""], [""]).signature}
@@ -91,7 +80,7 @@ def build_speech(cfg: DictConfig):
                             min_eval_batch=min_eval_batch)
     vocab = data.prepare().vocab
     factory = model_factory(cfg.model, vocab_size=vocab.vocab_size, pad_id=vocab.pad_id)
-    task = SpeechTask(factory, optim=cfg.optim, seed=cfg.seed, loss=cfg.loss,
+    task = SpeechTask(factory, optim=optim_settings(cfg), seed=cfg.seed, loss=cfg.loss,
                       decode=OmegaConf.to_container(cfg.model.decode, resolve=True), vocab=vocab,
                       spec_augment=OmegaConf.to_container(cfg.data.spec_augment, resolve=True))
     return data, task, {}

@@ -1,14 +1,21 @@
 """Structured-config schemas (one dataclass per config group option) and cross-field checks.
 
 Each YAML option in `conf/<group>/` starts from its schema here (`defaults: [<name>_schema]`),
-so a misspelt key or a wrong type fails while Hydra composes, before anything runs. Checks that
-involve several groups live in `validate`, which raises `ConfigError` with a sentence that says
-what to change.
+so a misspelt key, a wrong type or a value outside a choice list fails while Hydra composes,
+before anything runs. Checks of values and across groups live in `checks.py` (`validate`), which
+raises `ConfigError` with a sentence that says what to change. This module imports no torch:
+the command line is checked in about a second.
+
+Choice fields are `StrEnum`s: OmegaConf 2.3 rejects `typing.Literal` fields but validates Enum
+ones (a value is taken by member name, the error lists the members), and a `StrEnum` member is
+a `str`, so the code downstream compares it with plain strings. The pipeline's choice lists are
+built from the strategies' own (strategies/rules.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -16,6 +23,7 @@ from omegaconf import MISSING
 
 from giantpipe.platform.data.cache import CACHE_DIR
 from giantpipe.platform.data.hf import HF_SPLITS
+from giantpipe.strategies.rules import CheckpointMode, ScheduleName
 
 
 class ConfigError(ValueError):
@@ -27,29 +35,29 @@ class ConfigError(ValueError):
 class GiantNetConfig:
     """Decoder-only Transformer LM (DESIGN §7 'giant net')."""
 
-    _target_: str = "giantpipe.models.giant_net.GiantNet"
-    family: str = "language_model"
+    _target_: str = "giantpipe.models.giant_net.GiantNet"  # the model class
+    family: str = "language_model"  # which data and task go with it (platform/build.py)
     vocab_size: int = 256  # overwritten from the data's tokenizer
-    d_model: int = 128
+    d_model: int = 128  # width of the residual stream
     n_layers: int = 4  # Transformer blocks; the layer list adds an embedding and a head
-    n_heads: int = 4
-    d_ff: int = 512
-    max_len: int = 256
-    dropout: float = 0.1
+    n_heads: int = 4  # attention heads; must divide d_model
+    d_ff: int = 512  # width of each block's feed-forward layer
+    max_len: int = 256  # longest sequence (learned positions); data.seq_len must fit
+    dropout: float = 0.1  # on embeddings, attention and feed-forward outputs
 
 
 @dataclass
 class GiantConvConfig:
     """Causal convolution LM with BatchNorm: exercises micro-batch statistics."""
 
-    _target_: str = "giantpipe.models.giant_conv.GiantConvNet"
-    family: str = "language_model"
-    vocab_size: int = 256
-    d_model: int = 128
-    n_layers: int = 6
-    kernel_size: int = 5
-    max_len: int = 256
-    dropout: float = 0.1
+    _target_: str = "giantpipe.models.giant_conv.GiantConvNet"  # the model class
+    family: str = "language_model"  # which data and task go with it
+    vocab_size: int = 256  # overwritten from the data's tokenizer
+    d_model: int = 128  # channels
+    n_layers: int = 6  # convolution blocks; the layer list adds an embedding and a head
+    kernel_size: int = 5  # causal kernel width, in tokens
+    max_len: int = 256  # longest sequence (learned positions); data.seq_len must fit
+    dropout: float = 0.1  # after each block
 
 
 @dataclass
@@ -62,7 +70,7 @@ class DecodeConfig:
     beta: float = 0.1  # coverage-penalty weight (NVIDIA GNMT v2: cov_penalty_factor 0.1)
     max_len: int | None = 150  # hard cap on output tokens, EOS included
     max_len_a: float | None = 2.0  # and per sentence at most floor(a * source length + b)
-    max_len_b: float = 10.0
+    max_len_b: float = 10.0  # the per-sentence cap's constant term
     num_samples: int = 8  # sample translations logged (as a table) per evaluation
 
 
@@ -71,8 +79,8 @@ class GNMTConfig:
     """GNMT v2 (DESIGN §7): bidirectional first encoder layer, residuals from layer 3,
     attention queried by the bottom decoder layer and fed to the upper ones."""
 
-    _target_: str = "giantpipe.models.gnmt.GNMT"
-    family: str = "translation"
+    _target_: str = "giantpipe.models.gnmt.GNMT"  # the model class
+    family: str = "translation"  # which data and task go with it
     src_vocab_size: int = 1000  # overwritten from the data's wordpieces
     tgt_vocab_size: int = 1000  # overwritten from the data's wordpieces
     hidden_size: int = 256  # LSTM width (each direction of encoder layer 1)
@@ -82,19 +90,19 @@ class GNMTConfig:
     dropout: float = 0.2  # on the input of every LSTM layer
     attention: str = "normalized_bahdanau"  # normalized_bahdanau | bahdanau | dot
     init_weight: float = 0.1  # parameters start uniform in (-w, w)
-    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)  # beam search for BLEU
 
 
 @dataclass
 class LASDecodeConfig(DecodeConfig):
     """Beam search for LAS: the length cap is per listener frame (8 per 80 ms at 3 pyramid levels)."""
 
-    beam_size: int = 4
-    alpha: float = 0.6
+    beam_size: int = 4  # hypotheses kept per step for WER decoding (1 is greedy)
+    alpha: float = 0.6  # length-penalty exponent
     beta: float = 0.0  # no coverage penalty: a pyramidal listener's attention is not one-to-one
     max_len: int | None = 300  # graphemes, EOS included
-    max_len_a: float | None = 3.0
-    max_len_b: float = 10.0
+    max_len_a: float | None = 3.0  # and per utterance at most floor(a * listener frames + b)
+    max_len_b: float = 10.0  # the per-utterance cap's constant term
 
 
 @dataclass
@@ -102,21 +110,21 @@ class LASConfig:
     """Listen, Attend and Spell (DESIGN §7): pyramidal BLSTM listener, attention, LSTM speller
     over graphemes."""
 
-    _target_: str = "giantpipe.models.las.LAS"
-    family: str = "speech"
+    _target_: str = "giantpipe.models.las.LAS"  # the model class
+    family: str = "speech"  # which data and task go with it
     vocab_size: int = 32  # overwritten from the data's graphemes
     n_mels: int = "${data.n_mels}"  # type: ignore[assignment]  # the features' width
     listener_hidden: int = 256  # each direction of every BLSTM
-    listener_layers: int = 4
+    listener_layers: int = 4  # BLSTM layers over the frames
     pyramid_levels: int = 3  # listener layers 2..levels+1 halve time: reduction 2**levels
     frame_stack: int = 1  # the first listener layer reads this many frames at a time
-    speller_hidden: int = 512
-    speller_layers: int = 2
+    speller_hidden: int = 512  # LSTM width of the speller
+    speller_layers: int = 2  # counting the attention layer
     embedding_size: int | None = None  # defaults to speller_hidden
-    dropout: float = 0.1
+    dropout: float = 0.1  # on the input of every LSTM layer
     attention: str = "normalized_bahdanau"  # normalized_bahdanau | bahdanau | dot
-    init_weight: float = 0.1
-    decode: LASDecodeConfig = field(default_factory=LASDecodeConfig)
+    init_weight: float = 0.1  # parameters start uniform in (-w, w)
+    decode: LASDecodeConfig = field(default_factory=LASDecodeConfig)  # beam search for WER
 
 
 # ---------------------------------------------------------------- data
@@ -232,18 +240,20 @@ class SpeechDataConfig:
 # ---------------------------------------------------------------- loss
 @dataclass
 class CrossEntropyConfig:
-    name: str = "cross_entropy"
-    label_smoothing: float = 0.0
+    """Token-level cross-entropy (teacher forcing), summed over tokens and divided by their count."""
+
+    name: str = "cross_entropy"  # fixed by the option
+    label_smoothing: float = 0.0  # share of the target's probability spread over the vocabulary
 
 
 @dataclass
 class MWERConfig:
     """Minimum risk over N candidates (Prabhavalkar et al. 2018; GNMT's expected GLEU; MRT)."""
 
-    name: str = "mwer"
+    name: str = "mwer"  # fixed by the option
     nbest: int = 4  # N: beam-search hypotheses or samples per item
     ce_weight: float = 0.01  # + ce_weight x CE (MWER 0.01, GNMT's alpha 0.017)
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0  # of that cross-entropy term
     risk: str = "word_errors"  # word_errors | char_errors | gleu | sentence_bleu | chrf
     candidates: str = "beam"  # beam (N-best list) | sample (N samples, MRT-style)
     sample_temperature: float = 1.0  # candidates=sample draws from softmax(logits / temperature)
@@ -252,25 +262,28 @@ class MWERConfig:
 # ---------------------------------------------------------------- strategy
 @dataclass
 class SingleStrategyConfig:
-    name: str = "single"
+    """Plain Lightning on one device."""
+
+    name: str = "single"  # fixed by the option
 
 
 @dataclass
 class PipelineStrategyConfig:
-    """GPipe: `stages` composite layers x `replicas` data-parallel copies of each."""
+    """GPipe: `stages` composite layers x `replicas` data-parallel copies of each. The choice
+    lists and rules are the strategies' own (strategies/rules.py, strategies/schedule.py)."""
 
-    name: str = "pipeline"
-    stages: int = 2
-    replicas: int = 1
-    micro_batches: int = 4
-    schedule: str = "gpipe"  # one of strategies.schedule.SCHEDULE_NAMES, or auto (profiled choice)
+    name: str = "pipeline"  # fixed by the option
+    stages: int = 2  # composite layers, one process each (per replica)
+    replicas: int = 1  # data-parallel copies of the whole pipeline; stages x replicas = devices
+    micro_batches: int = 4  # each replica's batch is cut into this many, run through the schedule
+    schedule: ScheduleName = ScheduleName.gpipe  # order of work on each stage; auto: profiled choice
     virtual_stages: int = 1  # chunks per stage (V): interleaved_1f1b, zb_h1/zb_h2 any V, zbv V=2
     memory_budget_mb: float | None = None  # auto: skip schedules predicted to hold more activations per stage
-    checkpoint: str = "except_last"  # always | except_last | never (re-materialization)
-    balance: Any = "params"  # list of layer counts per stage, or params | time | memory
-    placement: Any = None  # optional list of rank lists, one per stage
-    timeout_s: float = 300.0
-    deferred_batch_norm: bool = False
+    checkpoint: CheckpointMode = CheckpointMode.except_last  # re-materialization: which micro-batches recompute
+    balance: Any = "params"  # layer counts per stage ([3, 3]), or automatic: params | time | memory
+    placement: Any = None  # ranks of each stage's replicas ([[0, 2], [1, 3]]); default pipeline-major
+    timeout_s: float = 300.0  # a stage silent this long is reported as dead
+    deferred_batch_norm: bool = False  # BatchNorm running statistics of the whole mini-batch
     timeline: bool = False  # record per-stage timings: metrics every step, timeline.png + trace at the end
     memory_budget_mb: float | None = None  # MiB per process: over it by giantpipe-plan stops before training; a stage over it at run time fails, named
 
@@ -278,33 +291,87 @@ class PipelineStrategyConfig:
 # ---------------------------------------------------------------- trainer / optimizer
 @dataclass
 class TrainerConfig:
-    """The subset of `lightning.Trainer` arguments giantpipe exposes."""
+    """The subset of `lightning.Trainer` arguments giantpipe exposes (checked in checks.py)."""
 
-    accelerator: str = "auto"
-    devices: int = 1
-    num_nodes: int = 1
-    precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU
-    max_steps: int = 400
-    max_epochs: int = -1
-    val_check_interval: Any = 200
-    check_val_every_n_epoch: int | None = 1  # null: validate every val_check_interval steps across epochs
-    limit_val_batches: Any = 20
-    limit_test_batches: Any = 40
-    log_every_n_steps: int = 10
-    gradient_clip_val: float | None = 1.0
-    accumulate_grad_batches: int = 1
-    deterministic: bool = False
-    enable_progress_bar: bool = True
+    accelerator: str = "auto"  # auto | cpu | gpu | cuda | mps
+    devices: int = 1  # processes on this node; stages x replicas under strategy=pipeline
+    num_nodes: int = 1  # nodes (multi-node runs start under torchrun or SLURM)
+    precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU; or any Lightning precision
+    max_steps: int = 400  # optimizer steps to train; -1: until max_epochs
+    max_epochs: int = -1  # -1: until max_steps
+    val_check_interval: Any = 200  # validate every this many training steps (a float: fraction of an epoch)
+    check_val_every_n_epoch: int | None = None  # null: val_check_interval counts steps across epochs
+    limit_val_batches: Any = 20  # validation batches per check (int), or a fraction of the split (float)
+    limit_test_batches: Any = 40  # test batches (int), or a fraction of the split (float)
+    log_every_n_steps: int = 10  # how often training metrics reach the loggers
+    gradient_clip_val: float | None = 1.0  # clip the global gradient norm (all stages) to this; null: off
+    accumulate_grad_batches: int = 1  # batches summed into one optimizer step
+    deterministic: bool = False  # torch's deterministic algorithms (slower)
+    enable_progress_bar: bool = True  # the rich progress bar (callbacks=default)
+
+
+# ---------------------------------------------------------------- optimizer and LR schedule
+@dataclass
+class AdamWConfig:
+    """torch.optim.AdamW (decoupled weight decay). Every optimizer is a partial (`_partial_`):
+    the task passes its parameter groups, weight decay on matrices and none on vectors."""
+
+    _target_: str = "torch.optim.AdamW"  # any torch.optim-style class taking (params, lr=...)
+    _partial_: bool = True  # built by the task with its parameter groups
+    lr: float = 3e-3  # peak learning rate; lr_schedule scales it each step
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])  # moment decay rates
+    eps: float = 1e-8  # added to the second moment's root
+    weight_decay: float = 0.01  # decoupled decay of matrices (biases and norms get none)
 
 
 @dataclass
-class OptimConfig:
-    lr: float = 3e-3
-    weight_decay: float = 0.01
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
-    warmup_steps: int = 50
-    schedule: str = "cosine"  # cosine | constant | inverse_sqrt
-    min_lr_ratio: float = 0.1
+class AdamConfig(AdamWConfig):
+    """torch.optim.Adam: weight decay, if any, is L2 added to the gradient (not decoupled)."""
+
+    _target_: str = "torch.optim.Adam"
+    weight_decay: float = 0.0  # L2 penalty on matrices
+
+
+@dataclass
+class SGDConfig:
+    """torch.optim.SGD with (Nesterov) momentum."""
+
+    _target_: str = "torch.optim.SGD"
+    _partial_: bool = True
+    lr: float = 0.1  # peak learning rate; lr_schedule scales it each step
+    momentum: float = 0.9  # 0 turns momentum off
+    dampening: float = 0.0  # must be 0 with nesterov
+    nesterov: bool = False  # Nesterov's look-ahead momentum (needs momentum > 0)
+    weight_decay: float = 0.0  # L2 penalty on matrices
+
+
+@dataclass
+class AdafactorConfig:
+    """torch.optim.Adafactor (Shazeer & Stern 2018): factored second moments, no first moment,
+    so its state is a row and a column vector per matrix instead of two full copies."""
+
+    _target_: str = "torch.optim.Adafactor"
+    _partial_: bool = True
+    lr: float = 1e-2  # peak learning rate; lr_schedule scales it each step
+    beta2_decay: float = -0.8  # second-moment decay follows 1 - step ** beta2_decay
+    eps: list[float | None] = field(default_factory=lambda: [None, 1e-3])  # denominator, update-clip floors
+    d: float = 1.0  # update clipping threshold
+    weight_decay: float = 0.0  # decoupled decay of matrices
+
+
+class LRScheduleName(StrEnum):
+    cosine = "cosine"  # cosine decay to min_lr_ratio at max_steps
+    constant = "constant"  # flat after warmup
+    inverse_sqrt = "inverse_sqrt"  # sqrt(warmup / step) after warmup (Transformer-style)
+
+
+@dataclass
+class LRScheduleConfig:
+    """A multiplier on optim.lr per optimizer step: linear warmup, then the named decay."""
+
+    name: LRScheduleName = LRScheduleName.cosine  # the decay after warmup
+    warmup_steps: int = 50  # linear ramp from lr / warmup_steps to lr
+    min_lr_ratio: float = 0.1  # cosine: the last step's LR as a fraction of the peak
 
 
 GROUP_SCHEMAS = {
@@ -315,7 +382,8 @@ GROUP_SCHEMAS = {
     "loss": {"cross_entropy": CrossEntropyConfig, "mwer": MWERConfig},
     "strategy": {"single": SingleStrategyConfig, "pipeline": PipelineStrategyConfig},
     "trainer": {"default": TrainerConfig},
-    "optim": {"adamw": OptimConfig},
+    "optim": {"adamw": AdamWConfig, "adam": AdamConfig, "sgd": SGDConfig, "adafactor": AdafactorConfig},
+    "lr_schedule": {"lr_schedule": LRScheduleConfig},
 }
 
 
@@ -326,136 +394,11 @@ def register_schemas() -> None:
             cs.store(group=group, name=f"{name}_schema", node=node)
 
 
-# ---------------------------------------------------------------- cross-field checks
-SEQ2SEQ_FAMILIES = {"translation", "speech"}
-
-
 def validate(cfg) -> None:
-    """Checks that span groups; raise ConfigError naming the keys and the fix."""
-    model, data, loss, strategy, trainer = cfg.model, cfg.data, cfg.loss, cfg.strategy, cfg.trainer
-    for key in ("val_check_interval", "limit_val_batches", "limit_test_batches"):
-        value = trainer.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise ConfigError(f"trainer.{key}={value!r}: give a number of batches (int) or a fraction (float)")
-    if model.family != data.family:
-        raise ConfigError(
-            f"model={cfg_choice(cfg, 'model')} needs {model.family} data but data={cfg_choice(cfg, 'data')} "
-            f"is {data.family} data; pick a matching data= option"
-        )
-    if loss.name == "mwer" and model.family not in SEQ2SEQ_FAMILIES:
-        raise ConfigError(
-            f"loss=mwer needs a sequence-to-sequence model with N-best decoding (gnmt or las), "
-            f"not model={cfg_choice(cfg, 'model')}; use loss=cross_entropy"
-        )
-    if loss.name == "mwer":
-        check_mwer(loss)
-        check_mwer_start(cfg)
-    if strategy.name == "single":
-        if trainer.devices != 1 or trainer.num_nodes != 1:
-            raise ConfigError(
-                f"strategy=single runs on one device but trainer.devices={trainer.devices} "
-                f"trainer.num_nodes={trainer.num_nodes}; use strategy=pipeline for more devices"
-            )
-        return
-    world = trainer.devices * trainer.num_nodes
-    if strategy.stages < 1 or strategy.replicas < 1 or strategy.micro_batches < 1:
-        raise ConfigError("strategy.stages, strategy.replicas and strategy.micro_batches must be >= 1")
-    if strategy.stages * strategy.replicas != world:
-        raise ConfigError(
-            f"strategy.stages={strategy.stages} x strategy.replicas={strategy.replicas} = "
-            f"{strategy.stages * strategy.replicas} processes, but trainer.devices x trainer.num_nodes = {world}; "
-            f"set trainer.devices={strategy.stages * strategy.replicas // trainer.num_nodes} or change the stages"
-        )
-    per_replica = data.batch_size // strategy.replicas
-    if data.batch_size % strategy.replicas:
-        raise ConfigError(
-            f"data.batch_size={data.batch_size} does not split evenly over strategy.replicas={strategy.replicas}"
-        )
-    if strategy.micro_batches > per_replica:
-        raise ConfigError(
-            f"strategy.micro_batches={strategy.micro_batches} is larger than the per-replica batch of "
-            f"{per_replica}; lower micro_batches or raise data.batch_size"
-        )
-    check_partition(cfg)
-    from giantpipe.strategies.schedule import check_schedule  # torch-free
+    """Check a composed config's values and cross-group rules (checks.py); raise ConfigError."""
+    from giantpipe.platform.checks import validate_config
 
-    try:
-        if strategy.schedule != "auto":  # auto picks the schedule and V itself
-            check_schedule(strategy.schedule, strategy.get("virtual_stages", 1))
-    except ValueError as err:
-        raise ConfigError(f"strategy.schedule={strategy.schedule!r}: {err}; or strategy.schedule=auto") from None
-    budget = strategy.get("memory_budget_mb")
-    if budget is not None and budget <= 0:
-        raise ConfigError(f"strategy.memory_budget_mb={budget}: give a positive number of MB, or null")
-    if strategy.checkpoint not in ("always", "except_last", "never"):
-        raise ConfigError(f"strategy.checkpoint={strategy.checkpoint!r}: choose always, except_last or never")
-
-
-def check_mwer(loss) -> None:
-    """The risk, the candidates and their count name something that exists."""
-    from giantpipe.models.risks import RISKS
-
-    if loss.risk not in RISKS:
-        raise ConfigError(f"loss.risk={loss.risk!r}: choose one of {', '.join(RISKS)}")
-    if loss.candidates not in ("beam", "sample"):
-        raise ConfigError(f"loss.candidates={loss.candidates!r}: choose beam (N-best list) or sample")
-    if loss.nbest < 1 or loss.sample_temperature <= 0:
-        raise ConfigError(f"loss.nbest={loss.nbest} and loss.sample_temperature="
-                          f"{loss.sample_temperature} must be positive")
-
-
-def check_mwer_start(cfg) -> None:
-    """MWER fine-tunes a trained model (its N-best lists are meaningless from random weights)."""
-    start = cfg.get("init_from") or cfg.get("ckpt_path")
-    if not start:
-        raise ConfigError(
-            "loss=mwer fine-tunes a trained model: give init_from=PATH, a cross-entropy checkpoint "
-            "such as outputs/las/<run>/checkpoints/last.ckpt (or ckpt_path=PATH to resume an MWER run)"
-        )
-    from pathlib import Path
-
-    if not Path(str(start)).exists():
-        key = "init_from" if cfg.get("init_from") else "ckpt_path"
-        raise ConfigError(f"{key}={start}: no such checkpoint file (loss=mwer starts from a trained model)")
-
-
-def check_partition(cfg) -> None:
-    """Stage count and explicit balance against the model's layer count (built on meta: free)."""
-    from giantpipe.platform.build import layer_count
-
-    strategy = cfg.strategy
-    layers = layer_count(cfg.model)
-    chunks = strategy.get("virtual_stages", 1)
-    if strategy.stages * chunks > layers:
-        raise ConfigError(
-            f"strategy.stages={strategy.stages} x strategy.virtual_stages={chunks} is more than the {layers} layers "
-            f"of model={cfg_choice(cfg, 'model')}; use at most {layers} virtual stages or a deeper model"
-        )
-    balance = strategy.balance
-    if isinstance(balance, str):
-        if balance not in ("params", "time", "memory"):
-            raise ConfigError(f"strategy.balance={balance!r}: give a list of layer counts, or params, time or memory")
-        return
-    balance = list(balance)
-    parts = strategy.stages * chunks
-    if len(balance) != parts or sum(balance) != layers or min(balance) < 1:
-        raise ConfigError(
-            f"strategy.balance={balance} must give each of the {parts} (virtual) stages at least one layer and sum "
-            f"to the model's {layers} layers, e.g. strategy.balance={even_balance(layers, parts)}"
-        )
-
-
-def even_balance(layers: int, stages: int) -> list[int]:
-    return [layers // stages + (1 if s < layers % stages else 0) for s in range(stages)]
-
-
-def cfg_choice(cfg, group: str) -> str:
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return str(HydraConfig.get().runtime.choices.get(group))
-    except ValueError:
-        return str(cfg.get("choices", {}).get(group, "?"))
+    validate_config(cfg)
 
 
 __all__ = ["ConfigError", "register_schemas", "validate", "MISSING"]

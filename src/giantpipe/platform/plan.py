@@ -27,12 +27,12 @@ from giantpipe.platform.config import ConfigError
 from giantpipe.platform.proc_memory import status_kb
 from giantpipe.strategies.memory_model import MemoryModel, StageMemory, profile_layers
 from giantpipe.strategies.partition import _layer_time, _leaf_inputs, _materialized
+from giantpipe.strategies.rules import CHECKPOINT_MODES
 
 # A Lightning worker's resident memory beyond an idle process that imported the same stack and
 # loaded the same data: trainer, loop and logger objects, the gloo group, the dataloader's
 # batches, the allocator's first arenas. Measured with a one-layer model (bench_capacity.py).
 WORKER_EXTRA_MB = 40.0
-CHECKPOINT_MODES = ("always", "except_last", "never")
 
 
 @dataclass

@@ -19,6 +19,12 @@ from omegaconf import DictConfig, OmegaConf
 from giantpipe.platform.config import ConfigError, register_schemas, validate
 
 CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
+# Keys that moved to another group, and where they live now.
+MOVED = {
+    "optim.warmup_steps": "lr_schedule.warmup_steps",
+    "optim.schedule": "the lr_schedule group (lr_schedule=cosine, constant or inverse_sqrt)",
+    "optim.min_lr_ratio": "lr_schedule.min_lr_ratio",
+}
 
 
 def conf_dir() -> Path:
@@ -45,10 +51,12 @@ def concrete_override_sets(overrides: list[str], limit: int = 64) -> list[list[s
     return [list(c) for c in itertools.islice(itertools.product(*choices), limit)]
 
 
-def compose_train(overrides: list[str]) -> DictConfig:
+def compose_train(overrides: list[str], choices: bool = False) -> DictConfig:
+    """The composed train config; with `choices`, also `hydra.runtime.choices` (which option each
+    group took), so error messages can name the option as the user chose it."""
     register_schemas()
     with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-        return compose("train", overrides=overrides)
+        return compose("train", overrides=overrides, return_hydra_config=choices)
 
 
 def check(overrides: list[str]) -> None:
@@ -59,7 +67,7 @@ def check(overrides: list[str]) -> None:
         raise ConfigError(f"cannot parse the overrides: {first_line(err)}") from None
     for concrete in sets:
         try:
-            cfg = compose_train(concrete)
+            cfg = compose_train(concrete, choices=True)
         except Exception as err:
             raise ConfigError(explain(err, concrete)) from None
         validate(cfg)
@@ -70,7 +78,7 @@ def first_line(err: Exception) -> str:
 
 
 def explain(err: Exception, overrides: list[str]) -> str:
-    text = str(err)
+    text = "\n".join(str(e) for e in causes(err))  # Hydra wraps OmegaConf's error, which names the key
     missing_choice = re.search(r"Could not find '([\w/]+)/(\w+)'", text)
     if missing_choice:
         group, choice = missing_choice.groups()
@@ -90,10 +98,21 @@ def explain(err: Exception, overrides: list[str]) -> str:
         if isinstance(parent, DictConfig) and leaf not in parent:
             valid = sorted(str(k) for k in parent.keys())
             where = parent_path or "the top level"
+            if full_key in MOVED:
+                return f"unknown config key '{full_key}': the LR schedule is its own group now; use {MOVED[full_key]}"
             return f"unknown config key '{full_key}'; valid keys of {where}: {', '.join(valid)}" + hint(leaf, valid)
-        reason = [ln for ln in text.splitlines() if ln.strip() and "full_key" not in ln and "object_type" not in ln]
+        reason = [ln for ln in text.splitlines() if ln.strip() and "full_key" not in ln and "object_type" not in ln
+                  and not ln.startswith("Error merging override")]
         return f"bad value for '{full_key}': {reason[-1].strip() if reason else text}"
     return first_line(err)
+
+
+def causes(err: BaseException) -> list[BaseException]:
+    """The error and the errors it was raised from, outermost first."""
+    chain = [err]
+    while chain[-1].__cause__ is not None and len(chain) < 8:
+        chain.append(chain[-1].__cause__)
+    return chain
 
 
 def hint(word: str, valid: list[str]) -> str:

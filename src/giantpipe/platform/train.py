@@ -1,28 +1,29 @@
-"""`giantpipe-train`: the Hydra app over conf/train.yaml -- compose, check, fit, test, summarize."""
+"""`giantpipe-train`: the Hydra app over conf/train.yaml -- compose, check, fit, test, summarize.
+
+Importing this module imports neither torch nor Lightning: `main` checks the whole command line
+first (preflight), so a bad key or value fails in about a second. The training code's imports
+come inside `run` and `run_job`.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 import warnings
 from pathlib import Path
 
 import hydra
-import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from giantpipe.platform import preflight
 from giantpipe.platform.allocator import keep_freed_memory
-from giantpipe.platform.build import build_callbacks, build_loggers, build_task, build_trainer
 from giantpipe.platform.config import ConfigError, register_schemas, validate
-from giantpipe.platform.launch import launched_externally, spawn
-from giantpipe.platform.plan import check_budget
-from giantpipe.platform.report import print_results
-from giantpipe.platform.summary import write_summary
+from giantpipe.strategies.topology import Topology
 
 log = logging.getLogger("giantpipe")
 # Known noise: every rank's loss is already global under the pipeline (no sync_dist needed),
@@ -41,6 +42,13 @@ def run(cfg: DictConfig, job: dict) -> dict:
     """
     validate(cfg)
     started = time.perf_counter()
+    use_global_rank()
+    import lightning.pytorch as pl
+
+    from giantpipe.platform.build import build_callbacks, build_loggers, build_task, build_trainer
+    from giantpipe.platform.report import print_results
+    from giantpipe.platform.summary import write_summary
+
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
     data, task, extras = build_task(cfg)
@@ -71,6 +79,18 @@ def run(cfg: DictConfig, job: dict) -> dict:
     return summary
 
 
+def use_global_rank() -> int:
+    """Tell Lightning this process's global rank before any logger exists, so that only rank 0
+    creates a logger's experiment (one wandb run, one TensorBoard writer per job). Lightning
+    reads it when first imported, which in a spawned worker can come before the launcher has
+    set RANK; loggers built then would each start their own run."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+    rank_zero_only.rank = rank
+    return rank
+
+
 def job_info() -> dict:
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
@@ -82,6 +102,10 @@ def job_info() -> dict:
 
 def run_job(cfg: DictConfig) -> dict:
     """Run in this process (one device, or already launched by torchrun/SLURM), or spawn workers."""
+    from giantpipe.platform.build import build_task
+    from giantpipe.platform.launch import launched_externally, spawn
+    from giantpipe.platform.plan import check_budget
+
     world = cfg.trainer.devices * cfg.trainer.num_nodes
     job = job_info()
     if cfg.strategy.name == "single" or launched_externally():
@@ -95,9 +119,12 @@ def run_job(cfg: DictConfig) -> dict:
     built = build_task(cfg)  # fail on bad data before starting processes, and fill the data cache once
     check_budget(cfg, built)  # strategy.memory_budget_mb: a plan over it stops here (platform/plan.py)
 
+    placement = [list(r) for r in cfg.strategy.placement] if cfg.strategy.placement else None
+    topology = Topology(cfg.strategy.stages, cfg.strategy.replicas, placement)
+
     def describe(rank: int) -> str:
-        stages = cfg.strategy.stages
-        return f"pipeline stage {rank % stages} (rank {rank}, replica {rank // stages})"
+        stage, replica = topology.coords(rank)
+        return f"pipeline stage {stage} (rank {rank}, replica {replica})"
 
     spawn(run, (cfg, job), world, describe)
     path = Path(cfg.output_dir) / "summary.json"

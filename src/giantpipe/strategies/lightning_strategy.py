@@ -47,6 +47,7 @@ from giantpipe.strategies.partition import (
 )
 from giantpipe.strategies.pipelined_decoding import pipelined_beam_search, pipelined_sample
 from giantpipe.strategies.rendezvous import join_store
+from giantpipe.strategies.rules import check_stage_count
 from giantpipe.strategies.schedule import owner
 from giantpipe.strategies.stage_checkpoint import (
     MANIFEST,
@@ -159,16 +160,13 @@ class PipelineStrategy(DDPStrategy):
     def __init__(self, cfg, **kwargs):
         super().__init__(timeout=timedelta(seconds=cfg.timeout_s), **kwargs)
         self.cfg = cfg
+        placement = [list(r) for r in cfg.placement] if cfg.placement else None
+        self.topology = Topology(cfg.stages, cfg.replicas, placement)  # validated once, read everywhere
         self.runner: PipelineRunner | None = None
         self._balances: dict[int, list[int]] = {}  # by virtual_stages
         self.saves = 0  # checkpoints this process has saved (fault injection counts them)
 
     # ------------------------------------------------------------------ placement
-    @property
-    def topology(self) -> Topology:
-        placement = [list(r) for r in self.cfg.placement] if self.cfg.placement else None
-        return Topology(self.cfg.stages, self.cfg.replicas, placement)
-
     @property
     def distributed_sampler_kwargs(self) -> dict:
         """All stages of one replica read the same batches; replicas split each global batch."""
@@ -243,27 +241,29 @@ class PipelineStrategy(DDPStrategy):
         return int(self.cfg.get("virtual_stages", 1) or 1)
 
     def resolve_balance(self, task, chunks: int | None = None) -> list[int]:
+        """The layer counts per virtual stage: given, or chosen automatically. A measured balance
+        (time, memory) is measured on rank 0 and broadcast: each rank timing its own run could
+        pick other cuts, and stages built from different partitions exchange the wrong carries."""
         balance = self.cfg.balance
         num_layers = len(task.model.layers)
         chunks = self.virtual_stages if chunks is None else chunks
-        if chunks in self._balances:  # measured balances are measured once
+        if chunks in self._balances:  # measured balances are measured once (on every rank together)
             return self._balances[chunks]
         parts = self.cfg.stages * chunks
-        if parts > num_layers:
-            raise ValueError(
-                f"strategy.stages={self.cfg.stages} x virtual_stages={chunks} is more than the "
-                f"model's {num_layers} layers; use at most {num_layers} virtual stages"
-            )
-        if balance == "memory":  # the same memory model as giantpipe-plan
+        check_stage_count(parts, num_layers)
+        measured = balance in ("time", "memory")
+        if measured and self.global_rank != 0:
+            balance = None
+        elif balance == "memory":  # the same memory model as giantpipe-plan
             sample = next(iter(task.trainer.datamodule.train_dataloader()))
             balance = memory_balance(task.model, task.loss_fn, sample, parts,
                                      micro_batches=self.cfg.micro_batches, schedule=self.cfg.schedule,
                                      checkpoint=self.cfg.checkpoint, seed=task.seed)
         elif isinstance(balance, str):
-            sample = None
-            if balance == "time":
-                sample = next(iter(task.trainer.datamodule.train_dataloader()))
+            sample = next(iter(task.trainer.datamodule.train_dataloader())) if measured else None
             balance = auto_balance(task.model, parts, by=balance, sample=sample, seed=task.seed)
+        if measured and self.world_size > 1:
+            balance = self.broadcast(balance, src=0)
         self._balances[chunks] = validate_balance(list(balance), num_layers, parts)
         return self._balances[chunks]
 

@@ -20,38 +20,15 @@ import torch
 from torch import Tensor
 
 from giantpipe.models.contract import Batch, Carry, LayeredModel, materialize
+from giantpipe.strategies.rules import (
+    BALANCE_MODES,
+    check_balance_mode,
+    check_stage_count,
+    validate_balance,
+)
 
-BALANCE_MODES = ("params", "time", "memory")
-
-
-def validate_balance(
-    balance: Sequence[int], num_layers: int, num_stages: int | None = None
-) -> list[int]:
-    """Check an explicit balance against the model; return it as a list of ints."""
-    balance = list(balance)
-    if not balance:
-        raise ValueError("balance is empty: give one layer count per stage, e.g. [2, 2]")
-    if num_stages is not None and len(balance) != num_stages:
-        raise ValueError(
-            f"balance {balance} has {len(balance)} entries but the pipeline has {num_stages} "
-            f"stages: give one layer count per stage"
-        )
-    if len(balance) > num_layers:
-        raise ValueError(
-            f"cannot split {num_layers} layers into {len(balance)} stages: use at most "
-            f"{num_layers} stages"
-        )
-    if any(not isinstance(n, int) or n < 1 for n in balance):
-        raise ValueError(
-            f"balance {balance} has an empty stage: every stage needs at least one layer"
-        )
-    if sum(balance) != num_layers:
-        raise ValueError(
-            f"balance {balance} covers {sum(balance)} layers but the model has {num_layers}: "
-            f"make the counts sum to {num_layers}, or use automatic balance"
-        )
-    return balance
-
+__all__ = ["BALANCE_MODES", "validate_balance", "stage_ranges", "balance_by_cost", "auto_balance",
+           "measure_costs", "partition_table"]
 
 def stage_ranges(balance: Sequence[int]) -> list[range]:
     """The layer indices of each stage."""
@@ -66,10 +43,7 @@ def balance_by_cost(costs: Sequence[float], num_stages: int) -> list[int]:
     """The contiguous partition of `costs` into `num_stages` non-empty parts with the smallest
     maximum part sum (linear-partition dynamic programme, O(N·L²))."""
     num_layers = len(costs)
-    if not 1 <= num_stages <= num_layers:
-        raise ValueError(
-            f"cannot split {num_layers} layers into {num_stages} stages: use 1..{num_layers}"
-        )
+    check_stage_count(num_stages, num_layers)
     prefix = [0.0]
     for c in costs:
         prefix.append(prefix[-1] + float(c))
@@ -130,8 +104,7 @@ def auto_balance(
     **measure_kwargs,
 ) -> list[int]:
     """Balance minimizing the slowest stage, by `params`, measured `time` or `memory`."""
-    if by not in BALANCE_MODES:
-        raise ValueError(f"unknown balance mode {by!r}; choose one of {BALANCE_MODES}")
+    check_balance_mode(by)
     if by == "params":
         costs = param_costs(model)
     elif sample is None:

@@ -16,10 +16,11 @@ from torch import Tensor, nn
 from giantpipe.models.contract import LayeredModel, materialize
 from giantpipe.strategies.comm import Link, LocalLink
 from giantpipe.strategies.partition import stage_ranges, validate_balance
+from giantpipe.strategies.rules import CHECKPOINT_MODES, check_checkpoint_mode
 from giantpipe.strategies.schedule import owner, virtual_stage
 from giantpipe.strategies.topology import Topology
 
-REMAT_MODES = ("always", "except_last", "never")
+REMAT_MODES = CHECKPOINT_MODES  # the rule and its choice list live in strategies/rules.py
 BUCKET_BYTES = 25 * 2**20
 
 
@@ -54,8 +55,7 @@ def validated(
             f"balance {balance} has {num_stages} stages but the topology has "
             f"{topology.num_stages}: give one layer count per stage"
         )
-    if remat_mode not in REMAT_MODES:
-        raise ValueError(f"unknown checkpoint mode {remat_mode!r}; choose one of {REMAT_MODES}")
+    check_checkpoint_mode(remat_mode)
     if micro_batches < 1:
         raise ValueError(f"micro_batches must be at least 1, got {micro_batches}")
     return balance, topology

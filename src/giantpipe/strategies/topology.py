@@ -18,9 +18,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch.distributed as dist
-from torch.distributed import ProcessGroup
+from giantpipe.strategies.rules import (
+    check_dims,
+    check_placement,
+    check_whole_pipelines,
+    check_world_size,
+)
+
+if TYPE_CHECKING:  # torch is imported only to create process groups: the config check reads coords
+    from torch.distributed import ProcessGroup
 
 
 @dataclass(frozen=True)
@@ -33,14 +41,10 @@ class Topology:
     _coords: dict[int, tuple[int, int]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.num_stages < 1 or self.num_replicas < 1:
-            raise ValueError(
-                f"need at least one stage and one replica, got num_stages={self.num_stages}, "
-                f"num_replicas={self.num_replicas}"
-            )
+        check_dims(self.num_stages, self.num_replicas)
         if self.placement is not None:
             object.__setattr__(self, "placement", tuple(tuple(r) for r in self.placement))
-            self._check_placement()
+            check_placement(self.placement, self.num_stages, self.num_replicas)
         coords = {
             self.rank_of(s, r): (s, r)
             for s in range(self.num_stages)
@@ -56,42 +60,15 @@ class Topology:
         placement: Sequence[Sequence[int]] | None = None,
     ) -> Topology:
         """The topology filling `world_size` processes with `num_stages`-stage pipelines."""
-        if num_stages < 1 or world_size % num_stages:
-            raise ValueError(
-                f"{world_size} processes cannot hold whole {num_stages}-stage pipelines: the "
-                f"world size must be a multiple of the stage count (stages × replicas = devices)"
-            )
-        topology = cls(num_stages, world_size // num_stages, placement)
-        return topology
-
-    def _check_placement(self) -> None:
-        placement = self.placement
-        assert placement is not None
-        if len(placement) != self.num_stages or any(
-            len(ranks) != self.num_replicas for ranks in placement
-        ):
-            raise ValueError(
-                f"placement must list {self.num_replicas} rank(s) for each of the "
-                f"{self.num_stages} stages, got {[list(r) for r in placement]}"
-            )
-        flat = sorted(rank for ranks in placement for rank in ranks)
-        if flat != list(range(self.world_size)):
-            raise ValueError(
-                f"placement must use every rank 0..{self.world_size - 1} exactly once, got "
-                f"{[list(r) for r in placement]}"
-            )
+        check_whole_pipelines(num_stages, world_size)
+        return cls(num_stages, world_size // num_stages, placement)
 
     @property
     def world_size(self) -> int:
         return self.num_stages * self.num_replicas
 
     def check_world_size(self, world_size: int) -> None:
-        if world_size != self.world_size:
-            raise ValueError(
-                f"{self.num_stages} stages × {self.num_replicas} replicas need "
-                f"{self.world_size} processes, but the world has {world_size}; change the "
-                f"device count or the stage/replica numbers"
-            )
+        check_world_size(self.num_stages, self.num_replicas, world_size)
 
     def rank_of(self, stage: int, replica: int) -> int:
         if self.placement is not None:
@@ -137,6 +114,8 @@ class Topology:
         Collective: every rank of the world must call it, and it calls `new_group` for all
         groups in the same order on every rank. Groups of one rank are not created (None).
         """
+        import torch.distributed as dist
+
         self.check_world_size(dist.get_world_size())
         stage, replica = self.coords(rank)
         groups = PipelineGroups()

@@ -11,6 +11,7 @@ import math
 import random
 from pathlib import Path
 
+import hydra
 import lightning.pytorch as pl
 import numpy as np
 import torch
@@ -56,7 +57,8 @@ class LocalRunner:
 
 
 class Task(pl.LightningModule):
-    """Shared training machinery: meta-device model, per-layer seeded init, AdamW + warmup."""
+    """Shared training machinery: meta-device model, per-layer seeded init, the configured
+    optimizer and LR schedule (`optim`: {optimizer, lr_schedule} config nodes)."""
 
     def __init__(self, model_factory, loss_fn: SumLoss, optim, seed: int):
         super().__init__()
@@ -123,16 +125,17 @@ class Task(pl.LightningModule):
 
     # ----------------------------------------------------------- optimization
     def configure_optimizers(self):
-        cfg = self.optim_cfg
+        """The `optim` option (a `_partial_` torch.optim class) over this process's parameters,
+        in two groups: matrices with the option's weight decay, vectors (biases, norms) without;
+        and the `lr_schedule` option as a per-step multiplier of its learning rate."""
+        optimizer_cfg, schedule = self.optim_cfg.optimizer, self.optim_cfg.lr_schedule
         decay = [p for p in self.local_parameters() if p.ndim >= 2]
         no_decay = [p for p in self.local_parameters() if p.ndim < 2]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr,
-            betas=tuple(cfg.betas),
-        )
-        total = max(self.trainer.max_steps, 1)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg))
+        make_optimizer = hydra.utils.instantiate(optimizer_cfg, _convert_="all")
+        optimizer = make_optimizer([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        total = max(int(total), 1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, schedule))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ----------------------------------------------------------- steps
@@ -164,13 +167,13 @@ class Task(pl.LightningModule):
 
 
 def lr_factor(step: int, total: int, cfg) -> float:
-    """Linear warmup, then cosine decay to `min_lr_ratio`, constant, or inverse square root."""
+    """`lr_schedule`: linear warmup, then cosine decay to `min_lr_ratio`, constant, or inverse square root."""
     warmup = max(cfg.warmup_steps, 1)
     if step < warmup:
         return (step + 1) / warmup
-    if cfg.schedule == "constant":
+    if cfg.name == "constant":
         return 1.0
-    if cfg.schedule == "inverse_sqrt":
+    if cfg.name == "inverse_sqrt":
         return math.sqrt(warmup / (step + 1))
     progress = min((step - warmup) / max(total - warmup, 1), 1.0)
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
