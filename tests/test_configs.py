@@ -4,7 +4,8 @@ import itertools
 
 import pytest
 
-from giantpipe.platform.config import ConfigError, validate
+from giantpipe.platform.checks import validate_config as validate
+from giantpipe.platform.config import ConfigError
 from giantpipe.platform.preflight import check, compose_train, conf_dir
 
 

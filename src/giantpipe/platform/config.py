@@ -394,11 +394,4 @@ def register_schemas() -> None:
             cs.store(group=group, name=f"{name}_schema", node=node)
 
 
-def validate(cfg) -> None:
-    """Check a composed config's values and cross-group rules (checks.py); raise ConfigError."""
-    from giantpipe.platform.checks import validate_config
-
-    validate_config(cfg)
-
-
-__all__ = ["ConfigError", "register_schemas", "validate", "MISSING"]
+__all__ = ["ConfigError", "register_schemas", "MISSING"]

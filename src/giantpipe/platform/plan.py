@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="also find the most blocks (model.n_layers) that fit --device-memory")
     args = parser.parse_args(argv)
     from giantpipe.platform import preflight
-    from giantpipe.platform.config import validate
+    from giantpipe.platform.checks import validate_config as validate
 
     try:
         preflight.check(args.overrides)

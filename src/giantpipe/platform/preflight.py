@@ -16,7 +16,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from giantpipe.platform.config import ConfigError, register_schemas, validate
+from giantpipe.platform.checks import validate_config as validate
+from giantpipe.platform.config import ConfigError, register_schemas
 
 CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
 # Keys that moved to another group, and where they live now.

@@ -22,7 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from giantpipe.platform import preflight
 from giantpipe.platform.allocator import keep_freed_memory
-from giantpipe.platform.config import ConfigError, register_schemas, validate
+from giantpipe.platform.checks import validate_config as validate
+from giantpipe.platform.config import ConfigError, register_schemas
 from giantpipe.strategies.topology import Topology
 
 log = logging.getLogger("giantpipe")
