@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -21,6 +22,33 @@ TINY = [
     "trainer.limit_test_batches=2", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
     "lr_schedule.warmup_steps=2",
 ]
+
+
+# Tiny GNMT: trains, validates and decodes in seconds.
+TINY_GNMT = [
+    "model=gnmt", "model.hidden_size=16", "model.num_encoder_layers=2", "model.num_decoder_layers=2",
+    "model.dropout=0", "model.decode.beam_size=2", "model.decode.max_len=12", "model.decode.num_samples=3",
+    "data.size=2000", "data.val_size=40", "data.test_size=40", "data.vocab_size=200", "data.batch_size=16",
+    "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
+    "lr_schedule.warmup_steps=2",
+]
+
+PIPE2 = ["strategy=pipeline", "strategy.stages=2", "trainer.devices=2"]
+
+
+def shard_files(manifest) -> list[str]:
+    """The stage shard files a pipelined checkpoint's manifest lists."""
+    import torch
+
+    from giantpipe.strategies.stage_checkpoint import MANIFEST
+
+    return torch.load(manifest, weights_only=False)[MANIFEST]["files"]
+
+
+def losses(run_dir) -> dict[int, float]:
+    rows = csv.DictReader((run_dir / "csv" / "metrics.csv").open())
+    return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, run_train
-from test_pipeline_cli import PIPE2
+from conftest import PIPE2, TINY, run_train
 
 ARGS = TINY + ["trainer.max_steps=5", "trainer.val_check_interval=2", "logger=csv", "run_test=false"]
 PIPE = PIPE2 + ["strategy.micro_batches=2"]

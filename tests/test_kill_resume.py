@@ -21,10 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, run_train
+from conftest import PIPE2, TINY, losses, run_train
 from giantpipe.strategies.stage_checkpoint import consolidate, load_checkpoint
 from run_processes import assert_same_state, finish, launch, leftovers, wait_for
-from test_pipeline_cli import PIPE2, losses
 
 TIMEOUT_S = 10
 STEPS = ["trainer.max_steps=8", "trainer.val_check_interval=2", "callbacks.model_checkpoint.save_top_k=-1",

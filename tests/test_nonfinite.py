@@ -9,11 +9,10 @@ import re
 
 import torch
 
-from conftest import TINY, read_summary
+from conftest import PIPE2, TINY, read_summary, shard_files
 from giantpipe.platform.nonfinite import locate
 from giantpipe.strategies.stage_checkpoint import load_checkpoint
 from run_processes import finish, launch, leftovers
-from test_pipeline_cli import PIPE2, shard_files
 
 ARGS = TINY + PIPE2 + ["trainer.max_steps=8", "trainer.val_check_interval=2", "logger=csv",
                        "strategy.micro_batches=2", "run_test=false"]

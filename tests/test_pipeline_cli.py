@@ -1,7 +1,6 @@
 """The pipeline through the real entry point: same losses as one device, torchrun on one and two
 "nodes", sweeps, export, resume from stage shards. Faults: test_kill_resume.py; resharding: test_reshard.py."""
 
-import csv
 import json
 import os
 import subprocess
@@ -9,22 +8,8 @@ import sys
 
 import pytest
 
-from conftest import TINY, read_summary, run_train
+from conftest import PIPE2, TINY, losses, read_summary, run_train, shard_files
 from giantpipe.platform.launch import free_port
-
-PIPE2 = ["strategy=pipeline", "strategy.stages=2", "trainer.devices=2"]
-
-
-def shard_files(manifest) -> list[str]:
-    """The stage shard files a pipelined checkpoint's manifest lists."""
-    import torch
-
-    return torch.load(manifest, weights_only=False)["giantpipe_shards"]["files"]
-
-
-def losses(run_dir) -> dict[int, float]:
-    rows = csv.DictReader((run_dir / "csv" / "metrics.csv").open())
-    return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, read_summary, run_train
-from test_pipeline_cli import losses, shard_files
-from test_translation_task import TINY_GNMT
+from conftest import TINY, TINY_GNMT, losses, read_summary, run_train, shard_files
 
 # A LAS small enough to train, test and decode in seconds.
 TINY_LAS = [

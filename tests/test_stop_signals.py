@@ -10,10 +10,9 @@ import signal
 
 import pytest
 
-from conftest import TINY
+from conftest import PIPE2, TINY
 from giantpipe.strategies.stage_checkpoint import consolidate
 from run_processes import finish, launch, leftovers, wait_for
-from test_pipeline_cli import PIPE2
 
 # Long enough that the signal always lands in training; a checkpoint every 2 steps.
 ARGS = TINY + PIPE2 + ["trainer.max_steps=100000", "trainer.val_check_interval=2", "logger=none",

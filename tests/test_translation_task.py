@@ -12,7 +12,7 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import read_summary, run_train
+from conftest import TINY_GNMT, read_summary, run_train
 from giantpipe.platform.config import ConfigError
 from giantpipe.platform.data.buckets import EvalBucketSampler
 from giantpipe.platform.data.translation_module import TranslationDataModule
@@ -20,14 +20,6 @@ from giantpipe.platform.data.verbalization_corpus import generate_pairs
 from giantpipe.platform.preflight import check, compose_train
 
 # A GNMT and corpus small enough to train, validate and decode in seconds.
-TINY_GNMT = [
-    "model=gnmt", "model.hidden_size=16", "model.num_encoder_layers=2", "model.num_decoder_layers=2",
-    "model.dropout=0", "model.decode.beam_size=2", "model.decode.max_len=12", "model.decode.num_samples=3",
-    "data.size=2000", "data.val_size=40", "data.test_size=40", "data.vocab_size=200", "data.batch_size=16",
-    "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=2",
-    "trainer.limit_test_batches=2", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
-    "lr_schedule.warmup_steps=2",
-]
 EVAL = [sys.executable, "-m", "giantpipe.platform.evaluate"]
 
 
