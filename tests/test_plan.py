@@ -15,8 +15,8 @@ import torch
 from conftest import TINY, run_train
 from giantpipe.models.giant_net import GiantNet
 from giantpipe.models.losses import TokenCrossEntropy
-from giantpipe.strategies.lightning_strategy import check_stage_memory
 from giantpipe.strategies.memory_model import MB, LayerProfile, MemoryModel, profile_layers
+from giantpipe.strategies.pipeline_runner import check_stage_memory
 
 PIPE = ["strategy=pipeline", "strategy.micro_batches=4", "strategy.checkpoint=always"]
 

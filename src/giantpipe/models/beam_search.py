@@ -155,13 +155,7 @@ def beam_search(
                 finished[b].append(_finish(history[row], float(top_scores[b, r]), t, coverage,
                                            row, row_src_len[row], alpha, beta))
 
-        # the best k candidates that did not end live on
-        rank = torch.arange(top_idx.size(1), device=device).expand_as(top_idx)
-        keep = (rank + is_eos.long() * top_idx.size(1)).argsort(dim=1)[:, :k]
-        cum = torch.where(is_eos.gather(1, keep), float("-inf"), top_scores.gather(1, keep))
-        rows = (torch.arange(batch, device=device).unsqueeze(1) * k + src_beam.gather(1, keep))
-        rows = rows.view(-1)
-        tokens = top_tok.gather(1, keep).view(-1)
+        cum, rows, tokens = _survivors(top_scores, src_beam, top_tok, is_eos, k)
         history = torch.cat([history.index_select(0, rows), tokens.unsqueeze(1)], dim=1)
         coverage = None if coverage is None else coverage.index_select(0, rows)
         state = decoder.reorder(state, rows)
@@ -171,6 +165,18 @@ def beam_search(
         if all(done):
             break
     return BeamSearchResult([sorted(f, key=lambda h: -h.score)[:n_best] for f in finished])
+
+
+def _survivors(top_scores: Tensor, src_beam: Tensor, top_tok: Tensor, is_eos: Tensor,
+               k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The best k candidates that did not end live on: their scores (B, k), the rows of the
+    beams they extend (B*k) and their tokens (B*k)."""
+    batch, width = top_scores.shape
+    rank = torch.arange(width, device=top_scores.device).expand_as(top_scores)
+    keep = (rank + is_eos.long() * width).argsort(dim=1)[:, :k]
+    cum = torch.where(is_eos.gather(1, keep), float("-inf"), top_scores.gather(1, keep))
+    rows = torch.arange(batch, device=top_scores.device).unsqueeze(1) * k + src_beam.gather(1, keep)
+    return cum, rows.view(-1), top_tok.gather(1, keep).view(-1)
 
 
 def _only_eos_where(lp_bkv: Tensor, forced_b: Tensor, eos_id: int) -> None:

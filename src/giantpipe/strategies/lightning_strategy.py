@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import uuid
-from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -33,19 +32,17 @@ from lightning.pytorch.trainer import call
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
-from giantpipe.models.contract import DecodeResult
 from giantpipe.strategies import schedule_auto
 from giantpipe.strategies.batchnorm import DeferredBatchNorm
-from giantpipe.strategies.chunked_decoding import chunked_beam_search, chunked_sample
 from giantpipe.strategies.engine import PipelineEngine
-from giantpipe.strategies.faults import maybe_inject, maybe_inject_in_save, maybe_skip_join
-from giantpipe.strategies.memory_model import memory_balance, status_kb
+from giantpipe.strategies.faults import maybe_inject_in_save, maybe_skip_join
+from giantpipe.strategies.memory_model import memory_balance
 from giantpipe.strategies.partition import (
     auto_balance,
     partition_table,
     validate_balance,
 )
-from giantpipe.strategies.pipelined_decoding import pipelined_beam_search, pipelined_sample
+from giantpipe.strategies.pipeline_runner import PipelineRunner
 from giantpipe.strategies.rendezvous import join_store
 from giantpipe.strategies.rules import check_stage_count
 from giantpipe.strategies.schedule import owner
@@ -69,87 +66,6 @@ from giantpipe.strategies.stage_checkpoint import (
 from giantpipe.strategies.topology import Topology
 
 log = logging.getLogger(__name__)
-
-
-class PipelineRunner:
-    """The task's runner under the pipeline: each step runs the engine's schedule."""
-
-    def __init__(self, engine: PipelineEngine, timeout_s: float = 1800.0, memory_budget_mb: float | None = None):
-        self.engine, self.timeout_s, self.memory_budget_mb = engine, timeout_s, memory_budget_mb
-        self.parked: list[Tensor | None] | None = None
-        self.steps = 0
-        self.undo_fault = None  # removes a fault that lasts one step (kind=nan, nangrad)
-
-    def train_loss(self, batch) -> Tensor:
-        params = list(self.engine.parameters())
-        for p in params:  # the previous step's gradients are still there: Lightning zeroes later
-            p.grad = None
-        if self.undo_fault is not None:
-            self.undo_fault = self.undo_fault()
-        local = [self.engine.module.layers[i] for i in self.engine.layer_indices]
-        self.undo_fault = maybe_inject(self.engine.stage, self.steps, self.timeout_s, local)
-        self.steps += 1
-        with peers_named(self.engine):
-            loss = self.engine.train_step(batch)
-        self.parked = [p.grad for p in params]
-        for p in params:
-            p.grad = None
-        check_stage_memory(self.engine, self.memory_budget_mb)
-        return loss
-
-    def eval_loss(self, batch) -> Tensor:
-        with peers_named(self.engine):
-            return self.engine.eval_step(batch)
-
-    def decode(self, batch, **search) -> DecodeResult:
-        """Beam search through the pipeline (all its ranks together); every rank gets the
-        result one device would (strategies/pipelined_decoding.py)."""
-        if self.engine.virtual_stages > 1:  # forward only, chunk by chunk
-            return chunked_beam_search(self.engine, batch, **search)
-        return pipelined_beam_search(self.engine, batch, **search)
-
-    def sample(self, batch, **sampling) -> DecodeResult:
-        """Sampled candidates through the pipeline, the same as one device's."""
-        if self.engine.virtual_stages > 1:
-            return chunked_sample(self.engine, batch, **sampling)
-        return pipelined_sample(self.engine, batch, **sampling)
-
-    def restore_gradients(self, scale: float) -> None:
-        if self.parked is None:
-            return
-        for p, g in zip(self.engine.parameters(), self.parked):
-            if g is None:
-                continue
-            g = g * scale if scale != 1.0 else g
-            p.grad = g if p.grad is None else p.grad + g
-        self.parked = None
-
-
-def check_stage_memory(engine: PipelineEngine, budget_mb: float | None) -> None:
-    """A stage whose process passed `strategy.memory_budget_mb` (peak resident memory) fails, named."""
-    peak_kb = status_kb() if budget_mb is not None else None
-    if peak_kb is not None and peak_kb / 1024 > budget_mb:
-        raise MemoryError(
-            f"stage {engine.stage} (rank {engine.rank}) reached {peak_kb / 1024:.0f} MiB resident, over "
-            f"strategy.memory_budget_mb={budget_mb:.0f}; run giantpipe-plan with the same overrides for a "
-            f"configuration that fits (more stages, strategy.checkpoint=always, strategy.balance=memory)"
-        )
-
-
-@contextmanager
-def peers_named(engine: PipelineEngine):
-    """Turn gloo's "Timed out waiting 10000ms for recv" into which stages went silent."""
-    try:
-        yield
-    except RuntimeError as err:
-        if "Timed out" not in str(err) and "timed out" not in str(err):
-            raise
-        stage = engine.stage
-        peers = [s for s in (stage - 1, stage + 1) if 0 <= s < engine.num_stages]
-        raise RuntimeError(
-            f"stage {stage} got no answer from stage {' or '.join(map(str, peers))} within strategy.timeout_s: "
-            "that stage died, hung or is unreachable"
-        ) from err
 
 
 class PipelineStrategy(DDPStrategy):
