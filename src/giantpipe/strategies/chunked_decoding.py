@@ -16,7 +16,7 @@ from torch import Tensor
 
 from giantpipe.models.candidate_sampling import sample_candidates
 from giantpipe.models.contract import Batch, Carry, DecodeResult, batch_size
-from giantpipe.strategies.pipelined_decoding import PipelinedStepDecoder
+from giantpipe.strategies.pipelined_decoding import PipelinedStepDecoder, search_through
 from giantpipe.strategies.schedule import owner
 
 
@@ -110,20 +110,10 @@ def _all_chunk_ranges(engine) -> list[range]:
 @torch.no_grad()
 def chunked_beam_search(engine, batch: Batch, **search) -> DecodeResult:
     """`pipelined_beam_search` for an engine with several chunks per stage."""
-    return _through_chunks(engine, batch, engine.module.beam_search, search)
+    return search_through(ChunkedStepDecoder(engine), engine, batch, engine.module.beam_search, search)
 
 
 @torch.no_grad()
 def chunked_sample(engine, batch: Batch, **sampling) -> DecodeResult:
     """`pipelined_sample` (risk training's sampled candidates) over several chunks per stage."""
-    return _through_chunks(engine, batch, sample_candidates, sampling)
-
-
-def _through_chunks(engine, batch: Batch, search_fn, kwargs: dict) -> DecodeResult:
-    decoder = ChunkedStepDecoder(engine)
-    batch = {k: v.to(engine.device) for k, v in batch.items()}
-    try:
-        encoded, src_len = decoder.encode(batch)
-        return search_fn(decoder, encoded, src_len, **kwargs)
-    finally:
-        decoder.wait()
+    return search_through(ChunkedStepDecoder(engine), engine, batch, sample_candidates, sampling)

@@ -169,7 +169,7 @@ def pipelined_beam_search(engine, batch: Batch, **search) -> DecodeResult:
     """Beam search over `batch` through the engine's pipeline; every rank of the pipeline calls
     it together and gets the same result, equal to `beam_search` on one device. `search` takes
     `beam_search`'s keyword arguments (bos_id, eos_id, beam_size, alpha, beta, max_len, ...)."""
-    return _through_pipeline(engine, batch, engine.module.beam_search, search)
+    return search_through(decoder_for_engine(engine), engine, batch, engine.module.beam_search, search)
 
 
 @torch.no_grad()
@@ -177,11 +177,11 @@ def pipelined_sample(engine, batch: Batch, **sampling) -> DecodeResult:
     """`sample_candidates` through the engine's pipeline (every rank together, with the same
     `keys`): the same samples as one device, since every rank sees the last stage's
     log-probabilities and draws from the same keyed noise."""
-    return _through_pipeline(engine, batch, sample_candidates, sampling)
+    return search_through(decoder_for_engine(engine), engine, batch, sample_candidates, sampling)
 
 
-def _through_pipeline(engine, batch: Batch, search_fn, kwargs: dict) -> DecodeResult:
-    decoder = decoder_for_engine(engine)
+def search_through(decoder, engine, batch: Batch, search_fn, kwargs: dict) -> DecodeResult:
+    """Run `search_fn` (beam search, sampling) over a step decoder that spans the pipeline."""
     batch = {k: v.to(engine.device) for k, v in batch.items()}
     try:
         encoded, src_len = decoder.encode(batch)
