@@ -132,32 +132,32 @@ class LASConfig:
 class TextDataConfig:
     """Text for the language model: stdlib source (embedded), a HF dataset, or local files."""
 
-    family: str = "language_model"
+    family: str = "language_model"  # the task family; checked against model.family
     source: str = "stdlib"  # stdlib | hf | files
     name: str | None = None  # HF dataset name (source=hf)
-    config_name: str | None = None
-    hf_split: str = "train"
-    text_field: str = "text"
+    config_name: str | None = None  # HF dataset configuration (source=hf)
+    hf_split: str = "train"  # the HF split read and cut into train/val/test (source=hf)
+    text_field: str = "text"  # the record field holding the text (source=hf)
     paths: list[str] = field(default_factory=list)  # source=files: text files or globs
     max_bytes: int = 4_000_000  # source=stdlib: how much source text to read
     tokenizer: str = "bytes"  # bytes | bpe
     vocab_size: int = 4096  # tokenizer=bpe
-    seq_len: int = 128
+    seq_len: int = 128  # tokens per training sequence
     batch_size: int = 32  # global batch (all replicas together)
-    val_fraction: float = 0.03
-    test_fraction: float = 0.03
-    num_workers: int = 0
-    cache_dir: str = CACHE_DIR
+    val_fraction: float = 0.03  # share of the text held out for validation
+    test_fraction: float = 0.03  # ... and for test
+    num_workers: int = 0  # DataLoader worker processes
+    cache_dir: str = CACHE_DIR  # prepared corpora and tokenizers (GIANTPIPE_CACHE)
 
 
 @dataclass
 class TranslationDataConfig:
     """Sentence pairs: the embedded En->De verbalization corpus, local files or a HF dataset."""
 
-    family: str = "translation"
+    family: str = "translation"  # the task family; checked against model.family
     source: str = "default"  # default | files | hf
-    src_lang: str = "en"
-    tgt_lang: str = "de"
+    src_lang: str = "en"  # source language key of the records
+    tgt_lang: str = "de"  # target language key
     # source=files: one json/jsonl/tsv file or a [source.txt, target.txt] pair, cut into
     # splits by val_size/test_size; or one such entry per split: train_paths, validation_paths
     # and test_paths (all three, or train_paths alone, which is then cut)
@@ -168,44 +168,44 @@ class TranslationDataConfig:
     hf_name: str | None = None  # source=hf, e.g. wmt16
     hf_config: str | None = None  # e.g. de-en
     streaming: bool = False  # source=hf: read the hub's shards as they come (no full download)
-    hf_splits: dict[str, str] = field(default_factory=lambda: dict(HF_SPLITS))
+    hf_splits: dict[str, str] = field(default_factory=lambda: dict(HF_SPLITS))  # our split -> hub split
     size: int = 40_000  # source=default: pairs generated
     split_seed: int = 0  # generates the default corpus and cuts splits; not the run's seed,
     # so runs with different seeds share one test set
     val_size: int = 1000  # distinct source sentences cut off for validation (when cutting)
-    test_size: int = 1000
+    test_size: int = 1000  # ... and for test
     max_words: int | None = 250  # pairs with longer sentences are skipped (and counted)
     tokenizer: str = "bpe"  # bpe | unigram | wordpiece, trained on the train split
     tokenizer_sample: int = 500_000  # wordpieces train on a uniform sample of this many train pairs
-    vocab_size: int = 1000
+    vocab_size: int = 1000  # wordpiece vocabulary size
     shared_vocab: bool = True  # one vocabulary for both languages
     max_tokens: int | None = 128  # training pairs longer than this (in wordpieces) are skipped
     eval_max_tokens: int | None = None  # the same for validation/test (None keeps all)
     batch_size: int = 64  # global batch (all replicas together)
     pool_batches: int = 50  # length bucketing: sort within pools of this many batches
-    num_workers: int = 0
-    cache_dir: str = CACHE_DIR
+    num_workers: int = 0  # DataLoader worker processes
+    cache_dir: str = CACHE_DIR  # prepared corpora and tokenizers (GIANTPIPE_CACHE)
 
 
 @dataclass
 class SpecAugmentConfig:
     """Frequency and time masks on training features (Park et al. 2019); 0 masks turn it off."""
 
-    freq_masks: int = 2
-    freq_width: int = 27
-    time_masks: int = 2
-    time_width: int = 40
-    max_time_ratio: float = 0.2
+    freq_masks: int = 2  # frequency masks per utterance
+    freq_width: int = 27  # widest frequency mask, in mel bins
+    time_masks: int = 2  # time masks per utterance
+    time_width: int = 40  # widest time mask, in frames
+    max_time_ratio: float = 0.2  # a time mask covers at most this share of the utterance
 
 
 @dataclass
 class SpeechDataConfig:
     """Utterances and transcripts: the embedded eSpeak corpus, local audio files or a HF dataset."""
 
-    family: str = "speech"
+    family: str = "speech"  # the task family; checked against model.family
     source: str = "default"  # default | files | hf
     # source=default: synthesized once and cached; validation and test use held-out voices
-    train_size: int = 4000
+    train_size: int = 4000  # utterances synthesized per split
     val_size: int = 300
     test_size: int = 300
     corpus_seed: int = 0  # generates the default corpus; not the run's seed
@@ -215,13 +215,13 @@ class SpeechDataConfig:
     train_paths: list[str] = field(default_factory=list)
     validation_paths: list[str] = field(default_factory=list)
     test_paths: list[str] = field(default_factory=list)
-    audio_dir: str | None = None
+    audio_dir: str | None = None  # where audio files live when not beside the transcripts
     # source=hf: {"audio": {"array", "sampling_rate"}, "text"} records
-    hf_name: str | None = None
-    hf_config: str | None = None
-    hf_splits: dict[str, str] = field(default_factory=lambda: dict(HF_SPLITS))
+    hf_name: str | None = None  # e.g. librispeech_asr
+    hf_config: str | None = None  # e.g. clean
+    hf_splits: dict[str, str] = field(default_factory=lambda: dict(HF_SPLITS))  # our split -> hub split
     streaming: bool = False  # read the hub's shards as they come (no full download)
-    audio_field: str = "audio"
+    audio_field: str = "audio"  # record fields (source=hf)
     text_field: str = "text"
     units: str = "graphemes"  # graphemes | wordpieces (BPE trained on the train transcripts)
     vocab_size: int = 500  # units=wordpieces
@@ -233,8 +233,8 @@ class SpeechDataConfig:
     max_seconds: float | None = 30.0  # longer utterances are skipped (and counted)
     batch_size: int = 32  # global batch (all replicas together)
     pool_batches: int = 50  # length bucketing: sort within pools of this many batches
-    num_workers: int = 0
-    cache_dir: str = CACHE_DIR
+    num_workers: int = 0  # DataLoader worker processes
+    cache_dir: str = CACHE_DIR  # prepared corpora and tokenizers (GIANTPIPE_CACHE)
 
 
 # ---------------------------------------------------------------- loss
