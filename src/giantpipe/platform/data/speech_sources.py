@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -33,11 +34,12 @@ SPLITS = ("train", "validation", "test")
 PathSpec = str | Path
 
 
-class SpeechSource:
+class SpeechSource(ABC):
     """Items (audio, transcript) in order; `items` counts unreadable ones and goes on."""
 
+    @abstractmethod
     def items(self, counts: SkipCounts) -> Iterator[tuple[np.ndarray, str]]:
-        raise NotImplementedError
+        """Yield (16 kHz mono audio, normalized transcript) pairs, counting what is skipped."""
 
 
 class RecordSource(SpeechSource):
