@@ -7,8 +7,9 @@ install:
 train: install
 	.venv/bin/giantpipe-train $(ARGS)
 
+# One pytest worker per core; a module whose tests share runs stays on one worker (xdist_group).
 test: install
-	WANDB_MODE=offline .venv/bin/python -m pytest -q $(ARGS)
+	WANDB_MODE=offline .venv/bin/python -m pytest -q -n auto --dist loadgroup $(ARGS)
 
 lint: install
 	.venv/bin/ruff check src tests scripts

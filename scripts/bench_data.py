@@ -1,8 +1,10 @@
 """The data pipeline at scale: preparation, start-up, per-process memory and throughput.
 
-    nice -n 10 .venv/bin/python scripts/bench_data.py                  # 30k, 300k, 3M pairs; 2k, 20k utterances
+    .venv/bin/python scripts/bench_data.py                  # 30k, 300k, 3M pairs; 2k, 20k utterances
     .venv/bin/python scripts/bench_data.py --pairs 30000 --utterances 2000
-    .venv/bin/python scripts/bench_data.py --quick                     # 3k, 30k pairs; 200 utterances
+    .venv/bin/python scripts/bench_data.py --quick          # 3k, 30k pairs; 200 utterances
+    .venv/bin/python scripts/bench_data.py --pairs 30000 --utterances --stages --keep-prepared --append
+                                                            # re-measure one row's start-up and speed
 
 Translation corpora are JSONL files of `--pairs` pairs (6-20 words a side, words drawn with a
 Zipf law from a real vocabulary: the words of the Python standard library's source), written as
@@ -11,8 +13,10 @@ For each corpus, in fresh processes: the preparation (`prep_s`, and its peak res
 the second run's start-up (`startup_s`: opening the prepared data and building the first
 batch; `startup_process_s` with Python's imports), the peak resident memory (VmHWM) of a short
 training run with one process and of the launcher and every stage of 2- and 4-stage pipelines,
-and training tokens/s of the same model fed by the data pipeline and from memory (batches
-collated beforehand), in alternating rounds. Writes `bench_data.json` (with the load average).
+and training tokens/s of the same model fed by the data pipeline in the training process, by
+one DataLoader worker, and from memory (the same batches collated beforehand), in alternating
+rounds. Writes `bench_data.json` (with the load average); `--append` updates the rows of the
+corpora it measures and keeps the others. Run it alone: its times are the machine's.
 """
 
 from __future__ import annotations
@@ -187,11 +191,16 @@ def child_main(kind: str, mode: str, overrides: list[str]) -> dict:
     if mode == "open":
         return {"startup_s": round(ready, 3), "import_s": round(imported - start, 1),
                 "batch_items": int(first["tgt_out"].shape[0])}
-    return {"open_s": round(ready, 3), **throughput(task, loader)}
+    data.cfg.num_workers = 1  # the same batches built by one DataLoader worker process
+    return {"open_s": round(ready, 3), **throughput(task, loader, data.train_dataloader())}
 
 
-def throughput(task, loader, steps: int = 20, rounds: int = 3) -> dict:
-    """Training tokens/s with batches from `loader` vs the same batches collated beforehand."""
+def throughput(task, loader, worker_loader, steps: int = 10, rounds: int = 15) -> dict:
+    """Training tokens/s fed by the data pipeline in the training process (`loader`), by one
+    DataLoader worker (`worker_loader`, the same batches), and from memory (those batches
+    collated beforehand): `rounds` rounds of `steps` steps each, every round over the next
+    batches for all three feeds, in an order that rotates from round to round; medians. Each
+    feed keeps one iterator for all its rounds, as an epoch of training does."""
     import torch
 
     from giantpipe.models.contract import materialize
@@ -211,19 +220,25 @@ def throughput(task, loader, steps: int = 20, rounds: int = 3) -> dict:
             tokens += task.batch_tokens(batch)
         return tokens / (time.perf_counter() - start)
 
-    def from_loader():
-        iterator = iter(loader)
-        return (next(iterator) for _ in range(steps))
-
-    in_memory = list(from_loader())
+    feeds = {"pipeline": iter(loader), "worker": iter(worker_loader)}
+    in_memory = [batch for _, batch in zip(range(steps * rounds + 1), iter(loader))]
+    for feed in feeds.values():  # the same batches in the same order; the worker has started
+        assert torch.equal(next(feed)["index"], in_memory[0]["index"])
     train(in_memory[:3])  # warm up
-    piped, memory = [], []
-    for _ in range(rounds):
-        piped.append(train(from_loader()))
-        memory.append(train(in_memory))
-    return {"tokens_per_s_pipeline": round(float(np.median(piped)), 1),
-            "tokens_per_s_memory": round(float(np.median(memory)), 1),
-            "ratio": round(float(np.median(piped) / np.median(memory)), 3)}
+    speeds: dict[str, list[float]] = {"pipeline": [], "worker": [], "memory": []}
+    for r in range(rounds):
+        names = list(speeds)[r % 3:] + list(speeds)[:r % 3]
+        for name in names:
+            if name == "memory":
+                speeds[name].append(train(in_memory[1 + r * steps:1 + (r + 1) * steps]))
+            else:
+                speeds[name].append(train(next(feeds[name]) for _ in range(steps)))
+    median = {k: float(np.median(v)) for k, v in speeds.items()}
+    return {"tokens_per_s_pipeline": round(median["pipeline"], 1),
+            "tokens_per_s_worker": round(median["worker"], 1),
+            "tokens_per_s_memory": round(median["memory"], 1),
+            "ratio": round(median["pipeline"] / median["memory"], 3),
+            "ratio_worker": round(median["worker"] / median["memory"], 3)}
 
 
 # --- the benchmark -------------------------------------------------------------------------------
@@ -254,7 +269,7 @@ def bench_corpus(kind: str, size: int, base: list[str], cache: Path, env: dict,
         print(f"  {kind} {size}: {stages} stage(s) {row[f'train_{stages}']}", flush=True)
     if kind == "translation" and speed:
         row["throughput"] = {k: v for k, v in child(kind, "throughput", base, env).items()
-                             if k.startswith("tokens") or k == "ratio"}
+                             if k.startswith(("tokens", "ratio"))}
     row["loadavg_end"] = os.getloadavg()[0]
     return row
 
@@ -267,8 +282,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--work", default=os.environ.get("BENCH_DATA_DIR", "/work/cache/bench_data"),
                         help="corpora and caches go here (not the repository)")
     parser.add_argument("--out", default="bench_data.json")
-    parser.add_argument("--append", action="store_true", help="add rows to an existing --out")
-    parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 4],
+    parser.add_argument("--append", action="store_true", help="update or add rows of an existing --out")
+    parser.add_argument("--stages", type=int, nargs="*", default=[1, 2, 4],
                         help="pipeline stage counts whose per-process memory is measured")
     parser.add_argument("--no-throughput", action="store_true")
     parser.add_argument("--keep-prepared", action="store_true",
@@ -295,18 +310,26 @@ def main(argv: list[str] | None = None) -> dict:
         row = bench_corpus("translation", pairs, base, cache, env, args.keep_prepared, args.stages,
                            not args.no_throughput)
         row["corpus_s"] = round(time.perf_counter() - start, 1)
-        result["rows"].append(row)
+        _put_row(result, row)
         _save(result, args.out)
     for utterances in args.utterances:
         cache = work / "cache-speech"  # the synthesized corpus is shared; prepared data is keyed
         base = [*TINY_LAS, "data=speech_default", f"data.train_size={utterances}", "data.val_size=100",
                 "data.test_size=100", f"data.cache_dir={cache}"]
-        result["rows"].append(bench_corpus("speech", utterances, base, cache, env,
-                                           stage_counts=args.stages))
+        _put_row(result, bench_corpus("speech", utterances, base, cache, env, stage_counts=args.stages))
         _save(result, args.out)
     result["meta"]["loadavg_end"] = os.getloadavg()
     _save(result, args.out)
     return result
+
+
+def _put_row(result: dict, row: dict) -> None:
+    """Add `row`, or update the row of the same corpus (kind and size) with what was measured now."""
+    same = [r for r in result["rows"] if (r["kind"], r["size"]) == (row["kind"], row["size"])]
+    if same:
+        same[0].update(row)
+    else:
+        result["rows"].append(row)
 
 
 def _save(result: dict, out: str) -> None:
@@ -316,7 +339,7 @@ def _save(result: dict, out: str) -> None:
 def table(result: dict) -> str:
     """The README table of a result: one row per corpus."""
     lines = ["| corpus | prepare | start-up (process) | peak MB: 1 process | 2 stages: launcher, stages "
-             "| 4 stages: launcher, stages | tokens/s pipeline / memory |",
+             "| 4 stages: launcher, stages | tokens/s: in the process, 1 worker / memory |",
              "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         unit = "pairs" if r["kind"] == "translation" else "utterances"
@@ -324,8 +347,9 @@ def table(result: dict) -> str:
         stages = [", ".join([f"{t['launcher_mb']:.0f}"] + [f"{m:.0f}" for m in t["stage_mb"]]) if t else "–"
                   for t in (t2, t4)]
         tp = r.get("throughput")
-        speed = (f"{tp['tokens_per_s_pipeline']:.0f} / {tp['tokens_per_s_memory']:.0f} ({tp['ratio']:.2f}×)"
-                 if tp else "–")
+        speed = (f"{tp['tokens_per_s_pipeline']:.0f} ({tp['ratio']:.2f}×), "
+                 f"{tp['tokens_per_s_worker']:.0f} ({tp['ratio_worker']:.2f}×) / {tp['tokens_per_s_memory']:.0f}"
+                 if tp and "ratio_worker" in tp else "–")
         lines.append(f"| {r['size']:,} {unit} | {r['prep_s']:.1f} s ({r['prep_peak_mb']:.0f} MB) "
                      f"| {r['startup_s']:.2f} s ({r['startup_process_s']:.1f} s) | {t1.get('launcher_mb', 0):.0f} "
                      f"| {stages[0]} | {stages[1]} | {speed} |")

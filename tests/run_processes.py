@@ -31,7 +31,7 @@ def session_alive(pid: int) -> bool:
     return True
 
 
-def leftovers(session: int, wait_s: float = 10.0) -> list[str]:
+def leftovers(session: int, wait_s: float = 30.0) -> list[str]:
     """Command lines of processes still in the run's session after at most `wait_s` (the
     multiprocessing resource tracker takes a moment to notice its parent is gone). Zombies
     count as gone: they have ended and only wait to be reaped."""

@@ -2,15 +2,14 @@
 
 Only the global rank 0 creates a logger's experiment; the other ranks' figures reach it through
 Lightning (pipeline/stage{s}/* are all-gathered first). Read from the files the loggers wrote:
-the offline wandb run's protobuf log and the TensorBoard event files.
+the offline wandb run's protobuf log and the TensorBoard event files. One device:
+test_train_cli.py's local-files run.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-
-import pytest
 
 from conftest import TINY, read_summary, run_train
 from offline_wandb import read_run
@@ -61,11 +60,3 @@ def test_one_run_per_job_for_two_stages_by_two_replicas(tmp_path):
     run_train([*LOGGED, "strategy.stages=2", "strategy.replicas=2", "trainer.devices=4", f"hydra.run.dir={job}"],
               tmp_path, timeout=400)
     check_one_run(job, stages=2)
-
-
-@pytest.mark.parametrize("logger", ["wandb", "tensorboard"])
-def test_a_single_device_run_has_one_run_too(tmp_path, logger):
-    job = tmp_path / "run"
-    run_train([*TINY, "trainer.max_steps=2", f"logger={logger}", "callbacks=none", f"hydra.run.dir={job}"],
-              tmp_path)
-    assert len(wandb_runs(job) if logger == "wandb" else tensorboard_writers(job)) == 1

@@ -1,5 +1,7 @@
 """The pipeline through the real entry point: same losses as one device, torchrun on one and two
-"nodes", sweeps, export, resume from stage shards. Faults: test_kill_resume.py; resharding: test_reshard.py."""
+"nodes", sweeps, export, resume from stage shards. A run shows several things where it can (the
+schedule sweep is also the multirun test; the timeline flag's run is tests/test_timeline.py's).
+Faults: test_kill_resume.py; resharding: test_reshard.py."""
 
 import json
 import os
@@ -10,6 +12,9 @@ import pytest
 
 from conftest import PIPE2, TINY, losses, read_summary, run_train, shard_files
 from giantpipe.platform.launch import free_port
+
+# The tests share module-scoped runs: under pytest-xdist they go to one worker, which runs them once.
+pytestmark = pytest.mark.xdist_group("pipeline_cli")
 
 
 @pytest.fixture(scope="module")
@@ -81,15 +86,6 @@ def test_two_node_torchrun_on_localhost_gives_the_same_losses(tmp_path, single_r
         assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-5), step
 
 
-def test_multirun_over_micro_batches_writes_a_summary_per_job(tmp_path):
-    sweep = tmp_path / "sweep"
-    run_train(["-m", "strategy.micro_batches=1,2,4", *TINY, *PIPE2, "trainer.max_steps=3", "callbacks=none",
-               "logger=none", f"hydra.sweep.dir={sweep}"], tmp_path, timeout=400)
-    for job in range(3):
-        summary = read_summary(sweep / str(job))
-        assert summary["steps"] == 3 and summary["choices"]["strategy"] == "pipeline"
-
-
 def test_deferred_batch_norm_keeps_the_mini_batch_running_statistics(tmp_path):
     tiny = [a for a in TINY if not a.startswith("model.")]
     conv = ["model=giant_conv", "model.d_model=16", "model.n_layers=2", "model.max_len=32", "model.dropout=0",
@@ -108,7 +104,7 @@ def test_deferred_batch_norm_keeps_the_mini_batch_running_statistics(tmp_path):
         torch.testing.assert_close(piped[key], single[key], rtol=1e-5, atol=1e-6)
 
 
-def test_pipelined_run_resumes_from_its_stage_shards_with_the_same_losses(tmp_path):
+def test_pipelined_run_resumes_from_its_stage_shards_with_the_same_losses_and_names_a_missing_one(tmp_path):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     args = TINY + PIPE2 + ["strategy.micro_batches=2", "logger=csv"]
     run_train(args + ["callbacks.model_checkpoint.save_top_k=-1", f"hydra.run.dir={full}"], tmp_path)
@@ -118,14 +114,10 @@ def test_pipelined_run_resumes_from_its_stage_shards_with_the_same_losses(tmp_pa
     for step in got:  # dropout on: each stage's RNG stream comes back from its shard
         assert got[step] == pytest.approx(expected[step], abs=1e-6), step
 
-
-def test_a_missing_stage_shard_is_named_at_load(tmp_path):
-    run_dir = tmp_path / "run"
-    run_train(TINY + PIPE2 + ["trainer.max_steps=3", "logger=none", f"hydra.run.dir={run_dir}"], tmp_path)
-    shard = shard_files(run_dir / "checkpoints" / "last.ckpt")[1]
-    (run_dir / "checkpoints" / shard).unlink()
-    proc = run_train(TINY + PIPE2 + ["logger=none", f"ckpt_path={run_dir}/checkpoints/last.ckpt",
-                                     f"hydra.run.dir={tmp_path}/again"], tmp_path, check=False)
+    shard = shard_files(full / "checkpoints" / "last.ckpt")[1]
+    (full / "checkpoints" / shard).unlink()
+    proc = run_train(args + [f"ckpt_path={full}/checkpoints/last.ckpt", f"hydra.run.dir={tmp_path}/again"],
+                     tmp_path, check=False)
     assert proc.returncode != 0
     assert shard in proc.stderr and "stage 1" in proc.stderr, proc.stderr[-2000:]
 
@@ -141,16 +133,6 @@ def test_with_dropout_on_the_pipeline_draws_the_single_device_masks(tmp_path):
         assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-5), step
 
 
-def test_timeline_flag_logs_pipeline_metrics_and_draws_the_schedule(tmp_path):
-    run_dir = tmp_path / "run"
-    run_train(TINY + PIPE2 + ["strategy.timeline=true", "strategy.micro_batches=4", "trainer.max_steps=3",
-                              "logger=csv", "callbacks=none", f"hydra.run.dir={run_dir}"], tmp_path)
-    header = (run_dir / "csv" / "metrics.csv").read_text().splitlines()[0]
-    assert "pipeline/bubble" in header and "pipeline/stage1/compute_s" in header
-    assert (run_dir / "pipeline" / "timeline.png").stat().st_size > 1000
-    assert json.loads((run_dir / "pipeline" / "timeline.trace.json").read_text())
-
-
 def test_bf16_mixed_precision_pipeline_follows_one_device(tmp_path):
     """bf16-mixed (the default on GPU) through the pipeline, its split backward included."""
     base = TINY + ["model.dropout=0", "trainer.max_steps=4", "logger=csv", "trainer.precision=bf16-mixed"]
@@ -164,8 +146,8 @@ def test_bf16_mixed_precision_pipeline_follows_one_device(tmp_path):
 
 def test_every_new_schedule_logs_the_same_losses_as_one_device(tmp_path, single_run):
     """One sweep over interleaved_1f1b, zb_h1, zb_h2 and zbv with V=2 chunks per stage (4
-    virtual stages of the 4 layers), global-norm clipping active: each job's every logged loss
-    equals one device's."""
+    virtual stages of the 4 layers), global-norm clipping active: each job writes its summary
+    and its every logged loss equals one device's."""
     sweep = tmp_path / "sweep"
     schedules = ["interleaved_1f1b", "zb_h1", "zb_h2", "zbv"]
     run_train(["-m", f"strategy.schedule={','.join(schedules)}", "strategy.virtual_stages=2", *TINY, *PIPE2,
@@ -174,6 +156,8 @@ def test_every_new_schedule_logs_the_same_losses_as_one_device(tmp_path, single_
     expected = losses(single_run)
     for job, name in enumerate(schedules):
         assert f"strategy.schedule={name}" in (sweep / str(job) / ".hydra" / "overrides.yaml").read_text()
+        summary = read_summary(sweep / str(job))
+        assert summary["steps"] == 20 and summary["choices"]["strategy"] == "pipeline", name
         got = losses(sweep / str(job))
         assert sorted(got) == sorted(expected), name
         for step in got:

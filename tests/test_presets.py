@@ -16,6 +16,9 @@ from conftest import read_summary, run_train
 from giantpipe.platform.preflight import conf_dir
 from offline_wandb import read_run
 
+# The tests share module-scoped runs: under pytest-xdist they go to one worker, which runs them once.
+pytestmark = pytest.mark.xdist_group("presets")
+
 COMMON = ["trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
           "trainer.limit_test_batches=1", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
           "lr_schedule.warmup_steps=1"]
@@ -63,17 +66,32 @@ def check_trained(run_dir: Path) -> dict:
     return summary
 
 
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """`trained(name, layout)`: the run directory of a preset trained shrunk, once for every test
+    that reads it (a risk preset fine-tunes the checkpoint of its start's one-device run)."""
+    runs: dict[tuple[str, int], Path] = {}
+
+    def train(name: str, layout: int) -> Path:
+        if (name, layout) not in runs:
+            family, layouts = EXPERIMENTS[name]
+            base = tmp_path_factory.mktemp(f"{name}-{layout}")
+            logger = "logger=csv" if family == "language_model" else "logger=wandb"
+            run_train([f"experiment={name}", *SHRINK[family], *COMMON, logger, *layouts[layout],
+                       f"hydra.run.dir={base / 'run'}"], base, timeout=400)
+            runs[name, layout] = base / "run"
+        return runs[name, layout]
+
+    return train
+
+
 @pytest.mark.parametrize("name, layout", [(n, i) for n, (_, ls) in EXPERIMENTS.items() for i in range(len(ls))])
-def test_experiment_trains_shrunk(tmp_path, name, layout):
-    family, layouts = EXPERIMENTS[name]
-    run_dir = tmp_path / "run"
-    logger = "logger=csv" if family == "language_model" else "logger=wandb"
-    run_train([f"experiment={name}", *SHRINK[family], *COMMON, logger, *layouts[layout], f"hydra.run.dir={run_dir}"],
-              tmp_path, timeout=400)
+def test_experiment_trains_shrunk(trained, name, layout):
+    run_dir = trained(name, layout)
     summary = check_trained(run_dir)
     assert summary["choices"]["experiment"] == name
     assert "test/loss" in summary["metrics"] and "val/loss" in summary["metrics"]
-    if family != "language_model":  # one wandb run, holding the sample tables, whatever the layout
+    if EXPERIMENTS[name][0] != "language_model":  # one wandb run, holding the sample tables, whatever the layout
         (run_file,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
         metrics = read_run(run_file).metrics
         assert {"val/samples/_type", "test/samples/_type"} <= metrics, sorted(metrics)
@@ -82,11 +100,9 @@ def test_experiment_trains_shrunk(tmp_path, name, layout):
 @pytest.mark.parametrize("start, name, family, metric", [
     ("las", "las_mwer", "speech", "test/wer"), ("gnmt", "gnmt_mwer", "translation", "test/bleu"),
 ])
-def test_risk_training_preset_fine_tunes_its_start_on_one_device_and_pipelined(tmp_path, start, name, family,
-                                                                              metric):
-    first = tmp_path / start
-    run_train([f"experiment={start}", *SHRINK[family], *COMMON, "logger=none", f"hydra.run.dir={first}"], tmp_path)
-    init = f"init_from={first / 'checkpoints' / 'last.ckpt'}"
+def test_risk_training_preset_fine_tunes_its_start_on_one_device_and_pipelined(tmp_path, trained, start, name,
+                                                                              family, metric):
+    init = f"init_from={trained(start, 0) / 'checkpoints' / 'last.ckpt'}"
     for layout, tag in ((SINGLE, "single"), (PIPE2, "pipe")):
         run_dir = tmp_path / tag
         run_train([f"experiment={name}", *SHRINK[family], *COMMON, "logger=csv", "loss.nbest=2", init, *layout,

@@ -1,6 +1,7 @@
 """Checkpoints across stage counts: a 4-stage checkpoint of every model family reloads as 2 stages
-and as one device with identical outputs, and resuming with another stage count restores the
-optimizer and LR schedule too, so training continues as if uninterrupted."""
+and as one device with identical outputs (the giant net's in the resume test, whose 4-stage run
+is resumed as 2 stages and then on one device), and resuming with another stage count restores
+the optimizer and LR schedule too, so training continues as if uninterrupted."""
 
 from __future__ import annotations
 
@@ -20,8 +21,7 @@ TINY_LAS = [
     "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "lr_schedule.warmup_steps=2",
 ]
 
-FAMILIES = {
-    "giant_net": (TINY + ["model.dropout=0", "trainer.max_steps=2"], ["test/loss"]),
+FAMILIES = {  # the seq2seq families, whose test outputs include decoded hypotheses
     "gnmt": (TINY_GNMT + ["trainer.max_steps=2"], ["test/loss", "test/bleu"]),
     "las": (TINY_LAS, ["test/loss", "test/wer"]),
 }
@@ -36,7 +36,7 @@ def samples(run_dir: Path) -> list[str]:
     return [p.read_text() for p in sorted((run_dir / "samples").glob("test_*.md"))]
 
 
-@pytest.mark.parametrize("family", ["giant_net", "gnmt", "las"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_a_four_stage_checkpoint_reloads_as_two_stages_and_one_device_with_identical_outputs(tmp_path, family):
     args, metrics = FAMILIES[family]
     args = args + ["logger=none"]

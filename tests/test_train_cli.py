@@ -56,16 +56,6 @@ def test_multirun_writes_one_summary_per_job(tmp_path):
     assert first["metrics"]["train/loss"] != second["metrics"]["train/loss"]
 
 
-def test_wandb_offline_run_keeps_the_resolved_config(tmp_path):
-    run_dir = tmp_path / "run"
-    run_train(TINY + ["trainer.max_steps=2", "logger=wandb", "callbacks=none", f"hydra.run.dir={run_dir}"], tmp_path)
-    runs = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert len(runs) == 1, list(run_dir.rglob("*"))[:20]
-    config = read_run(runs[0]).config
-    assert config["data"]["seq_len"] == 32 and config["lr_schedule"]["name"] == "cosine"
-    assert "${" not in json.dumps(config)
-
-
 def test_resume_continues_with_the_same_next_losses(tmp_path):
     full = tmp_path / "full"
     keep_all = ["callbacks.model_checkpoint.save_top_k=-1"]
@@ -78,7 +68,7 @@ def test_resume_continues_with_the_same_next_losses(tmp_path):
         assert abs(got[step] - expected[step]) < 1e-6, (step, got[step], expected[step])
 
 
-def test_local_text_files_train_and_every_logger_writes(tmp_path):
+def test_local_text_files_train_and_every_logger_writes_one_run(tmp_path):
     corpus = tmp_path / "notes"
     corpus.mkdir()
     for i in range(30):
@@ -88,8 +78,14 @@ def test_local_text_files_train_and_every_logger_writes(tmp_path):
                       "data.test_fraction=0.2", "trainer.max_steps=2", "logger=all", "callbacks=none",
                       f"hydra.run.dir={run_dir}"], tmp_path)
     assert read_summary(run_dir)["steps"] == 2
-    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
-    assert (run_dir / "csv" / "metrics.csv").exists() and list((run_dir / "wandb").glob("offline-run-*"))
+    assert (run_dir / "csv" / "metrics.csv").exists()
+    # one wandb run and one TensorBoard writer (test_loggers.py: the same for pipelines)
+    assert len({p.name.split(".")[-2] for p in (run_dir / "tensorboard").rglob("events.out.tfevents.*")}) == 1
+    runs = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1, list(run_dir.rglob("*"))[:20]
+    config = read_run(runs[0]).config  # the resolved config
+    assert config["data"]["seq_len"] == 32 and config["lr_schedule"]["name"] == "cosine"
+    assert "${" not in json.dumps(config)
 
 
 def test_missing_data_files_fail_with_one_line(tmp_path):

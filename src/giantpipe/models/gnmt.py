@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from giantpipe.models.attention import Attention
 from giantpipe.models.contract import Batch, Carry, split_batch
-from giantpipe.models.seq2seq import AttentionSeq2Seq, State
+from giantpipe.models.seq2seq import AttentionSeq2Seq, State, StatelessStep
 
 
 def _uniform_lstm_(lstm: nn.LSTM, init_weight: float) -> None:
@@ -43,7 +43,7 @@ def _lstm_state(state: State | None) -> tuple[Tensor, Tensor] | None:
     return None if state is None else (state["h"].unsqueeze(0), state["c"].unsqueeze(0))
 
 
-class Embedding(nn.Module):
+class Embedding(StatelessStep):
     """Token ids `in_key` -> vectors `out_key`."""
 
     def __init__(self, vocab_size: int, dim: int, pad_id: int, in_key: str, out_key: str,
@@ -62,12 +62,6 @@ class Embedding(nn.Module):
         ids = carry.pop(self.in_key)
         carry[self.out_key] = self.embedding(ids)
         return carry
-
-    def init_step_state(self, encoded: Carry, beam_size: int) -> State:
-        return {}
-
-    def step(self, carry: Carry, state: State) -> tuple[Carry, State]:
-        return self(carry), state
 
 
 class TargetEmbedding(Embedding):
@@ -256,7 +250,7 @@ class DecoderLayer(nn.Module):
         return self._run(carry, state)
 
 
-class OutputProjection(nn.Module):
+class OutputProjection(StatelessStep):
     """Top decoder output -> vocabulary logits; the loss is the task's business."""
 
     def __init__(self, hidden_size: int, vocab_size: int, init_weight: float = 0.1) -> None:
@@ -273,12 +267,6 @@ class OutputProjection(nn.Module):
         carry.pop("context", None)
         carry["logits"] = self.linear(carry.pop("y"))
         return carry
-
-    def init_step_state(self, encoded: Carry, beam_size: int) -> State:
-        return {}
-
-    def step(self, carry: Carry, state: State) -> tuple[Carry, State]:
-        return self(carry), state
 
 
 class GNMT(AttentionSeq2Seq):

@@ -36,7 +36,7 @@ from giantpipe.models.gnmt import (
     DecoderLayer,
     TargetEmbedding,
 )
-from giantpipe.models.seq2seq import AttentionSeq2Seq, State
+from giantpipe.models.seq2seq import AttentionSeq2Seq, StatelessStep
 
 
 def stack_frames(x_btd: Tensor, lengths: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -83,7 +83,7 @@ class SpellerEmbedding(TargetEmbedding):
     """`tgt_in` -> `y`; a (B,R,U) `tgt_in` becomes B*R rows, with the listener outputs repeated."""
 
 
-class SpellerProjection(nn.Module):
+class SpellerProjection(StatelessStep):
     """[y; context] -> grapheme logits (LAS's CharacterDistribution, one linear layer)."""
 
     def __init__(self, hidden_size: int, memory_size: int, vocab_size: int,
@@ -100,12 +100,6 @@ class SpellerProjection(nn.Module):
         carry = dict(carry)
         carry["logits"] = self.linear(torch.cat([carry.pop("y"), carry.pop("context")], dim=-1))
         return carry
-
-    def init_step_state(self, encoded: Carry, beam_size: int) -> State:
-        return {}
-
-    def step(self, carry: Carry, state: State) -> tuple[Carry, State]:
-        return self(carry), state
 
 
 class LAS(AttentionSeq2Seq):

@@ -9,13 +9,24 @@ pipeline stages is stepped stage by stage: each stage steps its own `indices`.
 from __future__ import annotations
 
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from giantpipe.models.beam_search import BeamSearchResult
 from giantpipe.models.beam_search import beam_search as run_beam_search
 from giantpipe.models.contract import Carry, LayeredModel
 
 State = dict[str, Tensor]
+
+
+class StatelessStep(nn.Module):
+    """A decoder-side layer without recurrent state (embedding, projection): a decoding step is
+    its forward."""
+
+    def init_step_state(self, encoded: Carry, beam_size: int) -> State:
+        return {}
+
+    def step(self, carry: Carry, state: State) -> tuple[Carry, State]:
+        return self(carry), state
 
 
 class AttentionSeq2Seq(LayeredModel):

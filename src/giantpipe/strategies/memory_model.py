@@ -30,13 +30,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from itertools import accumulate
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from giantpipe.models.contract import Batch, LayeredModel
-from giantpipe.strategies.partition import _leaf_inputs, _materialized, stage_ranges
+from giantpipe.strategies.partition import (
+    _leaf_inputs,
+    _materialized,
+    min_max_partition,
+    stage_ranges,
+)
 
 MB = 2**20
 ALLOC_OVERHEAD = 1.6  # resident bytes per live activation byte (glibc heap, CPU)
@@ -195,34 +201,12 @@ class MemoryModel:
         return stages
 
     def balance(self, num_stages: int) -> list[int]:
-        """The contiguous balance whose largest predicted stage peak is smallest (a dynamic
-        programme over cut points with this model's own stage formula, so the first and last
-        stages' embeddings, heads and inputs count)."""
-        num_layers = len(self.profiles)
-        if not 1 <= num_stages <= num_layers:
-            raise ValueError(f"cannot split {num_layers} layers into {num_stages} stages: use 1..{num_layers}")
-        inf = float("inf")
-        best = [[inf] * (num_layers + 1) for _ in range(num_stages + 1)]
-        cut = [[0] * (num_layers + 1) for _ in range(num_stages + 1)]
-        best[0][0] = 0.0
-        for k in range(1, num_stages + 1):
-            for j in range(k, num_layers - (num_stages - k) + 1):
-                largest = 0.0
-                for i in range(j - 1, k - 2, -1):  # stage k-1 holds layers i..j-1
-                    largest = max(largest, self.profiles[i].act_bytes)
-                    if best[k - 1][i] >= best[k][j]:
-                        continue
-                    stage_peak = self.stage_peak_mb(k - 1, num_stages, i, j, largest)
-                    if stage_peak >= best[k][j]:
-                        break  # earlier cuts only make this stage larger
-                    value = max(best[k - 1][i], stage_peak)
-                    if value < best[k][j]:
-                        best[k][j], cut[k][j] = value, i
-        balance, j = [], num_layers
-        for k in range(num_stages, 0, -1):
-            balance.append(j - cut[k][j])
-            j = cut[k][j]
-        return balance[::-1]
+        """The contiguous balance whose largest predicted stage peak is smallest (this model's
+        own stage formula, so the first and last stages' embeddings, heads and inputs count)."""
+        acts = [p.act_bytes for p in self.profiles]
+        largest = [list(accumulate(acts[i:], max)) for i in range(len(acts))]  # [i][j-i-1]: max of i..j-1
+        return min_max_partition(len(acts), num_stages, lambda stage, start, stop: self.stage_peak_mb(
+            stage, num_stages, start, stop, largest[start][stop - start - 1]))
 
 
 def memory_balance(model: LayeredModel, loss_fn, batch: Batch, num_stages: int, *, micro_batches: int,

@@ -27,8 +27,8 @@ from giantpipe.strategies.rules import (
     validate_balance,
 )
 
-__all__ = ["BALANCE_MODES", "validate_balance", "stage_ranges", "balance_by_cost", "auto_balance",
-           "measure_costs", "partition_table"]
+__all__ = ["BALANCE_MODES", "validate_balance", "stage_ranges", "balance_by_cost", "min_max_partition",
+           "auto_balance", "measure_costs", "partition_table"]
 
 def stage_ranges(balance: Sequence[int]) -> list[range]:
     """The layer indices of each stage."""
@@ -41,28 +41,37 @@ def stage_ranges(balance: Sequence[int]) -> list[range]:
 
 def balance_by_cost(costs: Sequence[float], num_stages: int) -> list[int]:
     """The contiguous partition of `costs` into `num_stages` non-empty parts with the smallest
-    maximum part sum (linear-partition dynamic programme, O(N·L²))."""
-    num_layers = len(costs)
-    check_stage_count(num_stages, num_layers)
+    maximum part sum (the linear-partition problem)."""
     prefix = [0.0]
     for c in costs:
         prefix.append(prefix[-1] + float(c))
+    return min_max_partition(len(costs), num_stages, lambda stage, start, stop: prefix[stop] - prefix[start])
+
+
+def min_max_partition(num_layers: int, num_stages: int, part_cost: Callable[[int, int, int], float]) -> list[int]:
+    """The balance of `num_layers` layers into `num_stages` contiguous non-empty parts whose
+    largest `part_cost(stage, start, stop)` (layers start..stop-1 on `stage`) is smallest: a
+    dynamic programme over cut points, O(N·L²) calls at most. `part_cost` must not decrease
+    as a part grows: the search stops extending a part once it costs more than the best."""
+    check_stage_count(num_stages, num_layers)
     inf = float("inf")
-    # best[k][j]: smallest max-stage cost of the first j layers in k stages; cut[k][j]: start of the last
+    # best[k][j]: smallest largest part of the first j layers in k parts; cut[k][j]: start of the last
     best = [[inf] * (num_layers + 1) for _ in range(num_stages + 1)]
     cut = [[0] * (num_layers + 1) for _ in range(num_stages + 1)]
     best[0][0] = 0.0
     for k in range(1, num_stages + 1):
         for j in range(k, num_layers - (num_stages - k) + 1):
-            for i in range(k - 1, j):
-                value = max(best[k - 1][i], prefix[j] - prefix[i])
-                if value < best[k][j]:
-                    best[k][j], cut[k][j] = value, i
+            for i in range(j - 1, k - 2, -1):  # part k-1 holds layers i..j-1
+                if best[k - 1][i] >= best[k][j]:
+                    continue
+                cost = part_cost(k - 1, i, j)
+                if cost >= best[k][j]:
+                    break  # an earlier cut only makes this part larger
+                best[k][j], cut[k][j] = max(best[k - 1][i], cost), i
     balance, j = [], num_layers
     for k in range(num_stages, 0, -1):
-        i = cut[k][j]
-        balance.append(j - i)
-        j = i
+        balance.append(j - cut[k][j])
+        j = cut[k][j]
     return balance[::-1]
 
 

@@ -50,16 +50,19 @@ class SourceColumn:
 
 @dataclass
 class Batches:
-    """Global batches as a flat index tensor cut at `bounds` (batch b: flat[bounds[b]:bounds[b+1]])."""
+    """Global batches as slices of one index order, batch b = order[starts[b]:starts[b] + sizes[b]]:
+    an epoch's plan costs 4 bytes an item (int32 indices), not a second reordered copy."""
 
-    flat: torch.Tensor
-    bounds: torch.Tensor
+    order: torch.Tensor
+    starts: torch.Tensor
+    sizes: torch.Tensor
 
     def __len__(self) -> int:
-        return len(self.bounds) - 1
+        return len(self.starts)
 
     def __getitem__(self, b: int) -> list[int]:
-        return self.flat[self.bounds[b]:self.bounds[b + 1]].tolist()
+        start = int(self.starts[b])
+        return self.order[start:start + int(self.sizes[b])].tolist()
 
     def __iter__(self) -> Iterator[list[int]]:
         return (self[b] for b in range(len(self)))
@@ -80,10 +83,10 @@ class BucketBatchSampler(GlobalBatchSampler):
         n, size = self.num_items, self.global_batch
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(n, generator=generator)
+            order = torch.randperm(n, generator=generator, dtype=torch.int32)
             pool = size * self.pool_batches
         else:
-            generator, order, pool = None, torch.arange(n), max(n, 1)
+            generator, order, pool = None, torch.arange(n, dtype=torch.int32), max(n, 1)
         for start in range(0, n, pool):  # sort each pool by length, in place
             chunk = order[start:start + pool]
             order[start:start + pool] = chunk[torch.argsort(self.lengths[chunk], stable=True)]
@@ -92,14 +95,11 @@ class BucketBatchSampler(GlobalBatchSampler):
         count = full + (rest > 0)
         batch_order = (torch.randperm(count, generator=generator) if generator is not None
                        else torch.arange(count))
-        kept = batch_order[batch_order < full]  # full batches in their drawn order ...
-        flat = order[:full * size].view(full, size)[kept].reshape(-1)
+        starts = batch_order[batch_order < full] * size  # full batches in their drawn order ...
+        sizes = torch.full_like(starts, size)
         if rest and not self.drop_last:  # ... and a short batch last
-            flat = torch.cat([flat, order[full * size:]])
-        bounds = torch.arange(0, len(kept) * size + 1, size)
-        if rest and not self.drop_last:
-            bounds = torch.cat([bounds, torch.tensor([len(flat)])])
-        return Batches(flat, bounds)
+            starts, sizes = torch.cat([starts, torch.tensor([full * size])]), torch.cat([sizes, torch.tensor([rest])])
+        return Batches(order, starts, sizes)
 
     def __iter__(self) -> Iterator[list[int]]:
         skip, self.skip = self.skip, 0
@@ -120,9 +120,11 @@ class EvalBucketSampler(BucketBatchSampler):
         self.min_batch = min_batch
 
     def global_batches(self) -> Batches:
-        batches = super().global_batches()
-        if len(batches) > 1 and len(batches[len(batches) - 1]) < self.min_batch:
-            batches.bounds = torch.cat([batches.bounds[:-2], batches.bounds[-1:]])
+        batches = super().global_batches()  # unshuffled: the last batch follows the one before it
+        if len(batches) > 1 and batches.sizes[-1] < self.min_batch:
+            sizes = batches.sizes[:-1].clone()
+            sizes[-1] += batches.sizes[-1]
+            batches = Batches(batches.order, batches.starts[:-1], sizes)
         return batches
 
     def __len__(self) -> int:

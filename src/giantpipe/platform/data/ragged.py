@@ -1,15 +1,18 @@
 """Ragged arrays on disk: many variable-length rows (token ids, feature frames, UTF-8 text) as
-one flat memory-mapped array plus row offsets.
+one flat array file plus row offsets.
 
-A corpus stored this way costs a process no private memory: pages are read from the page
-cache when a batch touches them and shared by every process that opens the same files, so a
-pipeline's stages and a sweep's jobs hold one copy between them. Rows are written in chunks
+A corpus stored this way costs a process no private memory beyond the rows it is using: a row
+is read (`pread`) from the page cache, which every process that opens the same files shares,
+so a pipeline's stages and a sweep's jobs hold one copy between them, and a process's resident
+memory does not grow with the rows it has read. Rows are written in chunks
 (`RaggedWriter.extend`), never gathered in memory first.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import struct
 from collections.abc import Iterator, Sequence
 from itertools import chain
 from pathlib import Path
@@ -53,20 +56,31 @@ class RaggedWriter:
         (self.folder / f"{self.name}.json").write_text(json.dumps(meta))
 
 
+_TWO_INT64 = struct.Struct("<qq")  # a row's start and stop in the offsets file
+
+
 class Ragged:
-    """Read-only rows of a `RaggedWriter`'s files: `ragged[i]` is a numpy view (no copy)."""
+    """Read-only rows of a `RaggedWriter`'s files. `ragged[i]` reads row i with `pread` into a
+    fresh array: a process holds only the rows it is using, however many it has read (a memory
+    map would keep every page it touched, and the pages around them, resident). `flat` and
+    `offsets` map the whole files, for reading them in bulk."""
 
     def __init__(self, folder: Path, name: str) -> None:
         self.folder, self.name = Path(folder), name
         meta = json.loads((Path(folder) / f"{name}.json").read_text())
+        offsets = np.load(Path(folder) / f"{name}.offsets.npy", mmap_mode="r")
         # plain ndarray views of the maps: slicing a np.memmap costs a subclass object a row
-        self.offsets = np.asarray(np.load(Path(folder) / f"{name}.offsets.npy", mmap_mode="r"))
-        dtype, row_shape = np.dtype(meta["dtype"]), tuple(meta["row_shape"])
+        self.offsets = np.asarray(offsets)
+        self.dtype, self.row_shape = np.dtype(meta["dtype"]), tuple(meta["row_shape"])
         path = Path(folder) / f"{name}.bin"
         if path.stat().st_size:
-            self.flat = np.asarray(np.memmap(path, dtype=dtype, mode="r")).reshape(-1, *row_shape)
+            self.flat = np.asarray(np.memmap(path, dtype=self.dtype, mode="r")).reshape(-1, *self.row_shape)
         else:  # numpy cannot map an empty file
-            self.flat = np.zeros((0, *row_shape), dtype)
+            self.flat = np.zeros((0, *self.row_shape), self.dtype)
+        self._row_bytes = self.dtype.itemsize * int(np.prod(self.row_shape, dtype=np.int64))
+        self._offsets_start = offsets.offset  # the .npy header's length
+        self._rows = len(offsets) - 1
+        self._files = (os.open(path, os.O_RDONLY), os.open(Path(folder) / f"{name}.offsets.npy", os.O_RDONLY))
 
     def __getstate__(self) -> dict:
         """Pickled (to DataLoader workers) as its file names: a memmap would pickle its data."""
@@ -75,14 +89,27 @@ class Ragged:
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["folder"], state["name"])
 
+    def __del__(self) -> None:
+        for fd in getattr(self, "_files", ()):
+            os.close(fd)
+
     def __len__(self) -> int:
-        return len(self.offsets) - 1
+        return self._rows
+
+    def bounds(self, index: int) -> tuple[int, int]:
+        """Where row `index` starts and stops in `flat` (read from the offsets file, not its map)."""
+        if not 0 <= index < self._rows:
+            if not -self._rows <= index < 0:
+                raise IndexError(f"row {index} of {self._rows}")
+            index += self._rows
+        return _TWO_INT64.unpack(os.pread(self._files[1], 16, self._offsets_start + 8 * index))
 
     def __getitem__(self, index: int) -> np.ndarray:
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"row {index} of {len(self)}")
-        index %= len(self)
-        return self.flat[self.offsets[index]:self.offsets[index + 1]]
+        start, stop = self.bounds(index)
+        row = np.empty((stop - start, *self.row_shape), self.dtype)
+        if row.nbytes:
+            os.preadv(self._files[0], [row], start * self._row_bytes)
+        return row
 
     def __iter__(self) -> Iterator[np.ndarray]:
         return (self[i] for i in range(len(self)))

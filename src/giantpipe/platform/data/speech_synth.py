@@ -286,35 +286,40 @@ def _write_split(folder: Path, split: str, specs: list[dict], audio: list[np.nda
 
 
 class SynthSplit:
-    """One cached split: items are read on demand from the memory-mapped audio, which is
-    opened lazily (and not pickled), so DataLoader workers share the file, not a copy."""
+    """One cached split: items are read on demand (`pread` from the audio file, which is opened
+    lazily and not pickled), so reading the whole corpus, as its preparation does, holds one
+    utterance at a time, and DataLoader workers share the file, not a copy."""
 
     def __init__(self, audio_path: str | Path, items: list[dict],
                  sample_rate: int = SAMPLE_RATE) -> None:
         self.audio_path, self.items, self.sample_rate = Path(audio_path), items, sample_rate
-        self._audio: np.ndarray | None = None  # int16, all utterances end to end
+        self._file: tuple[int, int] | None = None  # (descriptor, where the int16 samples start)
 
     @classmethod
     def load(cls, folder: str | Path, split: str) -> SynthSplit:
         manifest = json.loads((Path(folder) / f"{split}.json").read_text())
         return cls(Path(folder) / f"{split}.npy", manifest["items"], manifest["sample_rate"])
 
-    @property
-    def audio(self) -> np.ndarray:
-        if self._audio is None:
-            self._audio = np.load(self.audio_path, mmap_mode="r")
-        return self._audio
-
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_audio": None}
+        return {**self.__dict__, "_file": None}
+
+    def __del__(self) -> None:
+        if getattr(self, "_file", None) is not None:
+            os.close(self._file[0])
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, str]:
         """(int16 samples, transcript) of utterance `index`."""
+        if self._file is None:
+            header = np.load(self.audio_path, mmap_mode="r").offset  # all utterances end to end
+            self._file = (os.open(self.audio_path, os.O_RDONLY), header)
         item = self.items[index]
-        return np.asarray(self.audio[item["offset"]:item["offset"] + item["length"]]), item["text"]
+        samples = np.empty(item["length"], np.int16)
+        if samples.nbytes:
+            os.preadv(self._file[0], [samples], self._file[1] + samples.itemsize * item["offset"])
+        return samples, item["text"]
 
 
 def _main(job: str, out: str) -> None:

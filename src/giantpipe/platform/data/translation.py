@@ -71,9 +71,8 @@ class TranslationDataset(SourceColumn, Dataset):
     def __getitem__(self, index: int) -> dict:
         if self.read_source:
             return {"src": self.src_ids[index], "tgt": self.tgt_ids[index], "index": index}
-        offsets = self.src_ids.offsets
-        return {"src": None, "src_len": int(offsets[index + 1] - offsets[index]),
-                "tgt": self.tgt_ids[index], "index": index}
+        start, stop = self.src_ids.bounds(index)
+        return {"src": None, "src_len": stop - start, "tgt": self.tgt_ids[index], "index": index}
 
 
 class TranslationCollator:
