@@ -65,7 +65,7 @@ invalid = st.one_of(unknown_key, unknown_choice, wrong_type, bad_world, too_many
                     bad_enum, family_mismatch, mwer_start, too_many_stages, rejected_later)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
 @given(invalid)
 def test_every_generated_invalid_config_gets_one_clean_error(overrides):
     try:

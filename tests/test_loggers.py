@@ -47,11 +47,11 @@ def check_one_run(job: Path, stages: int, group: str | None = None) -> None:
     assert read_summary(job)["steps"] == 2
 
 
-def test_one_run_per_job_for_one_two_and_four_stages(tmp_path):
+def test_one_run_per_job_for_two_and_four_stages(tmp_path):
     sweep = tmp_path / "sweep"
-    run_train(["-m", *LOGGED, "strategy.stages=1,2,4", "trainer.devices=${strategy.stages}",
+    run_train(["-m", *LOGGED, "strategy.stages=2,4", "trainer.devices=${strategy.stages}",
                f"hydra.sweep.dir={sweep}"], tmp_path, timeout=600)
-    for job, stages in zip(("0", "1", "2"), (1, 2, 4), strict=True):
+    for job, stages in zip(("0", "1"), (2, 4), strict=True):
         check_one_run(sweep / job, stages, group=sweep.name)
 
 

@@ -63,9 +63,10 @@ def losses(run_dir) -> dict[int, float]:
     return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
 
 
-# AdamW's resharding end to end is tests/test_reshard.py's; here the other three. A constant
+# AdamW's resharding end to end is tests/test_reshard.py's (Adam keeps the same state); here the
+# two whose state differs: SGD's momentum buffer and Adafactor's factored moments. A constant
 # schedule with a warmup longer than the run: the resumed LR depends on the restored step count.
-SWEEP = ["optim=adam,sgd,adafactor"]
+SWEEP = ["optim=sgd,adafactor"]
 ARGS = TINY + ["model.dropout=0", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
                "trainer.limit_test_batches=0", "callbacks.model_checkpoint.save_top_k=-1", "logger=csv",
                "lr_schedule=constant", "lr_schedule.warmup_steps=6", "optim.lr=0.01"]
@@ -78,7 +79,7 @@ def test_two_stage_checkpoints_of_each_optimizer_resume_on_one_device_as_if_unin
                "trainer.devices=2", "strategy.micro_batches=2", f"hydra.sweep.dir={pipe}"], tmp_path, timeout=500)
     run_train(["-m", *ARGS, *SWEEP, "trainer.max_steps=4", f"hydra.sweep.dir={resumed}",
                f"ckpt_path={pipe}/${{hydra:job.num}}/checkpoints/step2.ckpt"], tmp_path)
-    for job, option in enumerate(["adam", "sgd", "adafactor"]):
+    for job, option in enumerate(["sgd", "adafactor"]):
         expected = losses(whole / str(job))
         assert sorted(expected) == [0, 1, 2, 3], option
         first, rest = losses(pipe / str(job)), losses(resumed / str(job))

@@ -38,11 +38,13 @@ SHRINK = {
 SINGLE = ["strategy=single", "trainer.devices=1"]
 PIPE2 = ["strategy=pipeline", "strategy.stages=2", "strategy.replicas=1", "trainer.devices=2",
          "strategy.micro_batches=2"]
-# preset -> (model family, the layouts it runs in)
+# preset -> (model family, the layouts it runs in). Every family trains pipelined here once:
+# giant_net_deep and gnmt_v2_large are pipeline presets and las runs both ways; the giant net
+# pipelined also in pipeline_throughput's sweep, GNMT in gnmt_mwer's fine-tuning below.
 EXPERIMENTS = {
-    "giant_net_cpu": ("language_model", [SINGLE, PIPE2]),
+    "giant_net_cpu": ("language_model", [SINGLE]),
     "giant_net_deep": ("language_model", [PIPE2]),  # sets strategy.stages: pipelined only
-    "gnmt": ("translation", [SINGLE, PIPE2]),
+    "gnmt": ("translation", [SINGLE]),
     "gnmt_v2_large": ("translation", [PIPE2]),  # WMT16 needs a download: the embedded corpus stands in
     "las": ("speech", [SINGLE, PIPE2]),
 }
@@ -100,15 +102,15 @@ def test_experiment_trains_shrunk(trained, name, layout):
 @pytest.mark.parametrize("start, name, family, metric", [
     ("las", "las_mwer", "speech", "test/wer"), ("gnmt", "gnmt_mwer", "translation", "test/bleu"),
 ])
-def test_risk_training_preset_fine_tunes_its_start_on_one_device_and_pipelined(tmp_path, trained, start, name,
-                                                                              family, metric):
-    init = f"init_from={trained(start, 0) / 'checkpoints' / 'last.ckpt'}"
-    for layout, tag in ((SINGLE, "single"), (PIPE2, "pipe")):
-        run_dir = tmp_path / tag
-        run_train([f"experiment={name}", *SHRINK[family], *COMMON, "logger=csv", "loss.nbest=2", init, *layout,
-                   f"hydra.run.dir={run_dir}"], tmp_path, timeout=400)
-        summary = check_trained(run_dir)
-        assert metric in summary["metrics"], tag
+def test_risk_training_preset_fine_tunes_its_start_pipelined(tmp_path, trained, start, name, family, metric):
+    """On 2 stages; that the pipelined risk training equals one device's is
+    test_speech_task.py's (MWER) and test_translation_task.py's (sampled GLEU)."""
+    run_dir = tmp_path / "pipe"
+    run_train([f"experiment={name}", *SHRINK[family], *COMMON, "logger=csv", "loss.nbest=2",
+               f"init_from={trained(start, 0) / 'checkpoints' / 'last.ckpt'}", *PIPE2,
+               f"hydra.run.dir={run_dir}"], tmp_path, timeout=400)
+    summary = check_trained(run_dir)
+    assert metric in summary["metrics"]
 
 
 def test_pipeline_throughput_sweeps_stage_counts(tmp_path):

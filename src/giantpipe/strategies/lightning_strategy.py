@@ -297,9 +297,10 @@ class PipelineStrategy(DDPStrategy):
         manifest = checkpoint[MANIFEST]
         layout = (manifest["stages"], manifest.get("virtual_stages", 1))
         if layout != (self.cfg.stages, self.virtual_stages):
-            # Resharding: every stage's shard is read, merged (optimizer states by parameter
-            # name), and each rank keeps its own share (load_model/optimizer_state_dict).
-            checkpoint = consolidate(checkpoint_path, checkpoint)
+            # Resharding: the shards are mapped, and this rank reads and merges (optimizer states
+            # by parameter name) only its own parameters' share (load_model/optimizer_state_dict).
+            local = set(self.lightning_module_state_dict())
+            checkpoint = consolidate(checkpoint_path, checkpoint, keep=local.__contains__)
             if checkpoint["optimizer_states"]:
                 log.info("%s has %d stages, this run %d: resharding weights and optimizer state",
                          checkpoint_path, manifest["stages"], self.cfg.stages)

@@ -23,13 +23,16 @@ Resharding: an optimizer's state dict numbers its parameters 0, 1, ... in its ow
 differs with every stage count. Each shard therefore also names its parameters
 (`optimizer_param_names`: per optimizer, per parameter group), `consolidate` merges the shards'
 states by name into the order one device's optimizer has (the manifest's `param_order`), and
-`select_optimizer_state` cuts out any stage's share of it again, by name.
+`select_optimizer_state` cuts out any stage's share of it again, by name. A process that takes
+only a share (a stage of another layout, `init_from` on a pipeline) passes `keep`: the files are
+memory-mapped and only the tensors it keeps are ever read, so no process holds the whole model.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -50,13 +53,14 @@ class CheckpointError(ValueError):
     names the file (and the stage, for a shard)."""
 
 
-def read_file(path: str | Path) -> dict:
-    """The dict stored in one checkpoint file (a manifest stays a manifest)."""
+def read_file(path: str | Path, mmap: bool = False) -> dict:
+    """The dict stored in one checkpoint file (a manifest stays a manifest); `mmap`: its tensors
+    map the file and are read when used."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as err:
         raise CheckpointError(f"checkpoint {path} cannot be read ({first_line(err)})") from None
     if not isinstance(checkpoint, dict):
@@ -64,11 +68,14 @@ def read_file(path: str | Path) -> dict:
     return checkpoint
 
 
-def load_checkpoint(path: str | Path) -> dict:
+def load_checkpoint(path: str | Path, keep: Callable[[str], bool] | None = None) -> dict:
     """Any checkpoint giantpipe wrote (one file, a manifest and its shards, or a consolidated
-    file) as one ordinary Lightning checkpoint, every shard verified."""
-    checkpoint = read_file(path)
-    return consolidate(path, checkpoint) if is_manifest(checkpoint) else checkpoint
+    file) as one ordinary Lightning checkpoint, every shard verified. `keep`: only the weights
+    (and optimizer state) of the names it accepts are read; the rest of the files is not."""
+    checkpoint = read_file(path, mmap=keep is not None)
+    if is_manifest(checkpoint):
+        return consolidate(path, checkpoint, keep)
+    return _share(checkpoint, keep) if keep is not None and "state_dict" in checkpoint else checkpoint
 
 
 def is_manifest(checkpoint: dict) -> bool:
@@ -152,7 +159,7 @@ def optimizer_param_names(optimizers, module) -> list[ParamNames]:
     return [[[name_of[id(p)] for p in group["params"]] for group in opt.param_groups] for opt in optimizers]
 
 
-def load_shard(manifest_path: str | Path, manifest: dict, stage: int) -> dict:
+def load_shard(manifest_path: str | Path, manifest: dict, stage: int, mmap: bool = False) -> dict:
     """Stage `stage`'s shard of the manifest at `manifest_path`, after checking that it exists,
     has the checksum the manifest recorded and belongs to the same save."""
     shard_file = Path(manifest_path).parent / manifest["files"][stage]
@@ -167,7 +174,7 @@ def load_shard(manifest_path: str | Path, manifest: dict, stage: int) -> dict:
             f"manifest {manifest_path} recorded {expected[:16]}... at save; resume from another checkpoint"
         )
     try:
-        shard = torch.load(shard_file, map_location="cpu", weights_only=False)
+        shard = torch.load(shard_file, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as err:
         raise CheckpointError(
             f"checkpoint shard {shard_file} of stage {stage} cannot be read ({first_line(err)})"
@@ -182,17 +189,21 @@ def load_shard(manifest_path: str | Path, manifest: dict, stage: int) -> dict:
     return shard
 
 
-def consolidate(manifest_path: str | Path, checkpoint: dict | None = None) -> dict:
+def consolidate(manifest_path: str | Path, checkpoint: dict | None = None,
+                keep: Callable[[str], bool] | None = None) -> dict:
     """One ordinary Lightning checkpoint with every stage's weights and optimizer state (indexed
     as one device's optimizer, and named in `optimizer_param_names`), the trainer state and the
-    LR schedulers. `strategy=single` loads it (ckpt_path, init_from, giantpipe-eval) and so does
-    a pipeline of any stage count. A checkpoint from before shards named their parameters keeps
-    only the weights: its optimizer and schedulers restart."""
+    LR schedulers; with `keep`, only the parameters (and buffers) it accepts, read from
+    memory-mapped shards. `strategy=single` loads it (ckpt_path, init_from, giantpipe-eval) and
+    so does a pipeline of any stage count. A checkpoint from before shards named their
+    parameters keeps only the weights: its optimizer and schedulers restart."""
     checkpoint = dict(read_file(manifest_path) if checkpoint is None else checkpoint)
     manifest = checkpoint.pop(MANIFEST, None)
     if manifest is None:
         raise CheckpointError(f"{manifest_path} is not a pipelined checkpoint (no stage manifest)")
-    shards = [load_shard(manifest_path, manifest, stage) for stage in range(manifest["stages"])]
+    shards = [load_shard(manifest_path, manifest, stage, mmap=keep is not None) for stage in range(manifest["stages"])]
+    if keep is not None:
+        shards = [_share(shard, keep) for shard in shards]
     checkpoint["state_dict"] = {k: v for shard in shards for k, v in shard["state_dict"].items()}
     if "rng_states" in shards[0]:
         checkpoint["rng_states"] = shards[0]["rng_states"]
@@ -201,6 +212,27 @@ def consolidate(manifest_path: str | Path, checkpoint: dict | None = None) -> di
         checkpoint["optimizer_states"], checkpoint["lr_schedulers"] = [], []
     else:
         checkpoint["optimizer_states"], checkpoint["optimizer_param_names"] = merged
+    return checkpoint
+
+
+def _share(checkpoint: dict, keep: Callable[[str], bool]) -> dict:
+    """`checkpoint` (one file or one shard) with the weights and the optimizer state of the names
+    `keep` accepts; the optimizer's parameter groups and hyperparameters stay."""
+    checkpoint = {**checkpoint, "state_dict": {k: v for k, v in checkpoint["state_dict"].items() if keep(k)}}
+    if "optimizer_param_names" not in checkpoint:
+        return checkpoint
+    states, names = [], []
+    for state, group_names in zip(checkpoint["optimizer_states"], checkpoint["optimizer_param_names"], strict=True):
+        groups, kept_names = [], []
+        for group, names_of_group in zip(state["param_groups"], group_names, strict=True):
+            pairs = [(n, pid) for n, pid in zip(names_of_group, group["params"], strict=True) if keep(n)]
+            groups.append({**group, "params": [pid for _, pid in pairs]})
+            kept_names.append([n for n, _ in pairs])
+        kept_ids = {pid for g in groups for pid in g["params"]}
+        states.append({"state": {pid: s for pid, s in state["state"].items() if pid in kept_ids},
+                       "param_groups": groups})
+        names.append(kept_names)
+    checkpoint["optimizer_states"], checkpoint["optimizer_param_names"] = states, names
     return checkpoint
 
 

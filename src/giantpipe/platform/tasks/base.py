@@ -90,7 +90,9 @@ class Task(pl.LightningModule):
         if not Path(path).exists():
             raise ConfigError(f"init_from={path}: no such checkpoint file")
         try:
-            state = load_checkpoint(path)  # any kind: one file, or a manifest and its stage shards
+            # any kind (one file, or a manifest and its stage shards), memory-mapped: a pipeline
+            # stage reads only its own layers' weights (on_fit_start)
+            state = load_checkpoint(path, keep=lambda name: True)
         except CheckpointError as err:
             raise ConfigError(f"init_from={path}: {err}") from None
         self._pending_weights = state.get("state_dict", state)
