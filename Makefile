@@ -7,9 +7,10 @@ install:
 train: install
 	.venv/bin/giantpipe-train $(ARGS)
 
-# One pytest worker per core; a module whose tests share runs stays on one worker (xdist_group).
+# One pytest worker per core, each taking whole test modules (--dist loadfile): a module's
+# shared runs (module-scoped fixtures) are made once.
 test: install
-	WANDB_MODE=offline .venv/bin/python -m pytest -q -n auto --dist loadgroup $(ARGS)
+	WANDB_MODE=offline .venv/bin/python -m pytest -q -n auto --dist loadfile $(ARGS)
 
 lint: install
 	.venv/bin/ruff check src tests scripts

@@ -19,9 +19,6 @@ import torch
 
 from conftest import PIPE2, TINY, run_train
 
-# The tests share module-scoped runs: under pytest-xdist they go to one worker, which runs them once.
-pytestmark = pytest.mark.xdist_group("checkpoints")
-
 ARGS = TINY + ["trainer.max_steps=5", "trainer.val_check_interval=2", "logger=csv", "run_test=false"]
 PIPE = PIPE2 + ["strategy.micro_batches=2"]
 

@@ -31,9 +31,6 @@ from pipeline_harness import (
     spawn,
 )
 
-# The tests share module-scoped runs: under pytest-xdist they go to one worker, which runs them once.
-pytestmark = pytest.mark.xdist_group("engine")
-
 # -- 2 stages: the full grid of micro-batches × schedules × checkpoint modes, plus dropout ---------
 
 # a representative grid: every M with both schedules, every mode with both schedules

@@ -15,9 +15,6 @@ import pytest
 from giantpipe.strategies.schedule import SCHEDULES, check_schedule
 from pipeline_harness import assert_transparent, close, config, reference, run_configs, spawn
 
-# The tests share module-scoped runs: under pytest-xdist they go to one worker, which runs them once.
-pytestmark = pytest.mark.xdist_group("engine_schedules")
-
 LAYERS = 10  # the toy's
 MODES = ("never", "always", "except_last")
 NEW_SCHEDULES = ("interleaved_1f1b", "zb_h1", "zb_h2", "zbv")

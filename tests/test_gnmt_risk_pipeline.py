@@ -28,9 +28,6 @@ from giantpipe.strategies.pipelined_decoding import pipelined_beam_search, pipel
 from giantpipe.strategies.topology import Topology
 from pipeline_harness import spawn
 
-# The tests share module-scoped runs: under pytest-xdist they go to one worker, which runs them once.
-pytestmark = pytest.mark.xdist_group("gnmt_risk_pipeline")
-
 SEED, LR, STEPS, BATCH = 3, 0.5, 3, 6
 PAD, BOS, EOS, SRC_VOCAB, TGT_VOCAB = 0, 1, 2, 9, 8
 MODEL = dict(src_vocab_size=SRC_VOCAB, tgt_vocab_size=TGT_VOCAB, hidden_size=4, num_encoder_layers=2,

@@ -25,9 +25,6 @@ from conftest import PIPE2, TINY, losses, run_train
 from giantpipe.strategies.stage_checkpoint import consolidate, load_checkpoint
 from run_processes import assert_same_state, finish, launch, leftovers, wait_for
 
-# The tests share module-scoped runs: under pytest-xdist they go to one worker, which runs them once.
-pytestmark = pytest.mark.xdist_group("kill_resume")
-
 TIMEOUT_S = 10
 STEPS = ["trainer.max_steps=8", "trainer.val_check_interval=2", "callbacks.model_checkpoint.save_top_k=-1",
          "logger=csv"]

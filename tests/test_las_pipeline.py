@@ -26,9 +26,6 @@ from giantpipe.strategies.pipelined_decoding import pipelined_beam_search
 from giantpipe.strategies.topology import Topology
 from pipeline_harness import spawn
 
-# The tests share module-scoped runs: under pytest-xdist they go to one worker, which runs them once.
-pytestmark = pytest.mark.xdist_group("las_pipeline")
-
 SEED, LR, STEPS, BATCH, N_MELS = 7, 0.3, 3, 6, 5
 PAD, BOS, EOS, VOCAB = 0, 1, 2, 9
 MODEL = dict(vocab_size=VOCAB, n_mels=N_MELS, listener_hidden=4, listener_layers=2, pyramid_levels=1,

@@ -13,9 +13,6 @@ import pytest
 from conftest import PIPE2, TINY, losses, read_summary, run_train, shard_files
 from giantpipe.platform.launch import free_port
 
-# The tests share module-scoped runs: under pytest-xdist they go to one worker, which runs them once.
-pytestmark = pytest.mark.xdist_group("pipeline_cli")
-
 
 @pytest.fixture(scope="module")
 def single_run(tmp_path_factory):

@@ -25,9 +25,6 @@ from giantpipe.strategies.pipelined_decoding import pipelined_beam_search
 from giantpipe.strategies.topology import Topology
 from pipeline_harness import spawn
 
-# The tests share module-scoped runs: under pytest-xdist they go to one worker, which runs them once.
-pytestmark = pytest.mark.xdist_group("pipelined_decoding")
-
 SEED, LR, STEPS, BATCH = 5, 0.5, 3, 8
 PAD, BOS, EOS, VOCAB = 0, 1, 2, 23
 MODEL = dict(src_vocab_size=VOCAB, tgt_vocab_size=VOCAB, hidden_size=8, num_encoder_layers=2,

@@ -16,9 +16,6 @@ from conftest import read_summary, run_train
 from giantpipe.platform.preflight import conf_dir
 from offline_wandb import read_run
 
-# The tests share module-scoped runs: under pytest-xdist they go to one worker, which runs them once.
-pytestmark = pytest.mark.xdist_group("presets")
-
 COMMON = ["trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
           "trainer.limit_test_batches=1", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
           "lr_schedule.warmup_steps=1"]

@@ -28,9 +28,6 @@ from giantpipe.platform.data.speech_synth import (
     synthesize,
 )
 
-# The tests share module-scoped runs: under pytest-xdist they go to one worker, which runs them once.
-pytestmark = pytest.mark.xdist_group("speech_data")
-
 torch.set_num_threads(1)
 SR = 16_000
 

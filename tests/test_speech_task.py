@@ -19,9 +19,6 @@ from giantpipe.platform.data.speech_synth import HELD_OUT_VOICES, TRAIN_VOICES, 
 from giantpipe.platform.preflight import check, compose_train
 from giantpipe.platform.tasks.speech import SpeechTask, word_error_rate
 
-# The tests share module-scoped runs: under pytest-xdist they go to one worker, which runs them once.
-pytestmark = pytest.mark.xdist_group("speech_task")
-
 # A LAS and corpus small enough to train, validate and decode in seconds.
 TINY_LAS = [
     "model=las", "model.listener_hidden=16", "model.listener_layers=2", "model.pyramid_levels=1",

@@ -16,9 +16,6 @@ from giantpipe.strategies.engine import PipelineEngine
 from giantpipe.strategies.timeline import Event, StepTimeline
 from pipeline_harness import ToyLoss, ToySeq2Seq, make_batches, spawn
 
-# The tests share module-scoped runs: under pytest-xdist they go to one worker, which runs them once.
-pytestmark = pytest.mark.xdist_group("timeline")
-
 M = 4
 CONFIGS = [("gpipe", "except_last"), ("1f1b", "always")]
 

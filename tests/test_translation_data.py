@@ -27,9 +27,6 @@ from giantpipe.platform.data.verbalization import NOUNS, de_count, de_date
 from giantpipe.platform.data.verbalization_corpus import generate_pairs
 from giantpipe.platform.data.wordpieces import KINDS, train_wordpieces
 
-# The tests share module-scoped runs: under pytest-xdist they go to one worker, which runs them once.
-pytestmark = pytest.mark.xdist_group("translation_data")
-
 torch.set_num_threads(1)
 
 

@@ -19,9 +19,6 @@ from giantpipe.platform.data.translation_module import TranslationDataModule
 from giantpipe.platform.data.verbalization_corpus import generate_pairs
 from giantpipe.platform.preflight import check, compose_train
 
-# The tests share module-scoped runs: under pytest-xdist they go to one worker, which runs them once.
-pytestmark = pytest.mark.xdist_group("translation_task")
-
 # A GNMT and corpus small enough to train, validate and decode in seconds.
 EVAL = [sys.executable, "-m", "giantpipe.platform.evaluate"]
 

@@ -34,9 +34,10 @@ from giantpipe.models.gnmt import (
     AttentionDecoderLayer,
     BidirectionalEncoderLayer,
     DecoderLayer,
+    OutputProjection,
     TargetEmbedding,
 )
-from giantpipe.models.seq2seq import AttentionSeq2Seq, StatelessStep
+from giantpipe.models.seq2seq import AttentionSeq2Seq
 
 
 def stack_frames(x_btd: Tensor, lengths: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -83,18 +84,12 @@ class SpellerEmbedding(TargetEmbedding):
     """`tgt_in` -> `y`; a (B,R,U) `tgt_in` becomes B*R rows, with the listener outputs repeated."""
 
 
-class SpellerProjection(StatelessStep):
+class SpellerProjection(OutputProjection):
     """[y; context] -> grapheme logits (LAS's CharacterDistribution, one linear layer)."""
 
     def __init__(self, hidden_size: int, memory_size: int, vocab_size: int,
                  init_weight: float = 0.1) -> None:
-        super().__init__()
-        self.linear = nn.Linear(hidden_size + memory_size, vocab_size)
-        self.init_weight = init_weight
-
-    def reset_parameters(self) -> None:
-        for p in self.linear.parameters():
-            nn.init.uniform_(p, -self.init_weight, self.init_weight)
+        super().__init__(hidden_size + memory_size, vocab_size, init_weight)
 
     def forward(self, carry: Carry) -> Carry:
         carry = dict(carry)
