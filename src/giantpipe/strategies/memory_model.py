@@ -28,9 +28,8 @@ first and last stage's extra load (embeddings, heads, logits, stage inputs) know
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from itertools import accumulate
 from pathlib import Path
 
 import torch
@@ -203,10 +202,24 @@ class MemoryModel:
     def balance(self, num_stages: int) -> list[int]:
         """The contiguous balance whose largest predicted stage peak is smallest (this model's
         own stage formula, so the first and last stages' embeddings, heads and inputs count)."""
-        acts = [p.act_bytes for p in self.profiles]
-        largest = [list(accumulate(acts[i:], max)) for i in range(len(acts))]  # [i][j-i-1]: max of i..j-1
-        return min_max_partition(len(acts), num_stages, lambda stage, start, stop: self.stage_peak_mb(
-            stage, num_stages, start, stop, largest[start][stop - start - 1]))
+        largest = range_max([p.act_bytes for p in self.profiles])
+        return min_max_partition(len(self.profiles), num_stages, lambda stage, start, stop: self.stage_peak_mb(
+            stage, num_stages, start, stop, largest(start, stop)))
+
+
+def range_max(values: Sequence[float]) -> Callable[[int, int], float]:
+    """`query(start, stop)`: the largest of values[start:stop] in O(1), from a sparse table of
+    O(L log L) maxima (the balance asks for every range a deep model's cut points make)."""
+    levels = [list(values)]  # levels[k][i]: max of values[i : i + 2**k]
+    while 2 ** len(levels) <= len(values):
+        prev, half = levels[-1], 2 ** (len(levels) - 1)
+        levels.append([max(prev[i], prev[i + half]) for i in range(len(prev) - half)])
+
+    def query(start: int, stop: int) -> float:
+        k = (stop - start).bit_length() - 1
+        return max(levels[k][start], levels[k][stop - (1 << k)])
+
+    return query
 
 
 def memory_balance(model: LayeredModel, loss_fn, batch: Batch, num_stages: int, *, micro_batches: int,

@@ -68,13 +68,15 @@ def read_file(path: str | Path, mmap: bool = False) -> dict:
     return checkpoint
 
 
-def load_checkpoint(path: str | Path, keep: Callable[[str], bool] | None = None) -> dict:
+def load_checkpoint(path: str | Path, keep: Callable[[str], bool] | None = None, mmap: bool = False) -> dict:
     """Any checkpoint giantpipe wrote (one file, a manifest and its shards, or a consolidated
     file) as one ordinary Lightning checkpoint, every shard verified. `keep`: only the weights
-    (and optimizer state) of the names it accepts are read; the rest of the files is not."""
-    checkpoint = read_file(path, mmap=keep is not None)
+    (and optimizer state) of the names it accepts; `mmap` (implied by `keep`): the files are
+    memory-mapped, so a tensor is read only when it is used."""
+    mmap = mmap or keep is not None
+    checkpoint = read_file(path, mmap=mmap)
     if is_manifest(checkpoint):
-        return consolidate(path, checkpoint, keep)
+        return consolidate(path, checkpoint, keep, mmap)
     return _share(checkpoint, keep) if keep is not None and "state_dict" in checkpoint else checkpoint
 
 
@@ -190,18 +192,19 @@ def load_shard(manifest_path: str | Path, manifest: dict, stage: int, mmap: bool
 
 
 def consolidate(manifest_path: str | Path, checkpoint: dict | None = None,
-                keep: Callable[[str], bool] | None = None) -> dict:
+                keep: Callable[[str], bool] | None = None, mmap: bool = False) -> dict:
     """One ordinary Lightning checkpoint with every stage's weights and optimizer state (indexed
     as one device's optimizer, and named in `optimizer_param_names`), the trainer state and the
     LR schedulers; with `keep`, only the parameters (and buffers) it accepts, read from
-    memory-mapped shards. `strategy=single` loads it (ckpt_path, init_from, giantpipe-eval) and
+    memory-mapped shards (`mmap` maps them without choosing). `strategy=single` loads it (ckpt_path, init_from, giantpipe-eval) and
     so does a pipeline of any stage count. A checkpoint from before shards named their
     parameters keeps only the weights: its optimizer and schedulers restart."""
     checkpoint = dict(read_file(manifest_path) if checkpoint is None else checkpoint)
     manifest = checkpoint.pop(MANIFEST, None)
     if manifest is None:
         raise CheckpointError(f"{manifest_path} is not a pipelined checkpoint (no stage manifest)")
-    shards = [load_shard(manifest_path, manifest, stage, mmap=keep is not None) for stage in range(manifest["stages"])]
+    mmap = mmap or keep is not None
+    shards = [load_shard(manifest_path, manifest, stage, mmap=mmap) for stage in range(manifest["stages"])]
     if keep is not None:
         shards = [_share(shard, keep) for shard in shards]
     checkpoint["state_dict"] = {k: v for shard in shards for k, v in shard["state_dict"].items()}

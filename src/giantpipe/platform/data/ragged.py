@@ -59,6 +59,15 @@ class RaggedWriter:
 _TWO_INT64 = struct.Struct("<qq")  # a row's start and stop in the offsets file
 
 
+def pread_array(fd: int, offset: int, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A fresh array of `shape` read from file `fd` at byte `offset` (no page of it is mapped
+    into the process); a file shorter than that is an error, not a row of garbage."""
+    out = np.empty(shape, dtype)
+    if out.nbytes and os.preadv(fd, [out], offset) != out.nbytes:
+        raise OSError(f"{out.nbytes} bytes at offset {offset} run past the end of the file: it is truncated")
+    return out
+
+
 class Ragged:
     """Read-only rows of a `RaggedWriter`'s files. `ragged[i]` reads row i with `pread` into a
     fresh array: a process holds only the rows it is using, however many it has read (a memory
@@ -106,10 +115,7 @@ class Ragged:
 
     def __getitem__(self, index: int) -> np.ndarray:
         start, stop = self.bounds(index)
-        row = np.empty((stop - start, *self.row_shape), self.dtype)
-        if row.nbytes:
-            os.preadv(self._files[0], [row], start * self._row_bytes)
-        return row
+        return pread_array(self._files[0], start * self._row_bytes, (stop - start, *self.row_shape), self.dtype)
 
     def __iter__(self) -> Iterator[np.ndarray]:
         return (self[i] for i in range(len(self)))

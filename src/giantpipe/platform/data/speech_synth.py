@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 from num2words import num2words
 
+from giantpipe.platform.data.ragged import pread_array
 from giantpipe.platform.data.verbalization_corpus import CORPUS_VERSION, generate_pairs
 
 SYNTH_VERSION = 1  # bump when the audio or the spoken form changes: it keys the cache
@@ -316,10 +317,8 @@ class SynthSplit:
             header = np.load(self.audio_path, mmap_mode="r").offset  # all utterances end to end
             self._file = (os.open(self.audio_path, os.O_RDONLY), header)
         item = self.items[index]
-        samples = np.empty(item["length"], np.int16)
-        if samples.nbytes:
-            os.preadv(self._file[0], [samples], self._file[1] + samples.itemsize * item["offset"])
-        return samples, item["text"]
+        fd, start = self._file
+        return pread_array(fd, start + np.dtype(np.int16).itemsize * item["offset"], (item["length"],), np.int16), item["text"]
 
 
 def _main(job: str, out: str) -> None:

@@ -92,7 +92,7 @@ class Task(pl.LightningModule):
         try:
             # any kind (one file, or a manifest and its stage shards), memory-mapped: a pipeline
             # stage reads only its own layers' weights (on_fit_start)
-            state = load_checkpoint(path, keep=lambda name: True)
+            state = load_checkpoint(path, mmap=True)
         except CheckpointError as err:
             raise ConfigError(f"init_from={path}: {err}") from None
         self._pending_weights = state.get("state_dict", state)
