@@ -27,11 +27,12 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
+
+from giantpipe.platform.proc_memory import TreeWatcher
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -82,67 +83,18 @@ def write_translation_corpus(path: Path, pairs: int, seed: int = 0, chunk: int =
 
 
 # --- measuring processes ---------------------------------------------------------------------------
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(entry))
-    return out
-
-
-def _vmhwm_mb(pid: int) -> float | None:
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return None
-    match = re.search(r"VmHWM:\s+(\d+) kB", status)
-    return int(match.group(1)) / 1024 if match else None
-
-
 def run_watched(cmd: list[str], env: dict, timeout: float) -> dict:
     """Run `cmd`, polling the peak resident memory (VmHWM) of it and all its descendants."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    peaks: dict[int, float] = {}
-    cmdlines: dict[int, str] = {}
-    done = threading.Event()
-
-    def watch():
-        while not done.is_set():
-            todo, seen = [proc.pid], set()
-            while todo:
-                pid = todo.pop()
-                if pid in seen:
-                    continue
-                seen.add(pid)
-                if (mb := _vmhwm_mb(pid)) is not None:
-                    peaks[pid] = max(peaks.get(pid, 0.0), mb)
-                    if pid not in cmdlines:
-                        try:
-                            cmdlines[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-                        except OSError:
-                            cmdlines[pid] = ""
-                todo += _children(pid)
-            done.wait(0.2)
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    try:
+    with TreeWatcher(proc.pid, interval_s=0.2) as watcher:
         output, _ = proc.communicate(timeout=timeout)
-    finally:
-        done.set()
-        thread.join()
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd[:6])} ... failed ({proc.returncode}):\n{output[-3000:]}")
-    workers = sorted(p for p, c in cmdlines.items() if "spawn_main" in c)
+    peaks = watcher.peaks_mb
     return {"wall_s": time.perf_counter() - start, "output": output,
             "launcher_mb": round(peaks.get(proc.pid, 0.0), 1),
-            "stage_mb": [round(peaks[p], 1) for p in workers]}  # ranks start in order
+            "stage_mb": [round(peaks[p], 1) for p in watcher.workers]}  # ranks start in order
 
 
 def child(kind: str, mode: str, overrides: list[str], env: dict, timeout: float = 3600) -> dict:

@@ -1,9 +1,10 @@
 """Test helpers for the pipeline: launching K gloo processes, and a toy seq2seq LayeredModel.
 
-`launch` starts K spawned processes joined in a gloo process group whose store the parent
-hosts on a port the OS picks (port 0), so launches never collide. Each worker's return value
-(or error) comes back through a file; a worker still running after `join_timeout` is killed
-and reported as hung.
+`launch` starts K processes joined in a gloo process group whose store the parent hosts on a
+port the OS picks (port 0), so launches never collide. They fork from multiprocessing's fork
+server, which imported this module (torch, the engine) once for the whole pytest worker. Each
+worker's return value (or error) comes back through a file; a worker still running after
+`join_timeout` is killed and reported as hung.
 
 `ToySeq2Seq` exercises what real models carry between stages: variable lengths (padding +
 mask, and `split` trims each micro-batch to its own longest sequence), tensors without
@@ -52,7 +53,8 @@ def launch(
 ) -> list[Outcome]:
     """Run `fn(rank, world_size, *args)` in `world_size` fresh gloo processes; one Outcome each."""
     store = dist.TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False)
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["pipeline_harness"])
     with tempfile.TemporaryDirectory() as out_dir:
         procs = [
             ctx.Process(

@@ -6,6 +6,12 @@ job itself, passing them the job's resolved config, so a sweep runs its jobs one
 and each job has its own process group on a fresh port. Under `torchrun` (or SLURM) the
 processes already exist and each runs the job directly.
 
+Workers fork from multiprocessing's fork server, started as the job begins: it imports torch,
+Lightning and the job's task once while the launcher prepares the data, so a worker starts in
+well under a second instead of importing them again (~4 s of CPU each, the larger part of a
+small run's cost). The server is a fresh interpreter that only imports: no thread, no CUDA
+context, no OpenMP pool exists in it to be forked (unlike the launcher itself).
+
 If any worker fails, the others are terminated at once and the error names the stage. SIGTERM
 (`kill`, `timeout`, systemd, schedulers), SIGINT (Ctrl-C) and SIGHUP (a closed terminal) to the
 launcher end every worker within seconds, print one line and exit 128 + the signal number;
@@ -16,7 +22,9 @@ launcher decides), and die with the launcher even when it is killed with SIGKILL
 
 from __future__ import annotations
 
+import atexit
 import ctypes
+import multiprocessing.forkserver
 import os
 import signal
 import socket
@@ -51,6 +59,14 @@ def launched_externally() -> bool:
     return any(v in os.environ for v in EXTERNAL_LAUNCH_VARS)
 
 
+def start_worker_server(family: str) -> None:
+    """Start the fork server the workers of this launcher will come from, importing in it what a
+    worker of a `family` job runs (a sweep's later jobs reuse it: they fork at once)."""
+    mp.set_forkserver_preload(["giantpipe.platform.train", "giantpipe.platform.build",
+                               "giantpipe.strategies.lightning_strategy", f"giantpipe.platform.tasks.{family}"])
+    multiprocessing.forkserver.ensure_running()
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -73,6 +89,8 @@ def _worker(local_rank: int, world_size: int, port: int, fn, args) -> None:
             raise
         print(f"giantpipe-train: error on rank {local_rank}: {err}", file=sys.stderr)
         sys.exit(2)
+    finally:  # a forked worker ends with os._exit, which skips them: wandb's finish, log flushes
+        atexit._run_exitfuncs()
 
 
 def die_with_parent() -> None:
@@ -139,7 +157,7 @@ def spawn(fn, args: tuple, world_size: int, describe_rank) -> None:
     try:
         with stop_signals_raise():
             context = mp.start_processes(_worker, args=(world_size, free_port(), fn, args), nprocs=world_size,
-                                         join=False, start_method="spawn")
+                                         join=False, start_method="forkserver")
             while not context.join(grace_period=SHUTDOWN_GRACE_S):
                 pass
     except Stopped as stop:

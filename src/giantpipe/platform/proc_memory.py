@@ -4,8 +4,9 @@
 started: weights, gradients, optimizer state, activations, communication buffers, the data
 pipeline and the framework itself, whatever allocated them. It only grows, so polling it while
 the process lives and keeping the last value read loses at most what grew in the last interval.
-In a watched run of several processes (a launcher and its spawned workers), the launcher's
-spawned children are its workers, numbered in the order they started: `torch.multiprocessing` starts rank 0 first, then 1, ...
+In a watched run of several processes (a launcher and its workers), the workers are the children
+of the launcher's fork server (or its `spawn` children), numbered in the order they started:
+`torch.multiprocessing` starts rank 0 first, then 1, ...
 """
 
 from __future__ import annotations
@@ -49,12 +50,20 @@ def descendants(pid: int) -> list[int]:
     return seen
 
 
-def is_worker(pid: int) -> bool:
-    """Whether `pid` is a multiprocessing `spawn` worker (not the launcher, not a resource tracker)."""
-    try:
-        return b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
+def worker_pids(launcher: int) -> set[int]:
+    """The launcher's workers: the children of its fork server (platform/launch.py), or children
+    it started with multiprocessing's `spawn` (not the server itself, not a resource tracker)."""
+    found: set[int] = set()
+    for child in children_of(launcher):
+        try:
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"spawn_main" in cmdline:
+            found.add(child)
+        elif b"multiprocessing.forkserver" in cmdline:
+            found.update(children_of(child))
+    return found
 
 
 @dataclass
@@ -67,7 +76,7 @@ class TreeWatcher:
     limit_mb: float | None = None
     on_exceed: object = None
     peaks_mb: dict[int, float] = field(default_factory=dict)
-    workers: list[int] = field(default_factory=list)  # spawn workers' pids, in start order
+    workers: list[int] = field(default_factory=list)  # the workers' pids, in start order
     _helpers: set[int] = field(default_factory=set)  # pids checked and known not to be workers
     exceeded: tuple[int, float] | None = None
 
@@ -84,10 +93,10 @@ class TreeWatcher:
         self._thread.join()
 
     def poll(self) -> None:
-        children = set(children_of(self.root))
+        workers = worker_pids(self.root)
         for pid in descendants(self.root):
             if pid != self.root and pid not in self.workers:
-                if pid not in children or not is_worker(pid):  # a resource tracker, or a child not yet past exec
+                if pid not in workers:  # the fork server, a resource tracker, or a child not yet past exec
                     if pid in self.peaks_mb or _settled(pid):
                         self._helpers.add(pid)
                     else:
