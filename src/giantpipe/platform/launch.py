@@ -62,8 +62,10 @@ def launched_externally() -> bool:
 def start_worker_server(family: str) -> None:
     """Start the fork server the workers of this launcher will come from, importing in it what a
     worker of a `family` job runs (a sweep's later jobs reuse it: they fork at once)."""
-    mp.set_forkserver_preload(["giantpipe.platform.train", "giantpipe.platform.build",
-                               "giantpipe.strategies.lightning_strategy", f"giantpipe.platform.tasks.{family}"])
+    mp.set_forkserver_preload([
+        "giantpipe.platform.fork_server", "giantpipe.platform.train", "giantpipe.platform.build",
+        "giantpipe.strategies.lightning_strategy", f"giantpipe.platform.tasks.{family}",
+    ])
     multiprocessing.forkserver.ensure_running()
 
 
@@ -74,9 +76,10 @@ def free_port() -> int:
 
 
 def _worker(local_rank: int, world_size: int, port: int, fn, args) -> None:
-    die_with_parent()
+    die_with_parent()  # the fork server, itself tied to the launcher (fork_server.py)
     for signum in (signal.SIGINT, signal.SIGHUP):  # the launcher decides, and ends us
         signal.signal(signum, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the server ignores it; torch ends failed runs with it
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size), RANK=str(local_rank),
         LOCAL_RANK=str(local_rank), NODE_RANK="0", LOCAL_WORLD_SIZE=str(world_size),
