@@ -135,17 +135,10 @@ def beam_search(
 
     for t in range(1, max(limits) + 1):
         log_probs, attn, state = decoder.step(tokens, state)
-        log_probs = log_probs.float().clone()
-        vocab = log_probs.size(-1)
-        if banned_ids:
-            log_probs[:, list(banned_ids)] = float("-inf")
         if attn is not None:
             coverage = attn.float() if coverage is None else coverage + attn.float()
-        lp_bkv = log_probs.view(batch, k, vocab)
-        _only_eos_where(lp_bkv, torch.tensor([lim <= t for lim in limits], device=device), eos_id)
-        cand = (cum.unsqueeze(2) + lp_bkv).view(batch, k * vocab)
-        top_scores, top_idx = cand.topk(min(2 * k, k * vocab), dim=1)  # >= k candidates
-        src_beam, top_tok = top_idx // vocab, top_idx % vocab
+        at_limit = torch.tensor([lim <= t for lim in limits], device=device)
+        top_scores, src_beam, top_tok = _top_candidates(log_probs, cum, banned_ids, at_limit, eos_id)
         is_eos = top_tok == eos_id
 
         # an EOS among the best k candidates finishes a hypothesis
@@ -165,6 +158,20 @@ def beam_search(
         if all(done):
             break
     return BeamSearchResult([sorted(f, key=lambda h: -h.score)[:n_best] for f in finished])
+
+
+def _top_candidates(log_probs: Tensor, cum: Tensor, banned_ids: Sequence[int], at_limit: Tensor,
+                    eos_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The 2k best continuations of each sentence's k beams: (score, source beam, token)."""
+    (batch, k), vocab = cum.shape, log_probs.size(-1)
+    log_probs = log_probs.float().clone()
+    if banned_ids:
+        log_probs[:, list(banned_ids)] = float("-inf")
+    lp_bkv = log_probs.view(batch, k, vocab)
+    _only_eos_where(lp_bkv, at_limit, eos_id)
+    cand = (cum.unsqueeze(2) + lp_bkv).view(batch, k * vocab)
+    top_scores, top_idx = cand.topk(min(2 * k, k * vocab), dim=1)  # >= k candidates
+    return top_scores, top_idx // vocab, top_idx % vocab
 
 
 def _survivors(top_scores: Tensor, src_beam: Tensor, top_tok: Tensor, is_eos: Tensor,

@@ -95,14 +95,16 @@ class TreeWatcher:
     def poll(self) -> None:
         workers = worker_pids(self.root)
         for pid in descendants(self.root):
-            if pid != self.root and pid not in self.workers:
-                if pid not in workers:  # the fork server, a resource tracker, or a child not yet past exec
-                    if pid in self.peaks_mb or _settled(pid):
-                        self._helpers.add(pid)
-                    else:
-                        continue
-                elif pid not in self._helpers:
+            if pid != self.root and pid not in self.workers and pid not in self._helpers:
+                # a fresh child still shows its parent's command line until it execs (a fork
+                # server's short-lived subprocess, a spawn worker): classify it once settled;
+                # VmHWM only grows, so reading it a second late loses nothing
+                if not _settled(pid):
+                    continue
+                if pid in workers:
                     self.workers = sorted([*self.workers, pid])
+                else:
+                    self._helpers.add(pid)
             kb = status_kb(pid)
             if kb is None:
                 continue
