@@ -70,17 +70,3 @@ def run_train(args: list[str], cwd: Path, timeout: int = 240, check: bool = True
 
 def read_summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
-
-
-# The slowest modules first (measured: their summed durations, heaviest first). pytest-xdist's
-# `--dist loadfile` hands whole modules to idle workers in collection order, so a heavy module
-# collected last would run alone at the end while the other worker idles.
-SLOWEST_FIRST = ("test_pipeline_cli", "test_bench_capacity", "test_presets", "test_reshard", "test_kill_resume",
-                 "test_speech_task", "test_translation_task", "test_bench_quick", "test_loggers",
-                 "test_train_cli", "test_checkpoints", "test_optimizers", "test_engine_schedules",
-                 "test_config_campaign")
-
-
-def pytest_collection_modifyitems(items) -> None:
-    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: the rest in file order
