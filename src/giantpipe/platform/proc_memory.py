@@ -93,7 +93,7 @@ class TreeWatcher:
         self._thread.join()
 
     def poll(self) -> None:
-        workers = worker_pids(self.root)
+        workers = None  # read from /proc only when a new process is to be classified
         for pid in descendants(self.root):
             if pid != self.root and pid not in self.workers and pid not in self._helpers:
                 # a fresh child still shows its parent's command line until it execs (a fork
@@ -101,6 +101,7 @@ class TreeWatcher:
                 # VmHWM only grows, so reading it a second late loses nothing
                 if not _settled(pid):
                     continue
+                workers = worker_pids(self.root) if workers is None else workers
                 if pid in workers:
                     self.workers = sorted([*self.workers, pid])
                 else:
@@ -135,8 +136,8 @@ class TreeWatcher:
 
 
 def _settled(pid: int) -> bool:
-    """Whether a child has exec'd its own program (a forked child shows its parent's memory
-    until then); a process alive for a second without becoming a worker is a helper."""
+    """Whether a process has lived for a second: by then a forked child that was going to exec
+    its own program has done so, and its command line says what it is."""
     try:
         started = Path(f"/proc/{pid}").stat().st_ctime
     except OSError:

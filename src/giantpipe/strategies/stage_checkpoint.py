@@ -196,8 +196,8 @@ def consolidate(manifest_path: str | Path, checkpoint: dict | None = None,
     """One ordinary Lightning checkpoint with every stage's weights and optimizer state (indexed
     as one device's optimizer, and named in `optimizer_param_names`), the trainer state and the
     LR schedulers; with `keep`, only the parameters (and buffers) it accepts, read from
-    memory-mapped shards (`mmap` maps them without choosing). `strategy=single` loads it (ckpt_path, init_from, giantpipe-eval) and
-    so does a pipeline of any stage count. A checkpoint from before shards named their
+    memory-mapped shards (`mmap` maps them without choosing). `strategy=single` loads it
+    (ckpt_path, init_from, giantpipe-eval) and so does a pipeline of any stage count. A checkpoint from before shards named their
     parameters keeps only the weights: its optimizer and schedulers restart."""
     checkpoint = dict(read_file(manifest_path) if checkpoint is None else checkpoint)
     manifest = checkpoint.pop(MANIFEST, None)

@@ -318,7 +318,8 @@ class SynthSplit:
             self._file = (os.open(self.audio_path, os.O_RDONLY), header)
         item = self.items[index]
         fd, start = self._file
-        return pread_array(fd, start + np.dtype(np.int16).itemsize * item["offset"], (item["length"],), np.int16), item["text"]
+        samples = pread_array(fd, start + 2 * item["offset"], (item["length"],), np.int16)  # 2 bytes a sample
+        return samples, item["text"]
 
 
 def _main(job: str, out: str) -> None:
