@@ -23,10 +23,10 @@ turn) over a `LocalLink`.
 
 Re-materialization (torchgpipe's names): `always` recomputes every micro-batch's forward in
 its backward, `except_last` all but the last (whose backward comes first in GPipe, so keeping
-it costs nothing extra), `never` none. Recomputation is torch.utils.checkpoint (non-reentrant,
-preserve_rng_state): the forward's CPU and device RNG states are stashed and restored for the
-recompute, so dropout masks are the same, and BatchNorm running statistics are restored after
-it so they are updated once per micro-batch. A recomputed micro-batch's backward stays fused
+it costs nothing extra), `never` none. A recomputed forward records no graph and keeps only its
+input (rematerialize.py); its CPU and device RNG states are restored for the recompute, so
+dropout masks are the same, and BatchNorm running statistics are restored after it so they
+are updated once per micro-batch. A recomputed micro-batch's backward stays fused
 (its W is empty): deferring would keep the linear layers' inputs alive through the recompute.
 
 Split backward: the zero-bubble schedules split every backward into B and W. Under gpipe and
@@ -56,19 +56,19 @@ runs; its set-up lives in stage_setup.py.)
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 
 import torch
 import torch.distributed as dist
-import torch.utils.checkpoint as torch_checkpoint
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from giantpipe.models.contract import Batch, Carry, LayeredModel, SumLoss, batch_size
 from giantpipe.strategies.comm import Link, LocalLink, wants_grad
 from giantpipe.strategies.partition import stage_ranges
+from giantpipe.strategies.rematerialize import rematerialized
 from giantpipe.strategies.schedule import (
     BACKWARDS,
     Action,
@@ -386,10 +386,7 @@ class PipelineEngine:
         deferred to W, or plain."""
         run = partial(self._run_layers, chunk.layers)
         if step.training and self._recompute(i):
-            return torch_checkpoint.checkpoint(
-                run, carry, use_reentrant=False, preserve_rng_state=True,
-                context_fn=self._context_fn(i, chunk.index),
-            )  # fmt: skip
+            return rematerialized(run, carry, self._recompute_context(i, chunk.index))
         if step.training and (i, chunk.index) in self._split:
             stashed.store = WeightGradStore()
             with defer_weight_grads(stashed.store):
@@ -463,7 +460,7 @@ class PipelineEngine:
             return True
         return self.remat_mode == "except_last" and i < self.micro_batches - 1
 
-    def _context_fn(self, i: int, chunk: int):
+    def _recompute_context(self, i: int, chunk: int):
         """The recompute's context: keep BatchNorm statistics, and time it."""
         rec = self._recorder
 
@@ -475,7 +472,7 @@ class PipelineEngine:
                 stack.enter_context(rec.span("recompute", i, chunk))
                 yield
 
-        return lambda: (nullcontext(), recompute_context())
+        return recompute_context
 
     # -- step set-up and results ------------------------------------------------------------------
 
