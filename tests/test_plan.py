@@ -58,6 +58,17 @@ def test_memory_balance_is_the_best_contiguous_cut_and_knows_the_heavy_head():
     assert model.balance(1) == [9]
 
 
+def test_fits_says_whether_the_best_cut_fits_the_budget():
+    """`fits` (greedy, O(L): what giantpipe-plan --largest asks for thousands of layers) agrees
+    with the best cut's largest stage on both sides of every budget that matters."""
+    for head_act, stages in itertools.product((5e4, 2e6), (1, 2, 3, 5)):
+        model = MemoryModel(block_profiles(9, head_act), batch_size=16, micro_batches=4,
+                            checkpoint="always", fixed_mb=100)
+        best = worst(model, model.balance(stages))
+        assert model.fits(stages, best) and not model.fits(stages, best - 0.01)
+    assert not model.fits(12, 1e9)  # more stages than layers
+
+
 def test_profile_is_per_sample_and_linear_in_the_batch():
     torch.manual_seed(0)
     with torch.device("meta"):

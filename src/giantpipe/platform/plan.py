@@ -7,7 +7,8 @@
 The model is built on the meta device; each distinct layer is profiled once on a one-sample
 batch of the configured data (strategies/memory_model.py). The per-process fixed cost is
 measured here: this process's own resident memory once the training stack is imported and the
-data loaded, plus what a Lightning worker adds on top (WORKER_EXTRA_MB). The predicted peak of
+data loaded, plus what a training process adds on top (TRAINER_EXTRA_MB; a pipeline stage's
+worker, forked from a preloaded server, STAGE_WORKER_EXTRA_MB). The predicted peak of
 each stage is what `VmHWM` of that stage's process will show; scripts/bench_capacity.py checks
 it against the measurement.
 """
@@ -29,10 +30,14 @@ from giantpipe.strategies.memory_model import MemoryModel, StageMemory, profile_
 from giantpipe.strategies.partition import _layer_time, _leaf_inputs, _materialized
 from giantpipe.strategies.rules import CHECKPOINT_MODES
 
-# A Lightning worker's resident memory beyond an idle process that imported the same stack and
+# A training process's resident memory beyond an idle process that imported the same stack and
 # loaded the same data: trainer, loop and logger objects, the gloo group, the dataloader's
 # batches, the allocator's first arenas. Measured with a one-layer model (bench_capacity.py).
-WORKER_EXTRA_MB = 40.0
+TRAINER_EXTRA_MB = 40.0
+# A pipeline stage's worker forks from a server that imported the stack (fork_server.py): the
+# library pages it never touches are not resident in it, so it starts below this process.
+# Measured: a 2-block stage peaked at 410 MiB where this process + TRAINER_EXTRA_MB gave 474.
+STAGE_WORKER_EXTRA_MB = TRAINER_EXTRA_MB - 64.0
 
 
 @dataclass
@@ -57,9 +62,11 @@ class Plan:
                 "suggestions": self.suggestions}
 
 
-def fixed_cost_mb() -> float:
-    """This process's resident memory now (imports and data done), plus a worker's extra."""
-    return (status_kb("self", "VmRSS") or 0) / 1024 + WORKER_EXTRA_MB
+def fixed_cost_mb(cfg: DictConfig) -> float:
+    """This process's resident memory now (imports and data done), plus what the process that
+    trains `cfg` adds: the launcher itself, or a forked stage worker."""
+    pipeline = cfg.strategy.name == "pipeline"
+    return (status_kb("self", "VmRSS") or 0) / 1024 + (STAGE_WORKER_EXTRA_MB if pipeline else TRAINER_EXTRA_MB)
 
 
 def one_sample(data) -> dict:
@@ -129,7 +136,7 @@ def make_plan(cfg: DictConfig, *, budget_mb: float | None = None, suggest: bool 
 
     data, task, _ = built or build_task(cfg)
     sample = one_sample(data)
-    fixed = fixed_cost_mb()
+    fixed = fixed_cost_mb(cfg)
     strategy = cfg.strategy
     pipeline = strategy.name == "pipeline"
     num_stages = strategy.stages if pipeline else 1
@@ -177,7 +184,7 @@ def largest_blocks(cfg: DictConfig, budget: float, built: tuple | None = None, l
 
     data, task, _ = built or build_task(cfg)
     sample = one_sample(data)
-    fixed = fixed_cost_mb()
+    fixed = fixed_cost_mb(cfg)
     profiles = profile_layers(task.model, sample, seed=cfg.seed, loss_fn=task.loss_fn)
     if len(profiles) < 3:
         raise ConfigError("--largest searches model.n_layers of the giant net: give model.n_layers>=1")
@@ -185,7 +192,7 @@ def largest_blocks(cfg: DictConfig, budget: float, built: tuple | None = None, l
 
     def fits(blocks: int) -> bool:
         model = memory_model(cfg, task, sample, fixed, [profiles[0], *[profiles[1]] * blocks, profiles[-1]])
-        return max(s.peak_mb for s in model.predict(model.balance(stages))) <= budget
+        return model.fits(stages, budget)
 
     lo, hi = 0, max(stages - 2, 1)
     while hi <= limit and fits(hi):

@@ -199,6 +199,22 @@ class MemoryModel:
             ))  # fmt: skip
         return stages
 
+    def fits(self, num_stages: int, budget_mb: float) -> bool:
+        """Whether some contiguous balance keeps every stage's predicted peak within `budget_mb`:
+        each stage takes layers while it fits (a stage's peak grows with its layers, so taking
+        the most is never worse). O(L), where `balance` is a dynamic programme."""
+        largest = range_max([p.act_bytes for p in self.profiles])
+        layers, start = len(self.profiles), 0
+        for stage in range(num_stages):
+            stop, most = start, layers - (num_stages - stage - 1)  # every later stage gets a layer
+            while stop < most and self.stage_peak_mb(stage, num_stages, start, stop + 1,
+                                                       largest(start, stop + 1)) <= budget_mb:
+                stop += 1
+            if stop == start:
+                return False
+            start = stop
+        return start == layers
+
     def balance(self, num_stages: int) -> list[int]:
         """The contiguous balance whose largest predicted stage peak is smallest (this model's
         own stage formula, so the first and last stages' embeddings, heads and inputs count)."""
