@@ -1,9 +1,9 @@
 """GPipe's Table 1 on this machine: the largest giant net each configuration trains in a memory budget.
 
     python scripts/bench_capacity.py                        # 2 GiB per process (9 processes at 8 stages)
-    python scripts/bench_capacity.py --budget-mb 640        # what the README table used
+    python scripts/bench_capacity.py --budget-mb 640        # a smaller budget, fewer blocks
     python scripts/bench_capacity.py --quick                # one 2-stage trial: the suite's smoke test
-    python scripts/bench_capacity.py --configs 8 --start-blocks 176 --max-trials 1   # one check
+    python scripts/bench_capacity.py --configs 8 --start-blocks 2528 --max-trials 1  # one check
 
 For each configuration -- `naive` (one process, plain model, no re-materialization), and
 `strategy=pipeline` with `checkpoint=always`, M micro-batches and 1, 2, 4, 8 stages -- the
@@ -11,17 +11,22 @@ number of Transformer blocks L of a fixed-width giant net is searched: a trial r
 `giantpipe-train` for 3 full steps and passes when it exits cleanly with a finite loss and the
 peak resident memory (VmHWM, read from /proc of every process of the run: the launcher, each
 stage's worker, helpers) stayed within the budget. A process passing the budget ends the trial
-at once. The search starts from giantpipe-plan's prediction, gallops up or down by one layer
-per stage, then bisects; each configuration's largest passing L is reported with the plan's
-prediction for every stage against the measured VmHWM (the target: within 15%).
+at once. The search starts from giantpipe-plan's prediction (corrected by the plan's error on
+the configurations searched before: a bias of a few percent, much the same in each) and steps
+up or down by `--resolution` of it (4%, whole layers per stage), galloping, then bisects; it
+stops when the largest passing and the smallest failing L are one step apart. Each
+configuration's largest passing L is reported with the plan's prediction for every stage
+against the measured VmHWM (the target: within 15%).
 
-Width: d_model 128, d_ff 512 at 8 x 128 tokens per batch, so that activations dominate the
-naive model (as in the paper's Transformer-L) while the deepest trial (about 8 x 25 blocks at
-640 MiB; a few hundred per stage at 2 GiB) runs 3 steps in minutes on 2 CPU cores. An idle machine runs
-a trial in about 15 s plus the steps; under the load of other work, several minutes.
+Width: d_model 128, d_ff 512 at 6 x 128 tokens per batch (M = 6: one sample a micro-batch), so
+that activations dominate the naive model (as in the paper's Transformer-L). The compute that
+fills a budget grows with the budget times the tokens per step (parameters fill it, and every
+parameter costs 8 flops a token with re-materialization): at 2 GiB the 8-stage trial is about
+2,700 blocks, minutes of 2 CPU cores, so the batch is no larger than the ratios need.
 
 JSON (`--out`, default bench_capacity.json):
-  meta     started, seconds, budget_mb, width, overrides, quick, loadavg_start/end (1-min),
+  meta     started, seconds, budget_mb, width, micro_batches, resolution, overrides, quick,
+           loadavg_start/end (1-min),
            fixed_cost_mb {empty_process: torch + Lightning imported, launcher}
   configs  [{name, stages, blocks, params, param_mb, passed, failed_at, trials: [{blocks, ok,
            reason, peaks_mb, seconds}], measured_mb {launcher, stage<s>}, predicted_mb
@@ -46,12 +51,13 @@ from pathlib import Path
 from giantpipe.platform.proc_memory import TreeWatcher, kill_tree
 
 WIDTH = {"model.d_model": 128, "model.d_ff": 512, "model.n_heads": 4, "data.seq_len": 128,
-         "model.max_len": 128, "data.batch_size": 8}
+         "model.max_len": 128, "data.batch_size": 6}
 QUICK_BUDGET_MB = 600.0  # a few blocks over the framework's own cost: short trials
 QUIET = ["trainer.max_steps=3", "trainer.limit_val_batches=0", "trainer.limit_test_batches=0",
          "run_test=false", "logger=none", "callbacks=none", "trainer.enable_progress_bar=false",
          "model.dropout=0.1", "lr_schedule.warmup_steps=1"]
-MICRO_BATCHES = 8
+MICRO_BATCHES = 6
+RESOLUTION = 0.04  # the search's step, a fraction of the plan's guess
 TARGETS = {"remat_over_naive": 2.5, "stages8_over_remat1": 7.0, "plan_error_pct": 15.0}
 
 
@@ -123,13 +129,17 @@ def wait_for_memory(processes: int, budget: float) -> None:
 
 
 def search(name: str, base: list[str], stages: int, budget: float, workdir: Path, quick: bool,
-           max_trials: int, start: int | None = None) -> dict:
-    """Largest passing block count, starting from the plan's prediction (steps of one block per stage)."""
-    guess = predict(base, max(stages, 2), budget, largest=True)["largest_blocks"]
+           max_trials: int, start: int | None = None, resolution: float = RESOLUTION,
+           plan_bias: float = 1.0) -> dict:
+    """Largest passing block count, starting from the plan's prediction, in steps of
+    `resolution` of it (whole layers per stage; at least one per stage). `plan_bias`: predicted
+    over measured peak at the configurations searched before; the first guess asks the plan for
+    the largest L within `budget x plan_bias`, where the measurement should meet the budget."""
+    guess = predict(base, max(stages, 2), budget * plan_bias, largest=True)["largest_blocks"]
     if quick:  # one trial, just inside the prediction
         guess = max(1, int(guess * 0.9))
     guess = start or guess
-    step = stages
+    step = max(stages, round(guess * resolution / stages) * stages)
     processes = stages + 1 if name != "naive" else 1
     trials: dict[int, dict] = {}
 
@@ -156,16 +166,24 @@ def search(name: str, base: list[str], stages: int, budget: float, workdir: Path
             blocks = max(blocks - stride, 1) if lo is None else (lo + hi) // 2
         if hi is None or lo is None:
             stride *= 2
-        blocks = round_to(blocks, step, lo, hi)
+        blocks = round_to(blocks, stages, lo, hi)
         if blocks in trials:
             break
-    out = {"name": name, "stages": stages, "plan_guess": guess, "trials": list(trials.values()),
+    out = {"name": name, "stages": stages, "plan_guess": guess, "plan_bias": round(plan_bias, 4),
+           "trials": list(trials.values()),
            "blocks": lo, "failed_at": hi}
     if lo is not None:
         best = trials[lo]
         plan = predict(base, lo, budget)
         out.update(compare(best["peaks_mb"], plan, name))
     return out
+
+
+def plan_bias(configs: list[dict]) -> float:
+    """Predicted over measured peak, averaged over every stage of the configurations so far (1
+    before any): the plan's error is much the same across configurations (-3 to -4% at 2 GiB)."""
+    errors = [e for c in configs for e in c.get("error_pct", []) if e is not None]
+    return 1 + sum(errors) / len(errors) / 100 if errors else 1.0
 
 
 def round_to(blocks: int, step: int, lo: int | None, hi: int | None) -> int:
@@ -232,6 +250,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default="bench_capacity.json")
     parser.add_argument("--max-trials", type=int, default=4, help="training runs per configuration at most")
     parser.add_argument("--start-blocks", type=int, default=None, help="first trial's L (default: the plan's)")
+    parser.add_argument("--resolution", type=float, default=RESOLUTION,
+                        help="the search's step as a fraction of the first L (0: one block per stage)")
     parser.add_argument("overrides", nargs="*", help="extra giantpipe-train overrides")
     args = parser.parse_args(argv)
     budget = args.budget_mb or (QUICK_BUDGET_MB if args.quick else 2048.0)
@@ -239,6 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
     width = dict(WIDTH, **({"data.max_bytes": 300000} if args.quick else {}))
     started, t0 = datetime.datetime.now(datetime.timezone.utc).isoformat(), time.perf_counter()
     meta = {"started": started, "budget_mb": budget, "width": width, "micro_batches": MICRO_BATCHES,
+            "resolution": args.resolution,
             "overrides": args.overrides, "quick": args.quick, "loadavg_start": os.getloadavg()[0],
             "fixed_cost_mb": {"empty_process": round(empty_process_mb(), 1)}}
     print(f"budget {budget:.0f} MiB per process; an empty process with torch + Lightning: "
@@ -249,7 +270,8 @@ def main(argv: list[str] | None = None) -> dict:
             stages, strategy = config_overrides(name, MICRO_BATCHES)
             base = [*QUIET, *(f"{k}={v}" for k, v in width.items()), *strategy, *args.overrides]
             configs.append(search(name, base, stages, budget, Path(workdir), args.quick,
-                                  max_trials=1 if args.quick else args.max_trials, start=args.start_blocks))
+                                  max_trials=1 if args.quick else args.max_trials, start=args.start_blocks,
+                                  resolution=args.resolution, plan_bias=plan_bias(configs)))
             partial = {"meta": {**meta, "partial": True}, "configs": configs}
             Path(args.out).write_text(json.dumps(partial, indent=2))  # a long run keeps what it has
     launchers = [t["peaks_mb"].get("launcher") for c in configs if c["name"] != "naive" for t in c["trials"]]

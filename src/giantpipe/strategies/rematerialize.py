@@ -71,8 +71,11 @@ class _Rematerialize(torch.autograd.Function):
             _set_rng_state(ctx.device, ctx.rng)
             with torch.enable_grad(), _autocast(ctx.device, ctx.autocast), ctx.recompute_context():
                 out = ctx.run(dict(zip(ctx.keys, inputs, strict=True)))
-        pairs = [(t, g) for t, g in zip(out.values(), grads, strict=True)
-                 if g is not None and t.requires_grad]
+        pairs = [
+            (t, g)
+            for t, g in zip(out.values(), grads, strict=True)
+            if g is not None and t.requires_grad
+        ]
         if pairs:
             torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
         return (None, None, None, None, *(x.grad if x.requires_grad else None for x in inputs))
