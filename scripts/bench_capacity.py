@@ -100,7 +100,9 @@ def trial(base: list[str], blocks: int, budget: float, workdir: Path) -> dict:
            f"model.n_layers={blocks}", f"hydra.run.dir={run_dir}"]
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    with TreeWatcher(proc.pid, limit_mb=budget, on_exceed=lambda pid, mb: kill_tree(proc.pid)) as watcher:
+    # VmHWM is a high-water mark: polling every 0.1 s loses no peak, only kills a little later
+    with TreeWatcher(proc.pid, interval_s=0.1, limit_mb=budget,
+                     on_exceed=lambda pid, mb: kill_tree(proc.pid)) as watcher:
         _, stderr = proc.communicate()
     peaks = {k: round(v, 1) for k, v in sorted(watcher.by_role().items())}
     result = {"blocks": blocks, "ok": False, "peaks_mb": peaks, "seconds": round(time.perf_counter() - started, 1)}
@@ -138,7 +140,7 @@ def search(name: str, base: list[str], stages: int, budget: float, workdir: Path
     guess = predict(base, max(stages, 2), budget * plan_bias, largest=True)["largest_blocks"]
     if quick:  # one trial, just inside the prediction
         guess = max(1, int(guess * 0.9))
-    guess = start or guess
+    guess = start or max(stages, guess // stages * stages)  # whole layers per stage: steps stay exact
     step = max(stages, round(guess * resolution / stages) * stages)
     processes = stages + 1 if name != "naive" else 1
     trials: dict[int, dict] = {}
