@@ -28,9 +28,10 @@ JSON (`--out`, default bench_capacity.json):
   meta     started, seconds, budget_mb, width, micro_batches, resolution, overrides, quick,
            loadavg_start/end (1-min),
            fixed_cost_mb {empty_process: torch + Lightning imported, launcher}
-  configs  [{name, stages, blocks, params, param_mb, passed, failed_at, trials: [{blocks, ok,
-           reason, peaks_mb, seconds}], measured_mb {launcher, stage<s>}, predicted_mb
-           [per stage], predicted_act_mb [per stage], error_pct [per stage], within_15pct}]
+  configs  [{name, stages, blocks, params, param_mb, failed_at, plan_guess, plan_bias,
+           trials: [{blocks, ok, reason, peaks_mb, seconds}], measured_mb {launcher, stage<s>},
+           predicted_mb [per stage], predicted_act_mb [per stage], error_pct [per stage],
+           within_15pct}]
   summary  naive, remat1, stages{2,4,8} blocks; remat_over_naive (target >= 2.5),
            stages8_over_remat1 (target >= 7), plan_within_15pct, targets_met
 """
