@@ -203,12 +203,11 @@ class MemoryModel:
         """Whether some contiguous balance keeps every stage's predicted peak within `budget_mb`:
         each stage takes layers while it fits (a stage's peak grows with its layers, so taking
         the most is never worse). O(L), where `balance` is a dynamic programme."""
-        largest = range_max([p.act_bytes for p in self.profiles])
+        peak = self._part_peak(num_stages)
         layers, start = len(self.profiles), 0
         for stage in range(num_stages):
             stop, most = start, layers - (num_stages - stage - 1)  # every later stage gets a layer
-            while stop < most and self.stage_peak_mb(stage, num_stages, start, stop + 1,
-                                                       largest(start, stop + 1)) <= budget_mb:
+            while stop < most and peak(stage, start, stop + 1) <= budget_mb:
                 stop += 1
             if stop == start:
                 return False
@@ -218,9 +217,12 @@ class MemoryModel:
     def balance(self, num_stages: int) -> list[int]:
         """The contiguous balance whose largest predicted stage peak is smallest (this model's
         own stage formula, so the first and last stages' embeddings, heads and inputs count)."""
+        return min_max_partition(len(self.profiles), num_stages, self._part_peak(num_stages))
+
+    def _part_peak(self, num_stages: int) -> Callable[[int, int, int], float]:
+        """`peak(stage, start, stop)`: the predicted peak of `stage` holding layers start..stop-1."""
         largest = range_max([p.act_bytes for p in self.profiles])
-        return min_max_partition(len(self.profiles), num_stages, lambda stage, start, stop: self.stage_peak_mb(
-            stage, num_stages, start, stop, largest(start, stop)))
+        return lambda stage, start, stop: self.stage_peak_mb(stage, num_stages, start, stop, largest(start, stop))
 
 
 def range_max(values: Sequence[float]) -> Callable[[int, int], float]:

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
-from torch import Tensor
+from torch.utils.checkpoint import get_device_states, set_device_states
 
 from giantpipe.models.contract import Carry
 
@@ -50,26 +50,32 @@ class _Rematerialize(torch.autograd.Function):
     def forward(ctx, run, recompute_context, keys, phony, *values):
         ctx.run, ctx.recompute_context, ctx.keys = run, recompute_context, keys
         ctx.set_materialize_grads(False)  # outputs nobody used get no gradient, not zeros
-        ctx.device = _device_of(values)
-        ctx.rng = _rng_state(ctx.device)
-        ctx.autocast = _autocast_state(ctx.device)
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.devices, ctx.device_rngs = get_device_states(*values)  # the GPUs the carry is on
+        ctx.device_type = next((v.device.type for v in values), "cpu")
+        ctx.autocast = torch.is_autocast_enabled(ctx.device_type), torch.get_autocast_dtype(ctx.device_type)
         ctx.save_for_backward(*values)
         out = run(dict(zip(keys, values, strict=True)))
         inputs = {id(v): v for v in values}
         passed = [inputs[id(t)] for t in out.values() if id(t) in inputs]
         ctx.mark_non_differentiable(
-            *(t for t in out.values() if not _differentiable(t)),
+            *(t for t in out.values() if not (t.is_floating_point() or t.is_complex())),
             *(t for t in passed if not t.requires_grad),
         )
         return (list(out), *out.values())
 
     @staticmethod
     def backward(ctx, _keys_grad, *grads):
-        values = ctx.saved_tensors
-        inputs = [v.detach().requires_grad_(v.requires_grad) for v in values]
-        with torch.random.fork_rng(devices=_rng_devices(ctx.device)):
-            _set_rng_state(ctx.device, ctx.rng)
-            with torch.enable_grad(), _autocast(ctx.device, ctx.autocast), ctx.recompute_context():
+        inputs = [v.detach().requires_grad_(v.requires_grad) for v in ctx.saved_tensors]
+        enabled, dtype = ctx.autocast
+        with torch.random.fork_rng(devices=ctx.devices):
+            torch.set_rng_state(ctx.cpu_rng)
+            set_device_states(ctx.devices, ctx.device_rngs)
+            with (
+                torch.enable_grad(),
+                torch.autocast(ctx.device_type, dtype=dtype, enabled=enabled),
+                ctx.recompute_context(),
+            ):
                 out = ctx.run(dict(zip(ctx.keys, inputs, strict=True)))
         pairs = [
             (t, g)
@@ -79,35 +85,3 @@ class _Rematerialize(torch.autograd.Function):
         if pairs:
             torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
         return (None, None, None, None, *(x.grad if x.requires_grad else None for x in inputs))
-
-
-def _differentiable(t: Tensor) -> bool:
-    return t.is_floating_point() or t.is_complex()
-
-
-def _device_of(values) -> torch.device:
-    return next((v.device for v in values if isinstance(v, Tensor)), torch.device("cpu"))
-
-
-def _rng_devices(device: torch.device) -> list:
-    return [device] if device.type == "cuda" else []
-
-
-def _rng_state(device: torch.device) -> tuple:
-    cpu = torch.get_rng_state()
-    return (cpu, torch.cuda.get_rng_state(device)) if device.type == "cuda" else (cpu, None)
-
-
-def _set_rng_state(device: torch.device, state: tuple) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
-
-
-def _autocast_state(device: torch.device) -> tuple[bool, torch.dtype]:
-    return torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type)
-
-
-def _autocast(device: torch.device, state: tuple[bool, torch.dtype]):
-    enabled, dtype = state
-    return torch.autocast(device.type, dtype=dtype, enabled=enabled)

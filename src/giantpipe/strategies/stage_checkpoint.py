@@ -197,8 +197,9 @@ def consolidate(manifest_path: str | Path, checkpoint: dict | None = None,
     as one device's optimizer, and named in `optimizer_param_names`), the trainer state and the
     LR schedulers; with `keep`, only the parameters (and buffers) it accepts, read from
     memory-mapped shards (`mmap` maps them without choosing). `strategy=single` loads it
-    (ckpt_path, init_from, giantpipe-eval) and so does a pipeline of any stage count. A checkpoint from before shards named their
-    parameters keeps only the weights: its optimizer and schedulers restart."""
+    (ckpt_path, init_from, giantpipe-eval) and so does a pipeline of any stage count. A
+    checkpoint from before shards named their parameters keeps only the weights: its optimizer
+    and schedulers restart."""
     checkpoint = dict(read_file(manifest_path) if checkpoint is None else checkpoint)
     manifest = checkpoint.pop(MANIFEST, None)
     if manifest is None:
