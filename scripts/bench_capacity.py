@@ -22,7 +22,7 @@ Width: d_model 128, d_ff 512 at 6 x 128 tokens per batch (M = 6: one sample a mi
 that activations dominate the naive model (as in the paper's Transformer-L). The compute that
 fills a budget grows with the budget times the tokens per step (parameters fill it, and every
 parameter costs 8 flops a token with re-materialization): at 2 GiB the 8-stage trial is about
-2,700 blocks, minutes of 2 CPU cores, so the batch is no larger than the ratios need.
+2,500 blocks, about 4 minutes of 2 CPU cores, so the batch is no larger than the ratios need.
 
 JSON (`--out`, default bench_capacity.json):
   meta     started, seconds, budget_mb, width, micro_batches, resolution, overrides, quick,
