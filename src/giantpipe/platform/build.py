@@ -132,10 +132,16 @@ def build_strategy(cfg: DictConfig):
     return PipelineStrategy(cfg.strategy)
 
 
+def resolved_precision(precision) -> str:
+    """`trainer.precision`, with `auto` made bf16-mixed on a GPU and 32-true elsewhere."""
+    if precision == "auto":
+        return "bf16-mixed" if torch.cuda.is_available() else "32-true"
+    return str(precision)
+
+
 def build_trainer(cfg: DictConfig, loggers: list, callbacks: list) -> pl.Trainer:
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    if trainer_cfg["precision"] == "auto":
-        trainer_cfg["precision"] = "bf16-mixed" if torch.cuda.is_available() else "32-true"
+    trainer_cfg["precision"] = resolved_precision(trainer_cfg["precision"])
     return pl.Trainer(
         **trainer_cfg,
         logger=loggers or False,

@@ -5,7 +5,7 @@
     giantpipe-plan ... --json           # {"stages": [{"stage": s, "peak_mb": ...}], "fits": ...}
 
 The model is built on the meta device; each distinct layer is profiled once on a one-sample
-batch of the configured data (strategies/memory_model.py). The per-process fixed cost is
+batch of the configured data, in the run's `trainer.precision` (strategies/memory_model.py). The per-process fixed cost is
 measured here: this process's own resident memory once the training stack is imported and the
 data loaded, plus what a training process adds on top (TRAINER_EXTRA_MB; a pipeline stage's
 worker, forked from a preloaded server, STAGE_WORKER_EXTRA_MB). The predicted peak of
@@ -26,7 +26,12 @@ from omegaconf import DictConfig
 from giantpipe.models.keyed_dropout import KEY, sample_keys
 from giantpipe.platform.config import ConfigError
 from giantpipe.platform.proc_memory import status_kb
-from giantpipe.strategies.memory_model import MemoryModel, StageMemory, profile_layers
+from giantpipe.strategies.memory_model import (
+    MemoryModel,
+    StageMemory,
+    precision_dtypes,
+    profile_layers,
+)
 from giantpipe.strategies.partition import _layer_time, _leaf_inputs, _materialized
 from giantpipe.strategies.rules import CHECKPOINT_MODES
 
@@ -78,10 +83,23 @@ def one_sample(data) -> dict:
     return sample
 
 
+def training_precision(cfg: DictConfig) -> str:
+    """The precision the run trains in (`auto` resolved as giantpipe-train resolves it)."""
+    from giantpipe.platform.build import resolved_precision
+
+    precision = resolved_precision(cfg.trainer.precision)
+    try:
+        precision_dtypes(precision)
+    except ValueError as err:
+        raise ConfigError(f"trainer.precision={precision}: {err}") from None
+    return precision
+
+
 def memory_model(cfg: DictConfig, task, sample: dict, fixed_mb: float, profiles=None,
                  **overrides) -> MemoryModel:
     """The memory model of `cfg` (overrides: micro_batches, checkpoint, schedule)."""
     strategy = cfg.strategy
+    precision = training_precision(cfg)
     pipeline = strategy.name == "pipeline"
     settings = {
         "micro_batches": strategy.micro_batches if pipeline else 1,
@@ -90,11 +108,12 @@ def memory_model(cfg: DictConfig, task, sample: dict, fixed_mb: float, profiles=
         **overrides,
     }
     if profiles is None:
-        profiles = profile_layers(task.model, sample, seed=cfg.seed, loss_fn=task.loss_fn)
+        profiles = profile_layers(task.model, sample, seed=cfg.seed, loss_fn=task.loss_fn, precision=precision)
     replicas = strategy.replicas if pipeline else 1
     first_input = sum(v.numel() * v.element_size() for k, v in sample.items())
     return MemoryModel(profiles, batch_size=cfg.data.batch_size // replicas, fixed_mb=fixed_mb,
-                       first_input_bytes=first_input, **settings)
+                       first_input_bytes=first_input, param_itemsize=precision_dtypes(precision)[0].itemsize,
+                       **settings)
 
 
 def stage_balance(cfg: DictConfig, model: MemoryModel, task, num_stages: int) -> list[int]:
@@ -185,7 +204,8 @@ def largest_blocks(cfg: DictConfig, budget: float, built: tuple | None = None, l
     data, task, _ = built or build_task(cfg)
     sample = one_sample(data)
     fixed = fixed_cost_mb(cfg)
-    profiles = profile_layers(task.model, sample, seed=cfg.seed, loss_fn=task.loss_fn)
+    profiles = profile_layers(task.model, sample, seed=cfg.seed, loss_fn=task.loss_fn,
+                              precision=training_precision(cfg))
     if len(profiles) < 3:
         raise ConfigError("--largest searches model.n_layers of the giant net: give model.n_layers>=1")
     stages = cfg.strategy.stages if cfg.strategy.name == "pipeline" else 1

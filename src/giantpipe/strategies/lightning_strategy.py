@@ -174,7 +174,8 @@ class PipelineStrategy(DDPStrategy):
             sample = next(iter(task.trainer.datamodule.train_dataloader()))
             balance = memory_balance(task.model, task.loss_fn, sample, parts,
                                      micro_batches=self.cfg.micro_batches, schedule=self.cfg.schedule,
-                                     checkpoint=self.cfg.checkpoint, seed=task.seed)
+                                     checkpoint=self.cfg.checkpoint, seed=task.seed,
+                                     precision=str(task.trainer.precision))
         elif isinstance(balance, str):
             sample = next(iter(task.trainer.datamodule.train_dataloader())) if measured else None
             balance = auto_balance(task.model, parts, by=balance, sample=sample, seed=task.seed)

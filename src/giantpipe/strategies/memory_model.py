@@ -3,12 +3,16 @@
 A stage's peak resident memory is
 
     fixed                      the process itself: framework, data, communication buffers
-  + 4 x parameter bytes        weights, gradients, AdamW's exp_avg and exp_avg_sq (fp32)
+  + 4 x parameter bytes        weights, gradients, AdamW's exp_avg and exp_avg_sq (parameter dtype)
   + ALLOC_OVERHEAD x activations at the schedule's worst moment
 
 The activations come from a profile: each distinct layer runs forward once on a one-sample
 batch under `saved_tensors_hooks`, which counts the bytes autograd keeps for its backward and
-the bytes of the carry it passes on; both grow linearly with the batch. Which micro-batches'
+the bytes of the carry it passes on; both grow linearly with the batch. The profile runs in the
+training precision (`precision_dtypes`): under autocast (`*-mixed`) a layer also keeps
+low-precision copies of its weights, once a step whatever the batch (autocast caches them), so
+there each layer runs at two batch sizes to tell the fixed bytes from the per-sample ones;
+`*-true` precisions scale every float byte by the dtype's size. Which micro-batches'
 activations are alive at once depends on the schedule and re-materialization:
 
     in flight   GPipe: all M micro-batches; 1F1B: min(M, stages - stage)
@@ -29,7 +33,9 @@ first and last stage's extra load (embeddings, heads, logits, stage inputs) know
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -64,11 +70,30 @@ def status_kb(pid: int | str = "self", key: str = "VmHWM") -> int | None:
 @dataclass(frozen=True)
 class LayerProfile:
     """One layer: parameter bytes, and per batch *sample* the activation bytes autograd saves
-    and the bytes of the carry the layer passes on."""
+    and the bytes of the carry the layer passes on; `act_fixed_bytes`: saved bytes that do not
+    grow with the batch (autocast's weight copies), held once a step."""
 
     param_bytes: int
     act_bytes: float
     out_bytes: float
+    act_fixed_bytes: float = 0.0
+
+
+# Lightning precision -> (parameter dtype, autocast dtype or None)
+_PRECISIONS = {
+    "32-true": (torch.float32, None), "32": (torch.float32, None),
+    "64-true": (torch.float64, None), "64": (torch.float64, None),
+    "bf16-true": (torch.bfloat16, None), "16-true": (torch.float16, None),
+    "bf16-mixed": (torch.float32, torch.bfloat16), "bf16": (torch.float32, torch.bfloat16),
+    "16-mixed": (torch.float32, torch.float16), "16": (torch.float32, torch.float16),
+}
+
+
+def precision_dtypes(precision: str) -> tuple[torch.dtype, torch.dtype | None]:
+    """(parameter dtype, autocast dtype or None) of a Lightning precision string."""
+    if str(precision) not in _PRECISIONS:
+        raise ValueError(f"the memory model knows precisions {', '.join(_PRECISIONS)}; not {precision!r}")
+    return _PRECISIONS[str(precision)]
 
 
 @dataclass
@@ -89,13 +114,19 @@ class StageMemory:
         return asdict(self)
 
 
-def profile_layers(model: LayeredModel, sample: Batch, *, seed: int = 0, loss_fn=None) -> list[LayerProfile]:
-    """Profile every layer on `sample` (one sample is enough; results are per sample); the last
-    layer's profile includes what `loss_fn(out, sample)` saves (e.g. log-softmax). Layers
-    with the same type and parameter shapes share one measurement, so a deep stack of equal
-    blocks costs one block's profile; layers on the meta device are materialized one at a time."""
+def profile_layers(model: LayeredModel, sample: Batch, *, seed: int = 0, loss_fn=None,
+                   precision: str = "32-true") -> list[LayerProfile]:
+    """Profile every layer on `sample` (one sample is enough; results are per sample) in the
+    training `precision`; the last layer's profile includes what `loss_fn(out, sample)` saves
+    (e.g. log-softmax). Layers with the same type and parameter shapes share one measurement,
+    so a deep stack of equal blocks costs one block's profile; layers on the meta device are
+    materialized one at a time."""
+    param_dtype, autocast = precision_dtypes(precision)
+    scale = param_dtype.itemsize / 4  # *-true: every float byte in that dtype
+    region = partial(torch.autocast, "cpu", dtype=autocast) if autocast else nullcontext
     samples = next(iter(sample.values())).shape[0]
-    carry = model.first_carry(sample)
+    with region():
+        carry = model.first_carry(sample)
     cache: dict[tuple, LayerProfile] = {}
     profiles = []
     for i, layer in enumerate(model.layers):
@@ -104,9 +135,16 @@ def profile_layers(model: LayeredModel, sample: Batch, *, seed: int = 0, loss_fn
         last = i == len(model.layers) - 1
         key = (*key, last)
         if key not in cache:
-            with _materialized(model, i, "cpu", seed):
-                loss = (lambda out: loss_fn(out, sample)) if last and loss_fn is not None else None
-                cache[key] = _profile_one(model, i, carry, samples, loss)
+            with _materialized(model, i, "cpu", seed), region():
+                loss = loss_fn if last else None
+                profile = _profile_one(model, i, carry, sample, loss)
+                if autocast:  # again at twice the batch: the weight copies do not double
+                    twice = _profile_one(model, i, _doubled(carry), _doubled(sample), loss)
+                    per_sample = max(0.0, 2 * twice.act_bytes - profile.act_bytes)
+                    fixed = max(0.0, samples * (profile.act_bytes - per_sample))
+                    profile = replace(profile, act_bytes=per_sample, act_fixed_bytes=fixed)
+                cache[key] = replace(profile, param_bytes=int(profile.param_bytes * scale),
+                                     act_bytes=profile.act_bytes * scale, out_bytes=profile.out_bytes * scale)
                 with torch.no_grad():
                     next_carry = model.run_layers(dict(carry), [i])
             carry_out = {k: torch.empty_like(v, device="cpu") for k, v in next_carry.items()}
@@ -116,8 +154,14 @@ def profile_layers(model: LayeredModel, sample: Batch, *, seed: int = 0, loss_fn
     return profiles
 
 
-def _profile_one(model: LayeredModel, index: int, carry, samples: int, loss=None) -> LayerProfile:
+def _doubled(batch: Batch) -> Batch:
+    return {k: torch.cat([v, v]) for k, v in batch.items()}
+
+
+def _profile_one(model: LayeredModel, index: int, carry, sample: Batch, loss_fn=None) -> LayerProfile:
+    """Layer `index` on `carry` (from `sample`; with `loss_fn`, the loss on `sample` too)."""
     layer = model.layers[index]
+    samples = next(iter(sample.values())).shape[0]
     param_storages = {p.untyped_storage().data_ptr() for p in layer.parameters()}
     saved: dict[int, int] = {}
 
@@ -131,8 +175,8 @@ def _profile_one(model: LayeredModel, index: int, carry, samples: int, loss=None
     input_storages = {v.untyped_storage().data_ptr() for v in inputs.values()}
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = model.run_layers(inputs, [index])
-        if loss is not None:
-            loss(out)
+        if loss_fn is not None:
+            loss_fn(out, sample)
     act = sum(n for ptr, n in saved.items() if ptr not in input_storages)
     out_bytes = sum(v.numel() * v.element_size() for v in out.values()
                     if v.untyped_storage().data_ptr() not in input_storages)
@@ -153,12 +197,15 @@ class MemoryModel:
     checkpoint: str = "single"
     fixed_mb: float = 0.0
     first_input_bytes: float = 0.0
+    param_itemsize: int = 4  # bytes per parameter (the training precision's)
 
     def __post_init__(self) -> None:
         self._acts = [0.0]
+        self._fixed_acts = [0.0]
         self._params = [0]
         for p in self.profiles:
             self._acts.append(self._acts[-1] + p.act_bytes)
+            self._fixed_acts.append(self._fixed_acts[-1] + p.act_fixed_bytes)
             self._params.append(self._params[-1] + p.param_bytes)
 
     def activation_bytes(self, stage: int, num_stages: int, start: int, stop: int,
@@ -168,7 +215,8 @@ class MemoryModel:
         per_mb = (self._acts[stop] - self._acts[start]) * micro_batch
         if largest is None:
             largest = max(p.act_bytes for p in self.profiles[start:stop])
-        transient = TRANSIENT * largest * micro_batch
+        # autocast's weight copies: once a step, however many micro-batches are in flight
+        transient = TRANSIENT * largest * micro_batch + self._fixed_acts[stop] - self._fixed_acts[start]
         if self.checkpoint == "single":
             return per_mb + transient
         input_bytes = self.first_input_bytes if start == 0 else self.profiles[start - 1].out_bytes
@@ -192,7 +240,7 @@ class MemoryModel:
             act = self.activation_bytes(s, len(balance), layers.start, layers.stop)
             span = f"{layers.start}" if len(layers) == 1 else f"{layers.start}-{layers[-1]}"
             stages.append(StageMemory(
-                stage=s, layers=span, params=int(param_mb * MB) // 4, fixed_mb=self.fixed_mb,
+                stage=s, layers=span, params=int(param_mb * MB) // self.param_itemsize, fixed_mb=self.fixed_mb,
                 param_mb=param_mb, grad_mb=param_mb, optim_mb=OPTIMIZER_STATES * param_mb,
                 act_mb=ALLOC_OVERHEAD * act / MB,
                 peak_mb=self.stage_peak_mb(s, len(balance), layers.start, layers.stop),
@@ -241,12 +289,12 @@ def range_max(values: Sequence[float]) -> Callable[[int, int], float]:
 
 
 def memory_balance(model: LayeredModel, loss_fn, batch: Batch, num_stages: int, *, micro_batches: int,
-                   schedule: str, checkpoint: str, seed: int = 0) -> list[int]:
+                   schedule: str, checkpoint: str, seed: int = 0, precision: str = "32-true") -> list[int]:
     """`strategy.balance=memory`: profile on one sample of `batch` (one replica's batch) and cut
     where the largest predicted stage peak is smallest."""
     size = next(iter(batch.values())).shape[0]
     sample = {k: v[:1].cpu() for k, v in batch.items()}
-    profiles = profile_layers(model, sample, seed=seed, loss_fn=loss_fn)
+    profiles = profile_layers(model, sample, seed=seed, loss_fn=loss_fn, precision=precision)
     first_input = sum(v.numel() * v.element_size() for v in sample.values())
     memory = MemoryModel(profiles, batch_size=size, micro_batches=micro_batches, schedule=schedule,
                          checkpoint=checkpoint, first_input_bytes=first_input)
