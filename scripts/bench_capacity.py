@@ -4,6 +4,7 @@
     python scripts/bench_capacity.py --budget-mb 640        # a smaller budget, fewer blocks
     python scripts/bench_capacity.py --quick                # one 2-stage trial: the suite's smoke test
     python scripts/bench_capacity.py --configs 8 --start-blocks 2528 --max-trials 1  # one check
+    python scripts/bench_capacity.py --device cuda          # one GPU: naive vs 1 stage, bf16-mixed
 
 For each configuration -- `naive` (one process, plain model, no re-materialization), and
 `strategy=pipeline` with `checkpoint=always`, M micro-batches and 1, 2, 4, 8 stages -- the
@@ -24,8 +25,17 @@ fills a budget grows with the budget times the tokens per step (parameters fill 
 parameter costs 8 flops a token with re-materialization): at 2 GiB the 8-stage trial is about
 2,500 blocks, about 4 minutes of 2 CPU cores, so the batch is no larger than the ratios need.
 
+On a GPU (`--device cuda`; scripts/gpu_checks.sh runs it on a lent one) the measure is
+`torch.cuda.max_memory_allocated` of the training process (`memory/peak_mb` of its summary),
+against giantpipe-plan `--device cuda`; the budget (default 16 GiB, the GPipe paper's TPUv3
+core) is judged, not enforced: a trial fits when its run peaked within it. The width is
+Transformer-L's d_model 1024, d_ff 4096, 16 heads, at 32 x 512 tokens, M = 32 (the plan: naive
+19 blocks, 1 stage 68: activations dominate the naive model, as on the CPU), in bf16-mixed;
+configurations naive and 1 (one GPU).
+
 JSON (`--out`, default bench_capacity.json):
-  meta     started, seconds, budget_mb, width, micro_batches, resolution, overrides, quick,
+  meta     started, seconds, device (cpu | cuda), gpu (its name, cuda), budget_mb, width,
+           micro_batches, resolution, overrides, quick,
            loadavg_start/end (1-min),
            fixed_cost_mb {empty_process: torch + Lightning imported, launcher}
   configs  [{name, stages, blocks, params, param_mb, failed_at, plan_guess, plan_bias,
@@ -53,6 +63,10 @@ from giantpipe.platform.proc_memory import TreeWatcher, kill_tree
 
 WIDTH = {"model.d_model": 128, "model.d_ff": 512, "model.n_heads": 4, "data.seq_len": 128,
          "model.max_len": 128, "data.batch_size": 6}
+CUDA_WIDTH = {"model.d_model": 1024, "model.d_ff": 4096, "model.n_heads": 16, "data.seq_len": 512,
+              "model.max_len": 512, "data.batch_size": 32}
+CUDA_RUN = ["trainer.accelerator=gpu", "trainer.precision=bf16-mixed"]
+CUDA_BUDGET_MB = 16384.0
 QUICK_BUDGET_MB = 600.0  # a few blocks over the framework's own cost: short trials
 QUIET = ["trainer.max_steps=3", "trainer.limit_val_batches=0", "trainer.limit_test_batches=0",
          "run_test=false", "logger=none", "callbacks=none", "trainer.enable_progress_bar=false",
@@ -80,10 +94,10 @@ def empty_process_mb() -> float:
     return int(out.stdout.split()[-1]) / 1024
 
 
-def predict(base: list[str], blocks: int, budget: float, largest: bool = False) -> dict:
+def predict(base: list[str], blocks: int, budget: float, largest: bool = False, device: str = "cpu") -> dict:
     """giantpipe-plan's prediction (in a subprocess: its fixed cost is measured on itself)."""
     cmd = [sys.executable, "-m", "giantpipe.platform.plan", *base, f"model.n_layers={blocks}",
-           "--device-memory", str(budget), "--json", *(["--largest"] if largest else [])]
+           "--device-memory", str(budget), "--json", "--device", device, *(["--largest"] if largest else [])]
     out = subprocess.run(cmd, capture_output=True, text=True, env=run_env())
     if out.returncode not in (0, 1):
         raise SystemExit(f"giantpipe-plan failed:\n{out.stderr[-3000:]}")
@@ -94,23 +108,32 @@ def run_env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
 
 
-def trial(base: list[str], blocks: int, budget: float, workdir: Path) -> dict:
-    """One 3-step training run of `blocks` blocks, watched; killed as soon as a process passes the budget."""
+def trial(base: list[str], blocks: int, budget: float, workdir: Path, device: str = "cpu") -> dict:
+    """One 3-step training run of `blocks` blocks, watched; on CPU killed as soon as a process
+    passes the budget, on CUDA judged by the peak its summary reports."""
     run_dir = Path(tempfile.mkdtemp(dir=workdir))
     cmd = ["nice", "-n", "10", sys.executable, "-m", "giantpipe.platform.train", *base,
            f"model.n_layers={blocks}", f"hydra.run.dir={run_dir}"]
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # VmHWM is a high-water mark: polling every 0.1 s loses no peak, only kills a little later
-    with TreeWatcher(proc.pid, interval_s=0.1, limit_mb=budget,
+    cpu = device == "cpu"
+    with TreeWatcher(proc.pid, interval_s=0.1, limit_mb=budget if cpu else None,
                      on_exceed=lambda pid, mb: kill_tree(proc.pid)) as watcher:
         _, stderr = proc.communicate()
-    peaks = {k: round(v, 1) for k, v in sorted(watcher.by_role().items())}
-    result = {"blocks": blocks, "ok": False, "peaks_mb": peaks, "seconds": round(time.perf_counter() - started, 1)}
     summary = run_dir / "summary.json"
-    loss = json.loads(summary.read_text())["metrics"].get("train/loss") if summary.exists() else None
-    if watcher.exceeded is not None:
-        result["reason"] = f"over budget ({watcher.exceeded[1]:.0f} MiB)"
+    metrics = json.loads(summary.read_text())["metrics"] if summary.exists() else {}
+    loss = metrics.get("train/loss")
+    if cpu:
+        peaks = {k: round(v, 1) for k, v in sorted(watcher.by_role().items())}
+        exceeded = watcher.exceeded[1] if watcher.exceeded is not None else None
+    else:  # the training process's tensors (rank 0's with strategy=pipeline): its summary says
+        gpu_peak = metrics.get("memory/peak_mb")
+        peaks = {"launcher" if "strategy=single" in base else "rank0": gpu_peak}
+        exceeded = gpu_peak if gpu_peak is not None and gpu_peak > budget else None
+    result = {"blocks": blocks, "ok": False, "peaks_mb": peaks, "seconds": round(time.perf_counter() - started, 1)}
+    if exceeded is not None:
+        result["reason"] = f"over budget ({exceeded:.0f} MiB)"
     elif proc.returncode != 0:
         result["reason"] = f"exit {proc.returncode}: {stderr.strip().splitlines()[-1] if stderr.strip() else ''}"
     elif loss is None or not math.isfinite(loss):
@@ -133,12 +156,12 @@ def wait_for_memory(processes: int, budget: float) -> None:
 
 def search(name: str, base: list[str], stages: int, budget: float, workdir: Path, quick: bool,
            max_trials: int, start: int | None = None, resolution: float = RESOLUTION,
-           plan_bias: float = 1.0) -> dict:
+           plan_bias: float = 1.0, device: str = "cpu") -> dict:
     """Largest passing block count, starting from the plan's prediction, in steps of
     `resolution` of it (whole layers per stage; at least one per stage). `plan_bias`: predicted
     over measured peak at the configurations searched before; the first guess asks the plan for
     the largest L within `budget x plan_bias`, where the measurement should meet the budget."""
-    guess = predict(base, max(stages, 2), budget * plan_bias, largest=True)["largest_blocks"]
+    guess = predict(base, max(stages, 2), budget * plan_bias, largest=True, device=device)["largest_blocks"]
     if quick:  # one trial, just inside the prediction
         guess = max(1, int(guess * 0.9))
     guess = start or max(stages, guess // stages * stages)  # whole layers per stage: steps stay exact
@@ -148,8 +171,9 @@ def search(name: str, base: list[str], stages: int, budget: float, workdir: Path
 
     def run(blocks: int) -> bool:
         if blocks not in trials:
-            wait_for_memory(processes, budget)
-            trials[blocks] = trial(base, blocks, budget, workdir)
+            if device == "cpu":
+                wait_for_memory(processes, budget)
+            trials[blocks] = trial(base, blocks, budget, workdir, device)
             t = trials[blocks]
             print(f"  {name:>5} L={blocks:4d}: {t['reason']:<28} peaks {t['peaks_mb']} ({t['seconds']} s)", flush=True)
         return trials[blocks]["ok"]
@@ -177,7 +201,7 @@ def search(name: str, base: list[str], stages: int, budget: float, workdir: Path
            "blocks": lo, "failed_at": hi}
     if lo is not None:
         best = trials[lo]
-        plan = predict(base, lo, budget)
+        plan = predict(base, lo, budget, device=device)
         out.update(compare(best["peaks_mb"], plan, name))
     return out
 
@@ -247,7 +271,9 @@ def print_table(configs: list[dict], budget: float) -> None:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget-mb", type=float, default=None,
-                        help=f"per process (default 2048; --quick {QUICK_BUDGET_MB:.0f})")
+                        help=f"per process (default 2048; --quick {QUICK_BUDGET_MB:.0f}; cuda {CUDA_BUDGET_MB:.0f})")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cpu: VmHWM of every process; cuda: max_memory_allocated on one GPU")
     parser.add_argument("--configs", default=None, help="comma list of naive,1,2,4,8")
     parser.add_argument("--quick", action="store_true", help="a small budget, 2 stages, one trial (the suite smoke-tests it)")
     parser.add_argument("--out", default="bench_capacity.json")
@@ -257,24 +283,35 @@ def main(argv: list[str] | None = None) -> dict:
                         help="the search's step as a fraction of the first L (0: one block per stage)")
     parser.add_argument("overrides", nargs="*", help="extra giantpipe-train overrides")
     args = parser.parse_args(argv)
-    budget = args.budget_mb or (QUICK_BUDGET_MB if args.quick else 2048.0)
-    names = (args.configs or ("2" if args.quick else "naive,1,2,4,8")).split(",")
-    width = dict(WIDTH, **({"data.max_bytes": 300000} if args.quick else {}))
+    cuda = args.device == "cuda"
+    budget = args.budget_mb or (QUICK_BUDGET_MB if args.quick else CUDA_BUDGET_MB if cuda else 2048.0)
+    names = (args.configs or ("2" if args.quick else "naive,1" if cuda else "naive,1,2,4,8")).split(",")
+    if cuda and not set(names) <= {"naive", "1"}:
+        parser.error("--device cuda measures one GPU: --configs naive,1")
+    width = dict(CUDA_WIDTH if cuda else WIDTH, **({"data.max_bytes": 300000} if args.quick else {}))
+    micro_batches = CUDA_WIDTH["data.batch_size"] if cuda else MICRO_BATCHES
     started, t0 = datetime.datetime.now(datetime.timezone.utc).isoformat(), time.perf_counter()
-    meta = {"started": started, "budget_mb": budget, "width": width, "micro_batches": MICRO_BATCHES,
-            "resolution": args.resolution,
+    meta = {"started": started, "device": args.device, "budget_mb": budget, "width": width,
+            "micro_batches": micro_batches, "resolution": args.resolution,
             "overrides": args.overrides, "quick": args.quick, "loadavg_start": os.getloadavg()[0],
             "fixed_cost_mb": {"empty_process": round(empty_process_mb(), 1)}}
-    print(f"budget {budget:.0f} MiB per process; an empty process with torch + Lightning: "
-          f"{meta['fixed_cost_mb']['empty_process']:.0f} MiB", flush=True)
+    if cuda:
+        import torch
+
+        meta["gpu"] = torch.cuda.get_device_name(0)
+        print(f"budget {budget:.0f} MiB of tensors on {meta['gpu']} (max_memory_allocated)", flush=True)
+    else:
+        print(f"budget {budget:.0f} MiB per process; an empty process with torch + Lightning: "
+              f"{meta['fixed_cost_mb']['empty_process']:.0f} MiB", flush=True)
     configs = []
     with tempfile.TemporaryDirectory(prefix="bench_capacity_") as workdir:
         for name in names:
-            stages, strategy = config_overrides(name, MICRO_BATCHES)
-            base = [*QUIET, *(f"{k}={v}" for k, v in width.items()), *strategy, *args.overrides]
+            stages, strategy = config_overrides(name, micro_batches)
+            base = [*QUIET, *(f"{k}={v}" for k, v in width.items()), *strategy, *(CUDA_RUN if cuda else []),
+                    *args.overrides]
             configs.append(search(name, base, stages, budget, Path(workdir), args.quick,
                                   max_trials=1 if args.quick else args.max_trials, start=args.start_blocks,
-                                  resolution=args.resolution, plan_bias=plan_bias(configs)))
+                                  resolution=args.resolution, plan_bias=plan_bias(configs), device=args.device))
             partial = {"meta": {**meta, "partial": True}, "configs": configs}
             Path(args.out).write_text(json.dumps(partial, indent=2))  # a long run keeps what it has
     launchers = [t["peaks_mb"].get("launcher") for c in configs if c["name"] != "naive" for t in c["trials"]]

@@ -30,3 +30,18 @@ def test_quick_capacity_benchmark_measures_every_process_and_checks_the_plan(tmp
         assert all(abs(e) <= 15 for e in config["error_pct"]), config
     assert set(two["trials"][0]["peaks_mb"]) >= {"launcher", "rank0", "rank1"}
     assert "largest giant net within" in proc.stdout
+
+
+def test_gpu_trials_read_the_peak_from_the_run_summary(tmp_path, monkeypatch):
+    """`--device cuda` judges a trial by `memory/peak_mb` of the run's own summary (there:
+    max_memory_allocated); the same path on CPU reads the process's VmHWM from it."""
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    monkeypatch.chdir(tmp_path)
+    import bench_capacity
+
+    base = [*bench_capacity.QUIET, *(f"{k}={v}" for k, v in bench_capacity.WIDTH.items()),
+            "data.max_bytes=300000", "strategy=single"]
+    fits = bench_capacity.trial(base, 2, 4096, tmp_path, device="cuda")
+    assert fits["ok"] and set(fits["peaks_mb"]) == {"launcher"} and 200 < fits["peaks_mb"]["launcher"] < 4096
+    over = bench_capacity.trial(base, 2, 100, tmp_path, device="cuda")
+    assert not over["ok"] and over["reason"].startswith("over budget")

@@ -15,7 +15,13 @@ import torch
 from conftest import TINY, run_train
 from giantpipe.models.giant_net import GiantNet
 from giantpipe.models.losses import TokenCrossEntropy
-from giantpipe.strategies.memory_model import MB, LayerProfile, MemoryModel, profile_layers
+from giantpipe.strategies.memory_model import (
+    ALLOC_OVERHEAD,
+    MB,
+    LayerProfile,
+    MemoryModel,
+    profile_layers,
+)
 from giantpipe.strategies.pipeline_runner import check_stage_memory
 
 PIPE = ["strategy=pipeline", "strategy.micro_batches=4", "strategy.checkpoint=always"]
@@ -84,6 +90,20 @@ def test_profile_is_per_sample_and_linear_in_the_batch():
     assert all(p.is_meta for p in model.parameters())  # profiled one layer at a time, then dropped
 
 
+def test_cuda_model_counts_tensors_and_the_optimizer_step():
+    """On CUDA the figure is max_memory_allocated: no process cost, no heap overhead, and AdamW's
+    foreach temporary (one parameter size) where it outweighs the activations it never meets."""
+    profiles = block_profiles(8)
+    cpu = MemoryModel(profiles, batch_size=8, micro_batches=4, checkpoint="always", fixed_mb=100)
+    for act_scale in (1, 100):  # activations below, then above the optimizer step's temporary
+        cuda = MemoryModel(profiles, batch_size=8 * act_scale, micro_batches=4, checkpoint="always", device="cuda")
+        for c, g in zip(cpu.predict([5, 5]), cuda.predict([5, 5]), strict=True):
+            assert g.fixed_mb == 0 and g.optim_step_mb == g.param_mb
+            assert g.act_mb == pytest.approx(act_scale * c.act_mb / ALLOC_OVERHEAD, rel=0.01)
+            assert g.peak_mb == pytest.approx(4 * g.param_mb + max(g.act_mb, g.optim_step_mb))
+        assert (max(g.act_mb for g in cuda.predict([5, 5])) > g.param_mb) == (act_scale == 100)
+
+
 def test_profile_in_the_training_precision():
     """bf16 autocast saves a block's activations in bf16 (about half of float32's per sample) and
     a bf16 copy of each weight once, whatever the batch; bf16-true halves every byte."""
@@ -116,6 +136,8 @@ def test_plan_json_per_stage_and_the_fix_when_it_does_not_fit(tmp_path):
                                              + s["act_mb"])
         assert s["fixed_mb"] > 100  # torch and Lightning are part of what VmHWM shows
     # below the framework's own cost (which varies by a few MiB from one process to the next)
+    gpu = json.loads(plan_cli(args + ["--device-memory", "100000", "--json", "--device", "cuda"], tmp_path).stdout)
+    assert gpu["device"] == "cuda" and all(s["fixed_mb"] == 0 and s["optim_step_mb"] > 0 for s in gpu["stages"])
     tight = plan["stages"][0]["fixed_mb"] - 50
     no = plan_cli(args + ["--device-memory", str(tight)], tmp_path)
     text = " ".join(no.stdout.split())
@@ -133,7 +155,7 @@ def test_budget_stops_a_run_before_training_with_the_table(tmp_path):
 
 
 def test_a_stage_over_the_budget_at_run_time_is_named():
-    engine = SimpleNamespace(stage=1, rank=3)
+    engine = SimpleNamespace(stage=1, rank=3, device=torch.device("cpu"))
     check_stage_memory(engine, None)
     check_stage_memory(engine, 1e9)
     with pytest.raises(MemoryError, match=r"stage 1 \(rank 3\).*strategy.memory_budget_mb=1"):

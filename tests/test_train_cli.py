@@ -39,6 +39,8 @@ def test_tiny_run_trains_validates_tests_and_summarizes(tmp_path):
     assert len(per_step_losses(run_dir)) == 6
     rows = [r for r in csv.DictReader((run_dir / "csv" / "metrics.csv").open()) if r.get("train/loss")]
     assert all(float(r["train/samples_per_s"]) > 0 and float(r["train/tokens_per_s"]) > 0 for r in rows)
+    peaks = [float(r["memory/peak_mb"]) for r in rows]  # the process's VmHWM so far: torch included
+    assert peaks == sorted(peaks) and 300 < peaks[-1] == summary["metrics"]["memory/peak_mb"] < 4000
     # giantpipe-eval on the final checkpoint reproduces the run's own test metrics
     out = tmp_path / "eval.json"
     evaluate = [sys.executable, "-m", "giantpipe.platform.evaluate", str(run_dir / "checkpoints" / "last.ckpt"),

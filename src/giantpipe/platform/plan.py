@@ -3,6 +3,7 @@
     giantpipe-plan model.n_layers=96 strategy=pipeline strategy.stages=4 trainer.devices=4 \\
         --device-memory 2048            # MiB per process (default: strategy.memory_budget_mb)
     giantpipe-plan ... --json           # {"stages": [{"stage": s, "peak_mb": ...}], "fits": ...}
+    giantpipe-plan ... --device cuda    # torch.cuda.max_memory_allocated per GPU instead
 
 The model is built on the meta device; each distinct layer is profiled once on a one-sample
 batch of the configured data, in the run's `trainer.precision` (strategies/memory_model.py). The per-process fixed cost is
@@ -10,7 +11,8 @@ measured here: this process's own resident memory once the training stack is imp
 data loaded, plus what a training process adds on top (TRAINER_EXTRA_MB; a pipeline stage's
 worker, forked from a preloaded server, STAGE_WORKER_EXTRA_MB). The predicted peak of
 each stage is what `VmHWM` of that stage's process will show; scripts/bench_capacity.py checks
-it against the measurement.
+it against the measurement. On CUDA (`--device cuda`, the default where the run would train on
+a GPU) it is what `torch.cuda.max_memory_allocated` will show: tensors only.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class Plan:
     step_s: float
     budget_mb: float | None
     suggestions: list[str] = field(default_factory=list)
+    device: str = "cpu"
 
     @property
     def fits(self) -> bool | None:
@@ -62,14 +65,25 @@ class Plan:
         return max(s.peak_mb for s in self.stages) <= self.budget_mb
 
     def as_dict(self) -> dict:
-        return {"strategy": self.strategy, "stages": [s.as_dict() for s in self.stages],
+        return {"strategy": self.strategy, "device": self.device, "stages": [s.as_dict() for s in self.stages],
                 "step_s": self.step_s, "budget_mb": self.budget_mb, "fits": self.fits,
                 "suggestions": self.suggestions}
 
 
-def fixed_cost_mb(cfg: DictConfig) -> float:
+def plan_device(cfg: DictConfig) -> str:
+    """`cuda` where `cfg` would train on a GPU, else `cpu`."""
+    accelerator = cfg.trainer.accelerator
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return "cuda"
+    return "cpu"
+
+
+def fixed_cost_mb(cfg: DictConfig, device: str = "cpu") -> float:
     """This process's resident memory now (imports and data done), plus what the process that
-    trains `cfg` adds: the launcher itself, or a forked stage worker."""
+    trains `cfg` adds: the launcher itself, or a forked stage worker. On CUDA none of it is
+    tensor memory on the device."""
+    if device == "cuda":
+        return 0.0
     pipeline = cfg.strategy.name == "pipeline"
     return (status_kb("self", "VmRSS") or 0) / 1024 + (STAGE_WORKER_EXTRA_MB if pipeline else TRAINER_EXTRA_MB)
 
@@ -97,7 +111,7 @@ def training_precision(cfg: DictConfig) -> str:
 
 def memory_model(cfg: DictConfig, task, sample: dict, fixed_mb: float, profiles=None,
                  **overrides) -> MemoryModel:
-    """The memory model of `cfg` (overrides: micro_batches, checkpoint, schedule)."""
+    """The memory model of `cfg` (overrides: micro_batches, checkpoint, schedule, device)."""
     strategy = cfg.strategy
     precision = training_precision(cfg)
     pipeline = strategy.name == "pipeline"
@@ -148,29 +162,31 @@ def predict_step_s(task, sample: dict, balance: list[int], micro_batches: int, b
 
 
 def make_plan(cfg: DictConfig, *, budget_mb: float | None = None, suggest: bool = True,
-              built: tuple | None = None) -> Plan:
+              built: tuple | None = None, device: str | None = None) -> Plan:
     """Build the data and the meta model as a training run would (or take `built`, build_task's
-    result), and predict every stage."""
+    result), and predict every stage (on `device`: cpu or cuda; default `plan_device`)."""
     from giantpipe.platform.build import build_task
 
     data, task, _ = built or build_task(cfg)
     sample = one_sample(data)
-    fixed = fixed_cost_mb(cfg)
+    device = device or plan_device(cfg)
+    fixed = fixed_cost_mb(cfg, device)
     strategy = cfg.strategy
     pipeline = strategy.name == "pipeline"
     num_stages = strategy.stages if pipeline else 1
-    model = memory_model(cfg, task, sample, fixed)
+    model = memory_model(cfg, task, sample, fixed, device=device)
     balance = stage_balance(cfg, model, task, num_stages)
     budget = budget_mb if budget_mb is not None else (strategy.get("memory_budget_mb") if pipeline else None)
     micro = model.micro_batches
     plan = Plan(strategy.name, model.predict(balance),
-                predict_step_s(task, sample, balance, micro, model.batch_size, model.checkpoint), budget)
+                predict_step_s(task, sample, balance, micro, model.batch_size, model.checkpoint), budget,
+                device=device)
     if suggest and plan.fits is False:
-        plan.suggestions = suggestions(cfg, task, sample, fixed, budget)
+        plan.suggestions = suggestions(cfg, task, sample, fixed, budget, device)
     return plan
 
 
-def suggestions(cfg, task, sample, fixed: float, budget: float) -> list[str]:
+def suggestions(cfg, task, sample, fixed: float, budget: float, device: str = "cpu") -> list[str]:
     """The smallest stage count that fits, for each re-materialization mode (or none fits).
     More stages never raise the largest stage's predicted peak, so the count is bisected."""
     most = min(len(task.model.layers), 64)
@@ -178,7 +194,7 @@ def suggestions(cfg, task, sample, fixed: float, budget: float) -> list[str]:
     micro = min(micro if micro > 1 else 4, cfg.data.batch_size)
     out = []
     for checkpoint in CHECKPOINT_MODES:
-        model = memory_model(cfg, task, sample, fixed, checkpoint=checkpoint, micro_batches=micro)
+        model = memory_model(cfg, task, sample, fixed, checkpoint=checkpoint, micro_batches=micro, device=device)
 
         def peak(stages: int, model: MemoryModel = model) -> float:
             return max(s.peak_mb for s in model.predict(model.balance(stages)))
@@ -196,14 +212,15 @@ def suggestions(cfg, task, sample, fixed: float, budget: float) -> list[str]:
                    f"a smaller batch, more micro-batches or a smaller model"]
 
 
-def largest_blocks(cfg: DictConfig, budget: float, built: tuple | None = None, limit: int = 8192) -> int:
+def largest_blocks(cfg: DictConfig, budget: float, built: tuple | None = None, limit: int = 8192,
+                   device: str = "cpu") -> int:
     """The most Transformer blocks (`model.n_layers` of the giant net) whose largest predicted
     stage fits `budget` MiB, at this configuration's width, batch and strategy (0: none)."""
     from giantpipe.platform.build import build_task
 
     data, task, _ = built or build_task(cfg)
     sample = one_sample(data)
-    fixed = fixed_cost_mb(cfg)
+    fixed = fixed_cost_mb(cfg, device)
     profiles = profile_layers(task.model, sample, seed=cfg.seed, loss_fn=task.loss_fn,
                               precision=training_precision(cfg))
     if len(profiles) < 3:
@@ -211,7 +228,8 @@ def largest_blocks(cfg: DictConfig, budget: float, built: tuple | None = None, l
     stages = cfg.strategy.stages if cfg.strategy.name == "pipeline" else 1
 
     def fits(blocks: int) -> bool:
-        model = memory_model(cfg, task, sample, fixed, [profiles[0], *[profiles[1]] * blocks, profiles[-1]])
+        model = memory_model(cfg, task, sample, fixed, [profiles[0], *[profiles[1]] * blocks, profiles[-1]],
+                             device=device)
         return model.fits(stages, budget)
 
     lo, hi = 0, max(stages - 2, 1)
@@ -228,16 +246,20 @@ def plan_table(plan: Plan):
     from rich.table import Table
 
     verdict = "" if plan.fits is None else (" — fits" if plan.fits else " — DOES NOT FIT")
-    budget = f" in {plan.budget_mb:.0f} MiB per process" if plan.budget_mb is not None else ""
-    table = Table(title=f"giantpipe-plan: predicted peak memory (MiB) per process{budget}{verdict}",
+    unit = "GPU (tensors)" if plan.device == "cuda" else "process"
+    budget = f" in {plan.budget_mb:.0f} MiB per {unit}" if plan.budget_mb is not None else ""
+    table = Table(title=f"giantpipe-plan: predicted peak memory (MiB) per {unit}{budget}{verdict}",
                   caption=f"predicted step time ~{plan.step_s:.2f} s (rough; no load from other work)")
-    for name in ("stage", "layers", "params", "weights", "grads", "AdamW", "activ.", "fixed", "peak"):
+    step = plan.device == "cuda"  # the optimizer step's temporaries (none on CPU)
+    for name in ("stage", "layers", "params", "weights", "grads", "AdamW", *(["AdamW step"] if step else []),
+                 "activ.", "fixed", "peak"):
         table.add_column(name, justify="right")
     for s in plan.stages:
         over = plan.budget_mb is not None and s.peak_mb > plan.budget_mb
         peak = f"[bold red]{s.peak_mb:.0f}[/]" if over else f"{s.peak_mb:.0f}"
         table.add_row(str(s.stage), s.layers, f"{s.params / 1e6:.1f}M", f"{s.param_mb:.0f}", f"{s.grad_mb:.0f}",
-                      f"{s.optim_mb:.0f}", f"{s.act_mb:.0f}", f"{s.fixed_mb:.0f}", peak)
+                      f"{s.optim_mb:.0f}", *([f"{s.optim_step_mb:.0f}"] if step else []), f"{s.act_mb:.0f}",
+                      f"{s.fixed_mb:.0f}", peak)
     return table
 
 
@@ -274,6 +296,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true", help="print the prediction as JSON")
     parser.add_argument("--largest", action="store_true",
                         help="also find the most blocks (model.n_layers) that fit --device-memory")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="predict VmHWM of a CPU process or max_memory_allocated of a GPU "
+                             "(default: where trainer.accelerator would train)")
     args = parser.parse_args(argv)
     from giantpipe.platform import preflight
     from giantpipe.platform.checks import validate_config as validate
@@ -282,12 +307,12 @@ def main(argv: list[str] | None = None) -> None:
         preflight.check(args.overrides)
         cfg = preflight.compose_train(args.overrides)
         validate(cfg)
-        plan = make_plan(cfg, budget_mb=args.device_memory)
+        plan = make_plan(cfg, budget_mb=args.device_memory, device=args.device)
         largest = None
         if args.largest:
             if plan.budget_mb is None:
                 raise ConfigError("--largest needs --device-memory (or strategy.memory_budget_mb)")
-            largest = largest_blocks(cfg, plan.budget_mb)
+            largest = largest_blocks(cfg, plan.budget_mb, device=plan.device)
     except ConfigError as err:
         print(f"giantpipe-plan: error: {err}", file=sys.stderr)
         sys.exit(2)

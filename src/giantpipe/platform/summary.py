@@ -9,14 +9,18 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
+from giantpipe.strategies.memory_model import peak_memory_mb
+
 
 class ThroughputMonitor(pl.Callback):
     """Training wall time and samples/tokens per second (validation time excluded), for the
     summary, and each step's rates logged as `train/samples_per_s` and `train/tokens_per_s`
     (sequence models): one data-parallel replica's batch over the step's time from batch start
-    to batch end (forward, backward, optimizer; data loading excluded)."""
+    to batch end (forward, backward, optimizer; data loading excluded). Also `memory/peak_mb`,
+    the training process's peak so far (`peak_memory_mb`; in a pipelined run, stage 0's)."""
 
     def __init__(self):
+        self.peak_mb = 0.0
         self.train_time = 0.0
         self.last_val_step = -1
         self._t0 = None
@@ -38,7 +42,9 @@ class ThroughputMonitor(pl.Callback):
         self._t0 = None
         samples, tokens = pl_module.samples_seen - self._seen[0], pl_module.tokens_seen - self._seen[1]
         rates = per_second(samples, tokens, step_s)
-        pl_module.log_dict({f"train/{k}": v for k, v in rates.items()}, on_step=True, on_epoch=False, batch_size=1)
+        self.peak_mb = max(self.peak_mb, peak_memory_mb(pl_module.device))
+        metrics = {**{f"train/{k}": v for k, v in rates.items()}, "memory/peak_mb": self.peak_mb}
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
 
     def rates(self, pl_module) -> dict[str, float]:
         if self.train_time <= 0:

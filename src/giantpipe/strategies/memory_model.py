@@ -26,6 +26,12 @@ ALLOC_OVERHEAD covers what the allocator holds beyond live tensors (CPU heap fra
 between short-lived temporaries and saved tensors); it was measured against VmHWM on the
 capacity benchmark (scripts/bench_capacity.py), which checks every prediction again.
 
+On CUDA (`MemoryModel(device="cuda")`) the figure is `torch.cuda.max_memory_allocated`:
+tensors only (no process, no CUDA context: fixed 0), no heap overhead, and AdamW's foreach
+step, the default there, holds a parameter-sized temporary while the activations are gone:
+the peak is the larger of the two. These constants are torch's documented behaviour, not yet
+measured here (no GPU lent so far; `scripts/bench_capacity.py --device cuda` will).
+
 `MemoryModel.balance` cuts the layers so that the largest predicted stage is smallest, with the
 first and last stage's extra load (embeddings, heads, logits, stage inputs) known to it.
 """
@@ -51,6 +57,8 @@ from giantpipe.strategies.partition import (
 
 MB = 2**20
 ALLOC_OVERHEAD = 1.6  # resident bytes per live activation byte (glibc heap, CPU)
+# (alloc_overhead, optimizer_step) by device: the second in units of the parameters' bytes
+DEVICE_COSTS = {"cpu": (ALLOC_OVERHEAD, 0.0), "cuda": (1.0, 1.0)}
 TRANSIENT = 1.0  # backward's gradient buffers, in units of the largest layer's activations
 OPTIMIZER_STATES = 2  # AdamW: exp_avg and exp_avg_sq, each the size of the parameters
 
@@ -65,6 +73,14 @@ def status_kb(pid: int | str = "self", key: str = "VmHWM") -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """This process's peak memory so far, what giantpipe-plan predicts: on CUDA the tensors'
+    (`max_memory_allocated`), elsewhere the resident set's (`VmHWM`)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / MB
+    return (status_kb("self") or 0) / 1024
 
 
 @dataclass(frozen=True)
@@ -109,6 +125,7 @@ class StageMemory:
     optim_mb: float
     act_mb: float
     peak_mb: float
+    optim_step_mb: float = 0.0  # the optimizer step's temporaries (activations freed by then)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -198,6 +215,7 @@ class MemoryModel:
     fixed_mb: float = 0.0
     first_input_bytes: float = 0.0
     param_itemsize: int = 4  # bytes per parameter (the training precision's)
+    device: str = "cpu"  # cpu: VmHWM of the process; cuda: max_memory_allocated (DEVICE_COSTS)
 
     def __post_init__(self) -> None:
         self._acts = [0.0]
@@ -230,7 +248,9 @@ class MemoryModel:
                       largest: float | None = None) -> float:
         param_mb = (self._params[stop] - self._params[start]) / MB
         act = self.activation_bytes(stage, num_stages, start, stop, largest)
-        return self.fixed_mb + (2 + OPTIMIZER_STATES) * param_mb + ALLOC_OVERHEAD * act / MB
+        overhead, optimizer_step = DEVICE_COSTS[self.device]
+        return (self.fixed_mb + (2 + OPTIMIZER_STATES) * param_mb
+                + max(overhead * act / MB, optimizer_step * param_mb))
 
     def predict(self, balance: Sequence[int]) -> list[StageMemory]:
         """Each stage's predicted peak, by part."""
@@ -242,7 +262,8 @@ class MemoryModel:
             stages.append(StageMemory(
                 stage=s, layers=span, params=int(param_mb * MB) // self.param_itemsize, fixed_mb=self.fixed_mb,
                 param_mb=param_mb, grad_mb=param_mb, optim_mb=OPTIMIZER_STATES * param_mb,
-                act_mb=ALLOC_OVERHEAD * act / MB,
+                act_mb=DEVICE_COSTS[self.device][0] * act / MB,
+                optim_step_mb=DEVICE_COSTS[self.device][1] * param_mb,
                 peak_mb=self.stage_peak_mb(s, len(balance), layers.start, layers.stop),
             ))  # fmt: skip
         return stages

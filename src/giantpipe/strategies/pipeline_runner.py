@@ -15,7 +15,7 @@ from giantpipe.models.contract import DecodeResult
 from giantpipe.strategies.chunked_decoding import chunked_beam_search, chunked_sample
 from giantpipe.strategies.engine import PipelineEngine
 from giantpipe.strategies.faults import maybe_inject
-from giantpipe.strategies.memory_model import status_kb
+from giantpipe.strategies.memory_model import peak_memory_mb
 from giantpipe.strategies.pipelined_decoding import pipelined_beam_search, pipelined_sample
 
 
@@ -74,11 +74,15 @@ class PipelineRunner:
 
 
 def check_stage_memory(engine: PipelineEngine, budget_mb: float | None) -> None:
-    """A stage whose process passed `strategy.memory_budget_mb` (peak resident memory) fails, named."""
-    peak_kb = status_kb() if budget_mb is not None else None
-    if peak_kb is not None and peak_kb / 1024 > budget_mb:
+    """A stage whose process passed `strategy.memory_budget_mb` (peak resident memory; on CUDA,
+    its tensors' peak) fails, named."""
+    if budget_mb is None:
+        return
+    peak = peak_memory_mb(engine.device)
+    if peak > budget_mb:
+        kind = "allocated on the GPU" if engine.device.type == "cuda" else "resident"
         raise MemoryError(
-            f"stage {engine.stage} (rank {engine.rank}) reached {peak_kb / 1024:.0f} MiB resident, over "
+            f"stage {engine.stage} (rank {engine.rank}) reached {peak:.0f} MiB {kind}, over "
             f"strategy.memory_budget_mb={budget_mb:.0f}; run giantpipe-plan with the same overrides for a "
             f"configuration that fits (more stages, strategy.checkpoint=always, strategy.balance=memory)"
         )
