@@ -154,6 +154,26 @@ def test_budget_stops_a_run_before_training_with_the_table(tmp_path):
     assert not (tmp_path / "run" / "summary.json").exists()
 
 
+def test_on_a_gpu_the_cards_memory_is_the_budget(tmp_path, monkeypatch):
+    """With no strategy.memory_budget_mb, a run that would train on CUDA is checked against the
+    GPU's memory (the plan's tensors-only figure: a model whose tensors alone overflow the card)."""
+    from giantpipe.platform import preflight
+    from giantpipe.platform.config import ConfigError
+    from giantpipe.platform.plan import check_budget
+
+    monkeypatch.chdir(tmp_path)
+    cfg = preflight.compose_train(TINY + PIPE + ["strategy.stages=2", "trainer.devices=2", "trainer.accelerator=gpu"])
+    card = SimpleNamespace(total_memory=2**30)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: card)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "Test GPU")
+    check_budget(cfg)  # a tiny model in 1 GiB
+    card.total_memory = 2**20 // 2  # half a MiB: the weights alone do not fit
+    with pytest.raises(ConfigError, match=r"over the 0 MiB of the GPU \(Test GPU\)") as err:
+        check_budget(cfg)
+    assert "per GPU (tensors)" in " ".join(str(err.value).split())
+
+
 def test_a_stage_over_the_budget_at_run_time_is_named():
     engine = SimpleNamespace(stage=1, rank=3, device=torch.device("cpu"))
     check_stage_memory(engine, None)

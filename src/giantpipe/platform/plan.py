@@ -275,16 +275,23 @@ def render(plan: Plan) -> str:
 
 
 def check_budget(cfg: DictConfig, built: tuple | None = None) -> None:
-    """With `strategy.memory_budget_mb` set, stop before training if a stage is predicted not to
-    fit; the error carries the plan's table and the fix."""
-    if cfg.strategy.name != "pipeline" or cfg.strategy.get("memory_budget_mb") is None:
+    """Stop before training if a stage is predicted not to fit `strategy.memory_budget_mb`, or,
+    unset, on CUDA the GPU's memory (the tensors alone, a lower bound of what the card needs);
+    the error carries the plan's table and the fix."""
+    if cfg.strategy.name != "pipeline":
         return
-    plan = make_plan(cfg, built=built)
+    budget = cfg.strategy.get("memory_budget_mb")
+    limit = f"strategy.memory_budget_mb={budget}"
+    if budget is None and plan_device(cfg) == "cuda" and torch.cuda.is_available():
+        budget = torch.cuda.get_device_properties(0).total_memory / 2**20
+        limit = f"the {budget:.0f} MiB of the GPU ({torch.cuda.get_device_name(0)})"
+    if budget is None:
+        return
+    plan = make_plan(cfg, built=built, budget_mb=budget)
     if plan.fits is False:
         worst = max(plan.stages, key=lambda s: s.peak_mb)
         raise ConfigError(
-            f"stage {worst.stage} is predicted to peak at {worst.peak_mb:.0f} MiB, over "
-            f"strategy.memory_budget_mb={plan.budget_mb:.0f}:\n{render(plan)}"
+            f"stage {worst.stage} is predicted to peak at {worst.peak_mb:.0f} MiB, over {limit}:\n{render(plan)}"
         )
 
 
