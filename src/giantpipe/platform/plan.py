@@ -6,12 +6,12 @@
     giantpipe-plan ... --device cuda    # torch.cuda.max_memory_allocated per GPU instead
 
 The model is built on the meta device; each distinct layer is profiled once on a one-sample
-batch of the configured data, in the run's `trainer.precision` (strategies/memory_model.py). The per-process fixed cost is
-measured here: this process's own resident memory once the training stack is imported and the
-data loaded, plus what a training process adds on top (TRAINER_EXTRA_MB; a pipeline stage's
-worker, forked from a preloaded server, STAGE_WORKER_EXTRA_MB). The predicted peak of
-each stage is what `VmHWM` of that stage's process will show; scripts/bench_capacity.py checks
-it against the measurement. On CUDA (`--device cuda`, the default where the run would train on
+batch of the configured data, in the run's `trainer.precision` (strategies/memory_model.py).
+The per-process fixed cost is measured here: this process's own resident memory once the
+training stack is imported and the data loaded, plus what a training process adds on top
+(TRAINER_EXTRA_MB; a pipeline stage's worker, forked from a preloaded server,
+STAGE_WORKER_EXTRA_MB). The predicted peak of each stage is what `VmHWM` of that stage's process
+will show; scripts/bench_capacity.py checks it against the measurement. On CUDA (`--device cuda`, the default where the run would train on
 a GPU) it is what `torch.cuda.max_memory_allocated` will show: tensors only.
 """
 
