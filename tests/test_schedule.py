@@ -141,6 +141,18 @@ def test_zero_bubble_schedules_shrink_the_bubble_at_bounded_memory(num_stages, m
         assert sched.bubble(interleaved) < one_f
 
 
+@pytest.mark.parametrize("num_stages", [2, 3, 4, 6, 8])
+def test_zb_h1_reaches_the_papers_step_at_1f1b_memory(num_stages):
+    """Qi et al. 2024, ZB-H1 with F = B = W = one clock: a step of 3M + N - 1 clocks (a bubble
+    of N - 1, a third of 1F1B's 3(N - 1)) while no rank holds more than N micro-batches."""
+    n = num_stages
+    for m in (n, 2 * n, 4 * n):
+        h1 = make_schedule("zb_h1", n, m)
+        assert sched.makespan(h1) == 3 * m + n - 1, (n, m)
+        assert sched.makespan(one_f_one_b(n, m)) == 3 * m + 3 * (n - 1)
+        assert max(sched.peak_in_flight(h1)) == n
+
+
 def test_placements_are_inverse_and_v_shape_turns_on_the_last_rank():
     for placement in ("looped", "vshape"):
         for n in range(1, 5):

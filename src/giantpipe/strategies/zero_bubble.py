@@ -3,7 +3,8 @@
 Every rank, whenever it is free, takes the best ready action under its schedule's `_Policy`:
 backwards first (B: they free memory and unblock the previous stage), then forwards while the
 rank holds fewer (micro-batch, chunk)s than the policy's cap, then the deferred Ws, which so
-fill what would be bubble. Pure functions: the same (N, M, V) give every rank the same lists.
+fill what would be bubble (ZB-H1 at V = 1 alternates: after a B, a ready forward goes first).
+Pure functions: the same (N, M, V) give every rank the same lists.
 """
 
 from __future__ import annotations
@@ -20,13 +21,16 @@ class _Policy:
 
     Backwards come first (they free memory and unblock the previous stage), then forwards
     while the rank holds fewer than `cap(rank)` (micro-batch, chunk)s, then deferred Ws; among
-    ready actions of one kind the lowest `order` key wins."""
+    ready actions of one kind the lowest `order` key wins. With `alternate`, at V = 1, a ready
+    forward within the cap goes before a backward when the rank's last F/B was a backward
+    (1F1B's alternation: the next stage gets its forward a clock sooner)."""
 
     fused: bool  # BW, or B now and W later
     cap: Callable[[int, int, int], int]  # (rank, N, V) -> most (micro-batch, chunk)s held
     forward_order: Callable[[int, int, int], tuple]  # (micro-batch, virtual stage, N) -> key
     backward_order: Callable[[int, int, int], tuple]
     placement: str = "looped"
+    alternate: bool = False
 
 
 def _megatron_forward(i: int, k: int, n: int) -> tuple:
@@ -55,6 +59,7 @@ def list_schedule(policy: _Policy, num_ranks: int, micro_batches: int, chunks: i
     next_f, next_b = [0] * stages, [0] * stages
     waiting_w: list[list[tuple[int, int]]] = [[] for _ in range(n)]  # (micro-batch, chunk)
     held = [0] * n
+    after_backward = [False] * n  # the rank's last F or B was a B
     free = [0] * n
     out: Schedule = [[] for _ in range(n)]
     total = sum(m * (2 if policy.fused else 3) for _ in range(stages))
@@ -63,8 +68,9 @@ def list_schedule(policy: _Policy, num_ranks: int, micro_batches: int, chunks: i
         for r in range(n):
             if free[r] > clock:
                 continue
+            forward_first = policy.alternate and v == 1 and after_backward[r]
             action = _pick(policy, r, rank_chunks[r], clock, n, v, m, stages, done_f, done_b,
-                           next_f, next_b, waiting_w[r], held[r])  # fmt: skip
+                           next_f, next_b, waiting_w[r], held[r], forward_first)  # fmt: skip
             if action is None:
                 continue
             k = rank_chunks[r][action.chunk]
@@ -83,6 +89,8 @@ def list_schedule(policy: _Policy, num_ranks: int, micro_batches: int, chunks: i
                     waiting_w[r].append((action.micro_batch, action.chunk))
                 else:
                     held[r] -= 1
+            if action.phase is not Phase.WEIGHT:
+                after_backward[r] = action.phase is not Phase.FORWARD
             out[r].append(action)
             emitted += 1
         clock += 1
@@ -92,7 +100,7 @@ def list_schedule(policy: _Policy, num_ranks: int, micro_batches: int, chunks: i
 
 
 def _pick(policy, r, chunks_k, clock, n, v, m, stages, done_f, done_b, next_f, next_b,
-          waiting_w, held) -> Action | None:  # fmt: skip
+          waiting_w, held, forward_first=False) -> Action | None:  # fmt: skip
     backwards, forwards = [], []
     for c, k in enumerate(chunks_k):
         i = next_b[k]
@@ -104,10 +112,11 @@ def _pick(policy, r, chunks_k, clock, n, v, m, stages, done_f, done_b, next_f, n
             ready = k == 0 or done_f.get((i, k - 1), clock + 1) <= clock
             forwards.append((policy.forward_order(i, k, n), not ready, i, c))
     forwards = [(key, i, c) for key, waiting, i, c in sorted(forwards) if not waiting]
-    if backwards:
+    can_forward = forwards and held < policy.cap(r, n, v)
+    if backwards and not (forward_first and can_forward):
         _, i, c = min(backwards)
         return Action(Phase.BACKWARD if policy.fused else Phase.INPUT, i, c)
-    if forwards and held < policy.cap(r, n, v):
+    if can_forward:
         _, i, c = min(forwards)
         return Action(Phase.FORWARD, i, c)
     if waiting_w:
@@ -119,19 +128,21 @@ def _pick(policy, r, chunks_k, clock, n, v, m, stages, done_f, done_b, next_f, n
 # ZB-H1 (zero bubble, 1F1B's memory), 3 ranks x 4 micro-batches
 # (`render(make_schedule("zb_h1", 3, 4))`):
 #
-#   clock     0  1  2  3  4  5  6  7  8  9 10 11 12 13 14
-#   stage 0  F0 F1 F2       B0 W0 B1 F3 B2 W1 W2    B3 W3
-#   stage 1     F0 F1 F2 B0 W0 B1 W1 B2 F3 W2    B3 W3
-#   stage 2        F0 B0 F1 B1 F2 B2 W0 W1 F3 B3 W2 W3
+#   clock     0  1  2  3  4  5  6  7  8  9 10 11 12 13
+#   stage 0  F0 F1 F2       B0 W0 F3 B1 W1 B2 W2 B3 W3
+#   stage 1     F0 F1 F2 B0 W0 B1 W1 F3 B2 W2 B3 W3
+#   stage 2        F0 B0 F1 B1 F2 B2 W0 F3 B3 W1 W2 W3
 #
-# B (input gradients) goes first, W fills what would be bubble; a rank holds at most N
-# (micro-batch, chunk)s from F to W, 1F1B's peak (its first stage's). The paper's bubble is
-# (N-1)/3 clocks of 1F1B's 3(N-1) with F=B=W; this list scheduling gets close (see `bubble`).
+# B (input gradients) goes first, but after a B a ready forward goes before the next B (1F1B's
+# alternation), and W fills what would be bubble; a rank holds at most N (micro-batch, chunk)s
+# from F to W, 1F1B's peak (its first stage's). The paper's bubble is N-1 clocks against
+# 1F1B's 3(N-1) with F=B=W: a step of 3M + N - 1 clocks, which this list scheduling reaches.
 ZB_H1 = _Policy(
     fused=False,
     cap=lambda r, n, v: v * n,
     forward_order=_megatron_forward,
     backward_order=_megatron_backward,
+    alternate=True,
 )
 
 # ZB-H2 (zero bubble at about twice the memory), 3 ranks x 4 micro-batches
