@@ -57,6 +57,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from giantpipe.platform.proc_memory import TreeWatcher, kill_tree
@@ -118,8 +119,9 @@ def trial(base: list[str], blocks: int, budget: float, workdir: Path, device: st
     proc = subprocess.Popen(cmd, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # VmHWM is a high-water mark: polling every 0.1 s loses no peak, only kills a little later
     cpu = device == "cpu"
-    with TreeWatcher(proc.pid, interval_s=0.1, limit_mb=budget if cpu else None,
-                     on_exceed=lambda pid, mb: kill_tree(proc.pid)) as watcher:
+    watcher = TreeWatcher(proc.pid, interval_s=0.1, limit_mb=budget,
+                          on_exceed=lambda pid, mb: kill_tree(proc.pid)) if cpu else None
+    with watcher or nullcontext():  # on CUDA the run's own summary reports its peak
         _, stderr = proc.communicate()
     summary = run_dir / "summary.json"
     metrics = json.loads(summary.read_text())["metrics"] if summary.exists() else {}

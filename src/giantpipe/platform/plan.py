@@ -314,12 +314,15 @@ def main(argv: list[str] | None = None) -> None:
         preflight.check(args.overrides)
         cfg = preflight.compose_train(args.overrides)
         validate(cfg)
-        plan = make_plan(cfg, budget_mb=args.device_memory, device=args.device)
+        from giantpipe.platform.build import build_task
+
+        built = build_task(cfg)  # data and the meta model, once for both questions
+        plan = make_plan(cfg, budget_mb=args.device_memory, built=built, device=args.device)
         largest = None
         if args.largest:
             if plan.budget_mb is None:
                 raise ConfigError("--largest needs --device-memory (or strategy.memory_budget_mb)")
-            largest = largest_blocks(cfg, plan.budget_mb, device=plan.device)
+            largest = largest_blocks(cfg, plan.budget_mb, built=built, device=plan.device)
     except ConfigError as err:
         print(f"giantpipe-plan: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -20,12 +20,7 @@ from pathlib import Path
 from giantpipe.strategies.memory_model import status_kb
 
 MB = 2**20
-__all__ = ["status_kb", "own_peak_mb", "descendants", "TreeWatcher", "kill_tree"]
-
-
-def own_peak_mb() -> float:
-    """This process's peak resident memory so far, in MiB."""
-    return (status_kb("self") or 0) / 1024
+__all__ = ["status_kb", "descendants", "TreeWatcher", "kill_tree"]
 
 
 def children_of(pid: int) -> list[int]:

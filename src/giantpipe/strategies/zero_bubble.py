@@ -21,7 +21,7 @@ class _Policy:
 
     Backwards come first (they free memory and unblock the previous stage), then forwards
     while the rank holds fewer than `cap(rank)` (micro-batch, chunk)s, then deferred Ws; among
-    ready actions of one kind the lowest `order` key wins. With `alternate`, at V = 1, a ready
+    ready actions of one kind the lowest `order` key wins. At a V in `alternate_at`, a ready
     forward within the cap goes before a backward when the rank's last F/B was a backward
     (1F1B's alternation: the next stage gets its forward a clock sooner)."""
 
@@ -30,7 +30,7 @@ class _Policy:
     forward_order: Callable[[int, int, int], tuple]  # (micro-batch, virtual stage, N) -> key
     backward_order: Callable[[int, int, int], tuple]
     placement: str = "looped"
-    alternate: bool = False
+    alternate_at: tuple[int, ...] = ()  # the V at which it alternates
 
 
 def _megatron_forward(i: int, k: int, n: int) -> tuple:
@@ -68,7 +68,7 @@ def list_schedule(policy: _Policy, num_ranks: int, micro_batches: int, chunks: i
         for r in range(n):
             if free[r] > clock:
                 continue
-            forward_first = policy.alternate and v == 1 and after_backward[r]
+            forward_first = v in policy.alternate_at and after_backward[r]
             action = _pick(policy, r, rank_chunks[r], clock, n, v, m, stages, done_f, done_b,
                            next_f, next_b, waiting_w[r], held[r], forward_first)  # fmt: skip
             if action is None:
@@ -142,7 +142,7 @@ ZB_H1 = _Policy(
     cap=lambda r, n, v: v * n,
     forward_order=_megatron_forward,
     backward_order=_megatron_backward,
-    alternate=True,
+    alternate_at=(1,),  # with chunks, alternating was not better everywhere
 )
 
 # ZB-H2 (zero bubble at about twice the memory), 3 ranks x 4 micro-batches
