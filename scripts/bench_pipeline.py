@@ -46,6 +46,9 @@ JSON (`--out`, default bench_pipeline.json):
   models   {name: {description, batch (first batch's shapes), layers, balance (N=2), params,
                    baseline_s (median s/step of every baseline round, 1 thread),
                    baseline_samples_per_s, baseline_threads_s (median s/step with 2 threads),
+                   baseline_pair_s (median s/step of both ranks running it at once, 1 thread
+                   each), two_process_ceiling (2 x baseline_s / baseline_pair_s: what two
+                   independent processes reach against one, the bound for any 2-process run),
                    tokens_per_batch (mean target tokens per batch; null without tokens),
                    baseline_tokens_per_s, seconds (this model's share of the run),
                    loadavg_start / loadavg_end (while this model ran)}}
@@ -80,8 +83,13 @@ JSON (`--out`, default bench_pipeline.json):
            schedule, micro_batches, checkpoint}, k1_engine_overhead (N=1 M=1 gpipe step /
            baseline - 1: the engine's own cost with one stage), vs_peer [{schedule,
            micro_batches, giantpipe_s, peer_s, peer_over_giantpipe}] and
-           beats_peer_everywhere (fixed-shape models); for mlp also target_best_n2_speedup
-           (1.55), target_met and best_n2_speedup_of_fastest; for models with tokens
+           beats_peer_everywhere (same schedule), best_vs_peer_best [{micro_batches,
+           giantpipe, giantpipe_s, peer, peer_s, peer_over_giantpipe}] (each side's fastest
+           schedule at that M); efficiency_by_m [{micro_batches, schedule, efficiency}] (the
+           fastest N=2 step against the 1-stage engine's at the same M) and
+           efficiency_target_met (>= 1.80 at M 4, 8, 16); for mlp and giant also
+           target_best_n2_speedup (1.75 / 1.70), target_met and best_n2_speedup_of_fastest;
+           for models with tokens
            tokens_per_s {single (1 process, whole batch), by_micro_batches [{micro_batches,
            n1_tokens_per_s, n1_schedule, n1_over_single, n2_tokens_per_s, n2_schedule,
            n2_over_single}]} (the faster schedule at each M, no re-materialization)
@@ -303,10 +311,12 @@ def timed_rounds(
     time (every thread of the process) is summed over ranks. With `distributed` on CPU, rank 0
     also times the baseline with as many intra-op threads as there are ranks
     ("baseline_threads": one process using every core the pipeline uses; the other ranks wait
-    in a barrier meanwhile)."""
+    in a barrier meanwhile), and every rank times the baseline at once, one thread each
+    ("baseline_pair": independent processes with no pipeline between them, the most any
+    scheme of that many single-threaded processes can reach on this host)."""
     live = [r for r in runners if r.error is None]
     threads = dist.get_world_size() if distributed and device.type == "cpu" else 0
-    plain = ["baseline", *(["baseline_threads"] if threads else [])]
+    plain = ["baseline", *(["baseline_threads", "baseline_pair"] if threads else [])]
     times: dict[str, list] = {**{k: [] for k in plain}, **{r.cfg.key: [] for r in live}}
     rank = dist.get_rank() if distributed else 0
     for rnd in range(reps + 1):
@@ -317,7 +327,9 @@ def timed_rounds(
                 dist.barrier()
             _sync(device)
             start, cpu = time.perf_counter(), time.process_time()
-            if isinstance(runner, str):
+            if runner == "baseline_pair":
+                baseline(batch)
+            elif isinstance(runner, str):
                 if rank == 0:
                     torch.set_num_threads(threads if runner == "baseline_threads" else 1)
                     baseline(batch)
@@ -326,7 +338,7 @@ def timed_rounds(
                 runner.step(batch)
             _sync(device)
             elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
-            if distributed and not isinstance(runner, str):
+            if distributed and (runner == "baseline_pair" or not isinstance(runner, str)):
                 mine = torch.tensor([elapsed, cpu], dtype=torch.float64)
                 every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
                 dist.all_gather(every, mine)
@@ -427,6 +439,7 @@ def measure(spec: ModelSpec, stages: int, opts: Options, device, pictures: Path 
         "baseline_steps_s": [t for t, _ in base],
         "baseline_cpu_s": median([c for _, c in base]),
         "baseline_threads_steps_s": [t for t, _ in times.get("baseline_threads", [])],
+        "baseline_pair_steps_s": [t for t, _ in times.get("baseline_pair", [])],
         "rows": rows,
     }
 
@@ -506,15 +519,15 @@ def main(argv: list[str] | None = None) -> dict:
         model_start, model_load = time.perf_counter(), os.getloadavg()[0]
         single = measure(spec, 1, opts, device, pictures)  # this process: N=1 + baseline
         double = run_distributed([name], opts, pictures)[name]
-        runs, base, base_threads = collect(spec, [single, double])
+        runs, baselines = collect(spec, [single, double])
+        base = baselines["baseline_s"]
         probe = spec.factory()
         result["models"][name] = {
             "description": spec.description,
             "batch": {k: list(v.shape) for k, v in spec.batches[0].items()},
             "layers": len(probe.layers), "balance": spec.balance,
             "params": sum(p.numel() for p in probe.parameters()),
-            "baseline_s": base, "baseline_samples_per_s": spec.samples / base,
-            "baseline_threads_s": base_threads,
+            **baselines, "baseline_samples_per_s": spec.samples / base,
             "tokens_per_batch": spec.mean_tokens,
             "baseline_tokens_per_s": spec.mean_tokens / base if spec.mean_tokens else None,
             "seconds": time.perf_counter() - model_start,

@@ -9,7 +9,9 @@ from bench_models import MODES, ModelSpec
 from giantpipe.strategies import schedule as sched
 
 SCHEDULES = ("gpipe", "1f1b")
-MLP_TARGET = 1.55
+# issue 12's targets: MLP and giant net best N=2 speedup, pipeline efficiency over M 4..16
+TARGETS = {"mlp": 1.75, "giant": 1.70}
+EFFICIENCY_TARGET, EFFICIENCY_MS = 1.80, (4, 8, 16)
 
 
 def label(schedule: str, virtual_stages: int = 1) -> str:
@@ -31,19 +33,27 @@ def median(xs):
     return statistics.median(xs) if xs else None
 
 
-def collect(spec: ModelSpec, parts: list[dict]) -> tuple[list[dict], float, float | None]:
-    """Rows of the JSON's `runs`, the median baseline step of all parts, and the median
-    baseline step with one thread per rank (None where not measured)."""
+def collect(spec: ModelSpec, parts: list[dict]) -> tuple[list[dict], dict]:
+    """Rows of the JSON's `runs`, and the model's baselines: the median plain step of all parts
+    (baseline_s), with one process using every core (baseline_threads_s), with every rank
+    running it at once (baseline_pair_s), and what that pair does against one process beside
+    it (two_process_ceiling: ranks x baseline / pair, the throughput of independent
+    single-threaded processes; None where not measured)."""
     runs = []
-    all_base, all_threads = [], []
+    all_base, all_threads, all_pair = [], [], []
+    ceiling = None
     tokens = spec.mean_tokens
     for part in parts:
         base = median(part["baseline_steps_s"])
         base_min = min(part["baseline_steps_s"], default=None)
         base_cpu = part["baseline_cpu_s"]
         threads = median(part.get("baseline_threads_steps_s", []))
+        pair = median(part.get("baseline_pair_steps_s", []))
+        if pair:
+            ceiling = 2 * base / pair
         all_base += part["baseline_steps_s"]
         all_threads += part.get("baseline_threads_steps_s", [])
+        all_pair += part.get("baseline_pair_steps_s", [])
         for row in part["rows"]:
             cfg = row.pop("cfg")
             n, m = cfg["stages"], cfg["micro_batches"]
@@ -63,7 +73,9 @@ def collect(spec: ModelSpec, parts: list[dict]) -> tuple[list[dict], float, floa
                 "cpu_ratio": row["cpu_s"] / base_cpu if row.get("cpu_s") and base_cpu else None,
                 "bubble_theoretical": theoretical_bubble(cfg["schedule"], n, m, v), **row,
             })  # fmt: skip
-    return runs, median(all_base), median(all_threads)
+    baselines = {"baseline_s": median(all_base), "baseline_threads_s": median(all_threads),
+                 "baseline_pair_s": median(all_pair), "two_process_ceiling": ceiling}  # fmt: skip
+    return runs, baselines
 
 
 def summarize(name: str, runs: list[dict]) -> dict:
@@ -86,9 +98,9 @@ def summarize(name: str, runs: list[dict]) -> dict:
     if vs:
         out["vs_peer"] = vs
         out["beats_peer_everywhere"] = all(v["peer_over_giantpipe"] >= 1.0 for v in vs)
-    if name == "mlp" and best:
-        out["target_best_n2_speedup"] = MLP_TARGET
-        out["target_met"] = best["speedup"] >= MLP_TARGET
+    if name in TARGETS and best:
+        out["target_best_n2_speedup"] = TARGETS[name]
+        out["target_met"] = best["speedup"] >= TARGETS[name]
         fastest = max(n2, key=lambda r: r["speedup_of_fastest"])
         out["best_n2_speedup_of_fastest"] = {
             k: fastest[k] for k in ("speedup_of_fastest", "label", "micro_batches", "checkpoint")
@@ -102,12 +114,51 @@ def summarize(name: str, runs: list[dict]) -> dict:
         out["best_n2_speedup_vs_threads"] = {
             k: top[k] for k in ("speedup_vs_threads", "label", "micro_batches", "checkpoint")
         }
+    if vs:
+        out["best_vs_peer_best"] = best_against_peer(mine)
+    efficiency = efficiency_by_m(mine)
+    if efficiency:
+        out["efficiency_by_m"] = efficiency
+        out["efficiency_target_met"] = all(
+            e["efficiency"] >= EFFICIENCY_TARGET for e in efficiency if e["micro_batches"] in EFFICIENCY_MS
+        )
     k1 = next((r for r in mine if r["impl"] == "giantpipe" and r["stages"] == 1
                and r["micro_batches"] == 1 and r["schedule"] == "gpipe"), None)  # fmt: skip
     if k1:
         out["k1_engine_overhead"] = k1["step_s"] / k1["baseline_s"] - 1.0
     if any(r.get("tokens_per_s") for r in mine):
         out["tokens_per_s"] = tokens_summary(mine)
+    return out
+
+
+def _fastest(runs: list[dict], impl: str, stages: int, m: int) -> dict | None:
+    """The fastest configuration of `impl` with `stages` stages at M=m, no re-materialization."""
+    cands = [r for r in runs if r["impl"] == impl and r["stages"] == stages and r["step_s"]
+             and r["micro_batches"] == m and r["checkpoint"] == "never"]  # fmt: skip
+    return min(cands, key=lambda r: r["step_s"], default=None)
+
+
+def best_against_peer(runs: list[dict]) -> list[dict]:
+    """Per M: giantpipe's fastest 2-stage schedule against the peer's fastest."""
+    out = []
+    for m in sorted({r["micro_batches"] for r in runs}):
+        ours, peer = _fastest(runs, "giantpipe", 2, m), _fastest(runs, "peer", 2, m)
+        if ours and peer:
+            out.append({"micro_batches": m, "giantpipe": ours["label"], "giantpipe_s": ours["step_s"],
+                        "peer": peer["label"], "peer_s": peer["step_s"],
+                        "peer_over_giantpipe": peer["step_s"] / ours["step_s"]})  # fmt: skip
+    return out
+
+
+def efficiency_by_m(runs: list[dict]) -> list[dict]:
+    """Per M: the fastest 2-stage step against the 1-stage engine at the same M (the pipeline's
+    efficiency with the smaller micro-batch products taken out; 2.0 is perfect)."""
+    out = []
+    for m in sorted({r["micro_batches"] for r in runs}):
+        one, two = _fastest(runs, "giantpipe", 1, m), _fastest(runs, "giantpipe", 2, m)
+        if one and two:
+            out.append({"micro_batches": m, "schedule": two["label"],
+                        "efficiency": one["step_s"] / two["step_s"]})  # fmt: skip
     return out
 
 
@@ -232,7 +283,8 @@ def _summary_lines(name: str, model: dict, summary: dict) -> list[str]:
             line += (f"; stage compute {compute} ms, the schedule allows"
                      f" {b['schedule_efficiency']:.0%} of the measured step time")  # fmt: skip
         if "target_met" in summary:
-            line += f"; target {MLP_TARGET}x {'met' if summary['target_met'] else 'NOT met'}"
+            target = summary["target_best_n2_speedup"]
+            line += f"; target {target}x {'met' if summary['target_met'] else 'NOT met'}"
             f = summary["best_n2_speedup_of_fastest"]
             line += (f" (fastest rounds: {f['speedup_of_fastest']:.2f}x, {f['label']},"
                      f" M={f['micro_batches']})")  # fmt: skip
@@ -243,10 +295,21 @@ def _summary_lines(name: str, model: dict, summary: dict) -> list[str]:
         lines.append(line)
     if "best_n2_speedup_vs_threads" in summary:
         t = summary["best_n2_speedup_vs_threads"]
-        lines.append(
-            f"{name}: against 1 process with 2 threads ({model['baseline_threads_s'] * 1e3:.0f} ms/step):"
-            f" best N=2 {t['speedup_vs_threads']:.2f}x ({t['label']}, M={t['micro_batches']})"
-        )  # fmt: skip
+        line = (f"{name}: against 1 process with 2 threads ({model['baseline_threads_s'] * 1e3:.0f} ms/step):"
+                f" best N=2 {t['speedup_vs_threads']:.2f}x ({t['label']}, M={t['micro_batches']})")  # fmt: skip
+        ceiling = model.get("two_process_ceiling")
+        if ceiling:
+            line += (f"; two independent 1-thread processes reach {ceiling:.2f}x one process,"
+                     f" {ceiling * model['baseline_threads_s'] / model['baseline_s']:.2f}x the 2-thread one")  # fmt: skip
+        lines.append(line)
+    if "efficiency_by_m" in summary:
+        cells = ", ".join(f"M={e['micro_batches']} {e['efficiency']:.2f} ({e['schedule']})"
+                          for e in summary["efficiency_by_m"])  # fmt: skip
+        lines.append(f"{name}: best N=2 over the 1-stage engine at the same M: {cells}")
+    if "best_vs_peer_best" in summary:
+        cells = ", ".join(f"M={v['micro_batches']} {v['peer_over_giantpipe']:.2f} ({v['giantpipe']} vs {v['peer']})"
+                          for v in summary["best_vs_peer_best"])  # fmt: skip
+        lines.append(f"{name}: peer's best step / giantpipe's best step: {cells}")
     if "k1_engine_overhead" in summary:
         lines.append(
             f"{name}: the engine with 1 stage, M=1 costs {summary['k1_engine_overhead']:+.1%} "

@@ -32,6 +32,8 @@ def test_quick_benchmark_writes_valid_json(tmp_path):
     assert set(result["models"]) == {"mlp", "giant", "seq", "gnmt"}
     for model in result["models"].values():
         assert model["baseline_s"] > 0 and model["params"] > 0
+        # two independent processes: more than one process, at most about two
+        assert 1.0 < model["two_process_ceiling"] < 2.5
     runs = result["runs"]
     for run in runs:
         assert RUN_FIELDS <= set(run), RUN_FIELDS - set(run)
@@ -48,6 +50,12 @@ def test_quick_benchmark_writes_valid_json(tmp_path):
     assert {r["model"] for r in peers} == {"mlp", "giant"}  # the seq model changes shape: no peer
     assert any(r["error"] for r in peers if r["schedule"] == "1f1b" and r["micro_batches"] == 1)
     assert "vs_peer" in result["summary"]["mlp"] and "target_met" in result["summary"]["mlp"]
+    for name in ("mlp", "giant"):  # each side's fastest schedule, at both M
+        best = result["summary"][name]["best_vs_peer_best"]
+        assert [b["micro_batches"] for b in best] == [1, 4] and all(b["peer_s"] > 0 for b in best)
+    efficiency = result["summary"]["mlp"]["efficiency_by_m"]
+    assert [e["micro_batches"] for e in efficiency] == [1, 4]
+    assert all(0.5 < e["efficiency"] < 3.0 for e in efficiency)
     for name in ("mlp", "gnmt"):
         assert "k1_engine_overhead" in result["summary"][name]
         assert result["summary"][name]["best_n2_speedup_vs_threads"]["speedup_vs_threads"] > 0

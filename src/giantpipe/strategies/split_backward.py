@@ -51,13 +51,14 @@ class WeightGradStore:
         autocast the product runs in the output gradient's dtype, as autograd's would, and
         lands in the weight's."""
         for weight, inputs, grad_out in self.work:
-            grad = grad_out.reshape(-1, grad_out.shape[-1]).t().mm(
-                inputs.reshape(-1, inputs.shape[-1]).to(grad_out.dtype)
-            ).to(weight.dtype)
+            grad_out = grad_out.reshape(-1, grad_out.shape[-1]).t()
+            inputs = inputs.reshape(-1, inputs.shape[-1]).to(grad_out.dtype)
             if weight.grad is None:
-                weight.grad = grad
+                weight.grad = grad_out.mm(inputs).to(weight.dtype)
+            elif weight.grad.dtype == grad_out.dtype:  # one product into .grad: no temporary
+                weight.grad.addmm_(grad_out, inputs)
             else:
-                weight.grad.add_(grad)
+                weight.grad.add_(grad_out.mm(inputs).to(weight.dtype))
         self.work.clear()
 
 
