@@ -29,8 +29,9 @@ Models (`--models`, all by default; definitions in bench_models.py):
 For each model: N=1 (one process; M micro-batches = gradient accumulation, the gpipe order:
 with one stage 1f1b runs the same operations) and N=2 stages, M in {1, 2, 4, 8, 16}, schedules
 gpipe and 1f1b with re-materialization never, except_last and always, and the zero-bubble and
-interleaved ones without (interleaved_1f1b V=2, zb_h1 V=1 and 2, zb_h2, zbv V=2; the balance of
-N·V chunks by parameter count). For fixed-shape models the same stages also run under
+interleaved ones without (interleaved_1f1b V=2, zb_h1 V=1 and 2, zb_h2, zbv V=2; with V=2 the
+N·V chunks balanced by parameter count per rank, as the schedule places them: what
+`strategy.balance=params` gives). For fixed-shape models the same stages also run under
 `torch.distributed.pipelining`: `ScheduleGPipe`, `Schedule1F1B`, `ScheduleInterleaved1F1B`
 (looped, V=2), `ScheduleInterleavedZeroBubble` (looped, V=2), `ScheduleZBVZeroBubble` and
 `ScheduleDualPipeV` (V-shaped); a configuration the peer refuses keeps its error in the JSON.
@@ -120,7 +121,7 @@ from giantpipe.platform import timeline_plot
 from giantpipe.platform.allocator import keep_freed_memory
 from giantpipe.strategies import timeline as tl
 from giantpipe.strategies.engine import PipelineEngine
-from giantpipe.strategies.partition import balance_by_cost, param_costs
+from giantpipe.strategies.partition import balance_chunks, param_costs
 
 MICRO_BATCHES = (1, 2, 4, 8, 16)
 
@@ -185,11 +186,13 @@ def configs_for(spec: ModelSpec, stages: int, micro: tuple[int, ...], quick: boo
     return out
 
 
-def balance_for(spec: ModelSpec, model: LayeredModel, parts: int) -> list[int]:
-    """The spec's 2-stage balance, or one by parameter count for more (virtual) stages."""
-    if parts == len(spec.balance):
+def balance_for(spec: ModelSpec, model: LayeredModel, cfg: Config) -> list[int]:
+    """The spec's 2-stage balance, or, for V chunks per rank, the one `strategy.balance=params`
+    gives: each rank's chunks together by parameter count, as the schedule places them."""
+    if cfg.virtual_stages == 1:
         return spec.balance
-    return balance_by_cost(param_costs(model), parts)
+    placement = "vshape" if cfg.schedule in V_SHAPED else "looped"
+    return balance_chunks(param_costs(model), cfg.stages, cfg.virtual_stages, placement)
 
 
 def peer_stage_indices(schedule: str, rank: int, stages: int, chunks: int) -> list[int]:
@@ -232,8 +235,7 @@ class Runner:
         self.cfg, self.spec, self.device = cfg, spec, device
         self.error: str | None = None
         self.engine = None
-        parts = cfg.stages * cfg.virtual_stages
-        balance = balance_for(spec, model, parts) if cfg.stages > 1 else [len(model.layers)]
+        balance = balance_for(spec, model, cfg) if cfg.stages > 1 else [len(model.layers)]
         if cfg.impl == "giantpipe":
             try:
                 self.engine = PipelineEngine(
@@ -350,18 +352,21 @@ def timed_rounds(
 
 
 def instrumented(runner: Runner, spec: ModelSpec, distributed: bool, steps: int = 3) -> dict:
-    """`steps` steps with the timeline on (medians over them): bubble, per-stage compute and
-    communication, the schedule's model of the step against the step's own span, and the peak
-    memory a step adds with gradients already allocated: activations (+ recomputation,
-    communication buffers)."""
+    """`steps` steps like the timed rounds' with the timeline on (medians over them): bubble,
+    per-stage compute and communication, the schedule's model of the step against the step's
+    own span; then one step with the memory probe and gradients already allocated: the peak
+    memory a step adds, activations (+ recomputation, communication buffers)."""
     engine = runner.engine
     if engine is None or not hasattr(engine, "last_timeline"):
         return {}
-    engine.timeline = True
+    engine.timeline = "time"  # no memory probe in the timed steps: it slows a fragmented heap
     gathered = []
-    for _ in range(steps):
-        runner.step(spec.batches[0], keep_grads=True)
+    for _ in range(steps):  # gradients start as None, as in the timed rounds
+        runner.step(spec.batches[0])
         gathered.append(tl.gather(engine.last_timeline) if distributed else [engine.last_timeline])
+    engine.timeline = True  # then one step for its peak memory
+    runner.step(spec.batches[0], keep_grads=True)
+    with_memory = tl.gather(engine.last_timeline) if distributed else [engine.last_timeline]
     engine.timeline = False
     if gathered[0] is None:  # not rank 0
         return {}
@@ -370,7 +375,7 @@ def instrumented(runner: Runner, spec: ModelSpec, distributed: bool, steps: int 
     comm = [[t.comm_s for t in tls] for tls in stages]
     models = [schedule_model(c, engine.micro_batches) for c in compute]
     spans = [max(t.step_s for t in tl.aligned(tls)) for tls in gathered]
-    peaks = [[t.peak_step_bytes for t in tls] for tls in stages]
+    peaks = [t.peak_step_bytes for t in sorted(with_memory, key=lambda t: t.stage)]
     per_stage = list(zip(*compute, strict=True))
     return {
         "bubble_measured": median([tl.bubble_fraction(tls) for tls in gathered]),
@@ -378,10 +383,8 @@ def instrumented(runner: Runner, spec: ModelSpec, distributed: bool, steps: int 
         "comm_s": [median(list(c)) for c in zip(*comm, strict=True)],
         "schedule_model_s": median(models),
         "schedule_efficiency": median([m / span for m, span in zip(models, spans, strict=True)]),
-        "peak_step_mb": [
-            None if None in column else max(column) / 2**20 for column in zip(*peaks, strict=True)
-        ],
-        "memory_kind": stages[0][0].memory_kind,
+        "peak_step_mb": [None if peak is None else peak / 2**20 for peak in peaks],
+        "memory_kind": with_memory[0].memory_kind,
         "_timelines": gathered[-1],
     }
 

@@ -316,3 +316,70 @@ def _summary_lines(name: str, model: dict, summary: dict) -> list[str]:
             f"against the plain step; load average {model['loadavg_start']:.2f} -> {model['loadavg_end']:.2f}"
         )  # fmt: skip
     return lines
+
+
+def markdown(result: dict) -> str:
+    """The README's tables for a run: per model, every 2-stage schedule's speedup with its
+    measured / theoretical bubble (no re-materialization), each side's best, the efficiency over
+    the 1-stage engine, and tokens/s for sequence models."""
+    out = []
+    for name, model in result["models"].items():
+        runs = [r for r in result["runs"] if r["model"] == name and r["stages"] == 2
+                and r["checkpoint"] == "never"]  # fmt: skip
+        micro = sorted({r["micro_batches"] for r in runs})
+        summary = result["summary"].get(name, {})
+        head = (f"**{name}** ({model['description']}; baseline {model['baseline_s'] * 1e3:.0f} ms/step, "
+                f"1 process, 1 thread")  # fmt: skip
+        if model.get("baseline_threads_s"):
+            head += f"; 2 threads {model['baseline_threads_s'] * 1e3:.0f} ms/step"
+        if model.get("two_process_ceiling"):
+            head += f"; two independent processes {model['two_process_ceiling']:.2f}×"
+        out += [head + "). 2 stages: speedup over the baseline (measured / theoretical bubble):", ""]
+        out.append("| schedule | " + " | ".join(f"M={m}" for m in micro) + " |")
+        out.append("|---" * (len(micro) + 1) + "|")
+        for impl in ("giantpipe", "peer"):
+            for lab in dict.fromkeys(r["label"] for r in runs if r["impl"] == impl):
+                cells = []
+                for m in micro:
+                    r = next((r for r in runs if (r["impl"], r["label"], r["micro_batches"]) == (impl, lab, m)), None)
+                    if r is None or not r["step_s"]:
+                        cells.append("–")
+                        continue
+                    cell = f"{r['speedup']:.2f}×"
+                    if r.get("bubble_measured") is not None and r.get("bubble_theoretical") is not None:
+                        cell += f" ({r['bubble_measured']:.0%} / {r['bubble_theoretical']:.0%})"
+                    cells.append(cell)
+                out.append(f"| {impl} {lab} | " + " | ".join(cells) + " |")
+        for impl in ("giantpipe", "peer"):
+            cells = []
+            for m in micro:
+                top = _fastest(runs, impl, 2, m)
+                cells.append(f"**{top['speedup']:.2f}×** ({top['label']})" if top else "–")
+            if any(c != "–" for c in cells):
+                out.append(f"| {impl}'s best | " + " | ".join(cells) + " |")
+        eff = {e["micro_batches"]: e for e in summary.get("efficiency_by_m", [])}
+        out.append("| best over the 1-stage engine at that M | "
+                   + " | ".join(f"{eff[m]['efficiency']:.2f}" if m in eff else "–" for m in micro) + " |")  # fmt: skip
+        out.append("")
+        if "tokens_per_s" in summary:
+            tokens = summary["tokens_per_s"]
+            rows = tokens["by_micro_batches"]
+            out.append(f"{name}, tokens/s (1 process, whole batch: {tokens['single']:,.0f}):")
+            out.append("")
+            out.append("| engine | " + " | ".join(f"M={r['micro_batches']}" for r in rows) + " |")
+            out.append("|---" * (len(rows) + 1) + "|")
+            for n in (1, 2):
+                cells = [f"{r[f'n{n}_tokens_per_s']:,.0f} ({r[f'n{n}_over_single']:.2f}×, {r[f'n{n}_schedule']})"
+                         if r.get(f"n{n}_tokens_per_s") else "–" for r in rows]  # fmt: skip
+                out.append(f"| {n} stage{'s' if n > 1 else ''} | " + " | ".join(cells) + " |")
+            out.append("")
+        out += [line.replace("x ", "× ") for line in _summary_lines(name, model, summary)]
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":  # re-render a run's README tables: python scripts/bench_results.py run.json
+    import json
+    import sys
+
+    print(markdown(json.loads(open(sys.argv[1]).read())))

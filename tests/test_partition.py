@@ -12,14 +12,17 @@ from rich.table import Table
 from torch import nn
 
 from giantpipe.models.contract import LayeredModel
+from giantpipe.strategies import partition
 from giantpipe.strategies.partition import (
     auto_balance,
     balance_by_cost,
+    balance_chunks,
     measure_costs,
     partition_table,
     stage_ranges,
     validate_balance,
 )
+from giantpipe.strategies.schedule_actions import owner
 from pipeline_harness import ToySeq2Seq, make_batches
 
 
@@ -40,6 +43,45 @@ def test_balance_by_cost_is_optimal(costs, data):
     validate_balance(balance, len(costs), num_stages)
     worst = max(sum(costs[i] for i in layers) for layers in stage_ranges(balance))
     assert worst == brute_force_best(costs, num_stages)
+
+
+def rank_loads(costs, balance, num_ranks, placement) -> list[float]:
+    loads = [0.0] * num_ranks
+    for k, layers in enumerate(stage_ranges(balance)):
+        loads[owner(k, num_ranks, placement)[0]] += sum(costs[i] for i in layers)
+    return loads
+
+
+def test_a_v_balances_each_ranks_two_chunks_together():
+    # a giant net by parameters: light embedding and head around six equal blocks. Cut chunk by
+    # chunk ([2, 2, 2, 2]), the V gives rank 0 the embedding, a block, a block and the head
+    # (2.33) and rank 1 four blocks (4); balanced per rank, the busier holds 3.33
+    costs = [0.16, 1, 1, 1, 1, 1, 1, 0.17]
+    assert max(rank_loads(costs, balance_by_cost(costs, 4), 2, "vshape")) == pytest.approx(4.0)
+    balance = balance_chunks(costs, 2, 2, "vshape")
+    assert max(rank_loads(costs, balance, 2, "vshape")) == pytest.approx(3.33)
+    assert balance_chunks(costs, 2, 1) == balance_by_cost(costs, 2)  # V = 1: as before
+
+
+@given(st.lists(st.integers(1, 20), min_size=4, max_size=9), st.sampled_from(["looped", "vshape"]))
+def test_chunk_balance_is_optimal_per_rank(costs, placement):
+    balance = balance_chunks(costs, 2, 2, placement)
+    validate_balance(balance, len(costs), 4)
+    best = min(
+        max(rank_loads(costs, [b - a for a, b in itertools.pairwise((0, *cuts, len(costs)))], 2, placement))
+        for cuts in itertools.combinations(range(1, len(costs)), 3)
+    )  # fmt: skip
+    assert max(rank_loads(costs, balance, 2, placement)) == best
+
+
+def test_chunk_balance_descends_when_there_are_too_many_cuts_to_try(monkeypatch):
+    # 400 layers, light ends: the descent reaches the exhaustive search's balance of the ranks
+    monkeypatch.setattr(partition, "EXHAUSTIVE", 0)
+    costs = [5.0] + [1.0] * 398 + [5.0]
+    balance = balance_chunks(costs, 4, 2, "vshape")
+    validate_balance(balance, 400, 8)
+    loads = rank_loads(costs, balance, 4, "vshape")
+    assert max(loads) - min(loads) <= 1.0 and max(loads) <= sum(costs) / 4 + 1.0
 
 
 @pytest.mark.parametrize(

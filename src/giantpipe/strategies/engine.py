@@ -273,14 +273,19 @@ class PipelineEngine:
         return self._recorder is not NULL_RECORDER
 
     @timeline.setter
-    def timeline(self, on: bool) -> None:
-        if on and not self.timeline:
+    def timeline(self, on: bool | str) -> None:
+        """True: events and peak memory; "time": events only. On CPU the memory probe reads
+        glibc's heap after every action and every gradient, which costs more the more the heap
+        is fragmented (many models in one process): "time" keeps the step's timing true."""
+        if on and self.timeline:
+            self.timeline = False
+        if on:
             self._recorder = TimelineRecorder(
                 self.rank, self.stage, self.replica, self.num_stages, self.micro_batches,
-                self.schedule, self.device, self.virtual_stages,
+                self.schedule, self.device, self.virtual_stages, memory=on != "time",
             )  # fmt: skip
             self._recorder.watch_backward(self.parameters())
-        elif not on and self.timeline:
+        elif self.timeline:
             self._recorder.close()
             self._recorder = NULL_RECORDER
 

@@ -45,7 +45,7 @@ from giantpipe.strategies.partition import (
 from giantpipe.strategies.pipeline_runner import PipelineRunner
 from giantpipe.strategies.rendezvous import join_store
 from giantpipe.strategies.rules import check_stage_count
-from giantpipe.strategies.schedule import owner
+from giantpipe.strategies.schedule import check_schedule, owner
 from giantpipe.strategies.stage_checkpoint import (
     MANIFEST,
     atomic_save,
@@ -79,7 +79,7 @@ class PipelineStrategy(DDPStrategy):
         placement = [list(r) for r in cfg.placement] if cfg.placement else None
         self.topology = Topology(cfg.stages, cfg.replicas, placement)  # validated once, read everywhere
         self.runner: PipelineRunner | None = None
-        self._balances: dict[int, list[int]] = {}  # by virtual_stages
+        self._balances: dict[tuple[int, str], list[int]] = {}  # by (virtual_stages, placement)
         self.saves = 0  # checkpoints this process has saved (fault injection counts them)
 
     # ------------------------------------------------------------------ placement
@@ -109,7 +109,7 @@ class PipelineStrategy(DDPStrategy):
         return PipelineEngine(
             task.model,
             task.loss_fn,
-            self.resolve_balance(task, chunks),
+            self.resolve_balance(task, chunks, check_schedule(schedule, chunks).placement),
             micro_batches=self.cfg.micro_batches,
             topology=self.topology,
             schedule=schedule,
@@ -146,7 +146,7 @@ class PipelineStrategy(DDPStrategy):
 
     def partition(self, task, engine: PipelineEngine):
         """The partition table: one row per virtual stage, with the ranks holding it."""
-        balance = self.resolve_balance(task, engine.virtual_stages)
+        balance = self.resolve_balance(task, engine.virtual_stages, engine.placement)
         holders = [owner(k, self.cfg.stages, engine.placement)[0] for k in range(len(balance))]
         ranks = [self.topology.stage_ranks(s) for s in holders]
         return partition_table(task.model, balance, ranks=ranks)
@@ -156,15 +156,17 @@ class PipelineStrategy(DDPStrategy):
         """Chunks per stage (V); the balance lists stages x V layer counts."""
         return int(self.cfg.get("virtual_stages", 1) or 1)
 
-    def resolve_balance(self, task, chunks: int | None = None) -> list[int]:
-        """The layer counts per virtual stage: given, or chosen automatically. A measured balance
-        (time, memory) is measured on rank 0 and broadcast: each rank timing its own run could
-        pick other cuts, and stages built from different partitions exchange the wrong carries."""
+    def resolve_balance(self, task, chunks: int | None = None, placement: str = "looped") -> list[int]:
+        """The layer counts per virtual stage: given, or chosen automatically (balancing each
+        rank's chunks together, as `placement` puts them). A measured balance (time, memory) is
+        measured on rank 0 and broadcast: each rank timing its own run could pick other cuts,
+        and stages built from different partitions exchange the wrong carries."""
         balance = self.cfg.balance
         num_layers = len(task.model.layers)
         chunks = self.virtual_stages if chunks is None else chunks
-        if chunks in self._balances:  # measured balances are measured once (on every rank together)
-            return self._balances[chunks]
+        key = (chunks, placement)
+        if key in self._balances:  # measured balances are measured once (on every rank together)
+            return self._balances[key]
         parts = self.cfg.stages * chunks
         check_stage_count(parts, num_layers)
         measured = balance in ("time", "memory")
@@ -178,11 +180,12 @@ class PipelineStrategy(DDPStrategy):
                                      precision=str(task.trainer.precision))
         elif isinstance(balance, str):
             sample = next(iter(task.trainer.datamodule.train_dataloader())) if measured else None
-            balance = auto_balance(task.model, parts, by=balance, sample=sample, seed=task.seed)
+            balance = auto_balance(task.model, self.cfg.stages, by=balance, sample=sample,
+                                   chunks=chunks, placement=placement, seed=task.seed)  # fmt: skip
         if measured and self.world_size > 1:
             balance = self.broadcast(balance, src=0)
-        self._balances[chunks] = validate_balance(list(balance), num_layers, parts)
-        return self._balances[chunks]
+        self._balances[key] = validate_balance(list(balance), num_layers, parts)
+        return self._balances[key]
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup_distributed(self) -> None:

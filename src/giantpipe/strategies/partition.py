@@ -11,6 +11,8 @@ materialized one at a time (with the same per-layer seeds as training) and dropp
 
 from __future__ import annotations
 
+import itertools
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -20,6 +22,7 @@ import torch
 from torch import Tensor
 
 from giantpipe.models.contract import Batch, Carry, LayeredModel, materialize
+from giantpipe.strategies.schedule_actions import owner
 from giantpipe.strategies.rules import (
     BALANCE_MODES,
     check_balance_mode,
@@ -27,8 +30,8 @@ from giantpipe.strategies.rules import (
     validate_balance,
 )
 
-__all__ = ["BALANCE_MODES", "validate_balance", "stage_ranges", "balance_by_cost", "min_max_partition",
-           "auto_balance", "measure_costs", "partition_table"]
+__all__ = ["BALANCE_MODES", "validate_balance", "stage_ranges", "balance_by_cost", "balance_chunks",
+           "min_max_partition", "auto_balance", "measure_costs", "partition_table"]
 
 def stage_ranges(balance: Sequence[int]) -> list[range]:
     """The layer indices of each stage."""
@@ -46,6 +49,59 @@ def balance_by_cost(costs: Sequence[float], num_stages: int) -> list[int]:
     for c in costs:
         prefix.append(prefix[-1] + float(c))
     return min_max_partition(len(costs), num_stages, lambda stage, start, stop: prefix[stop] - prefix[start])
+
+
+def balance_chunks(costs: Sequence[float], num_ranks: int, chunks: int = 1, placement: str = "looped") -> list[int]:
+    """The partition of `costs` into `num_ranks` x `chunks` contiguous virtual stages whose
+    busiest *rank* (the sum of the chunks it holds under `placement`, schedule_actions.owner)
+    is least, then whose largest chunk is least. A rank computes its chunks one after another,
+    so the step follows its sum, not the largest chunk: under a V (rank r holds chunks r and
+    2N-1-r) the chunk-wise optimum can leave one rank twice the other's work when the ends of
+    the model are light (embeddings, a small head).
+
+    Exact (every cut) while there are at most `EXHAUSTIVE` partitions; beyond that a descent
+    from the chunk-wise optimum that moves one cut at a time, in steps halving down to one
+    layer, while the objective falls."""
+    parts = num_ranks * chunks
+    start = balance_by_cost(costs, parts)
+    if chunks == 1:
+        return start
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + float(c))
+    holder = [owner(k, num_ranks, placement)[0] for k in range(parts)]
+
+    def objective(cuts: Sequence[int]) -> tuple[float, float]:
+        sums = [prefix[b] - prefix[a] for a, b in zip(cuts, cuts[1:])]
+        per_rank = [0.0] * num_ranks
+        for k, part in enumerate(sums):
+            per_rank[holder[k]] += part
+        return max(per_rank), max(sums)
+
+    n = len(costs)
+    if math.comb(n - 1, parts - 1) <= EXHAUSTIVE:
+        inner = min(itertools.combinations(range(1, n), parts - 1),
+                    key=lambda c: objective((0, *c, n)))  # fmt: skip
+        cuts = [0, *inner, n]
+    else:
+        cuts = [0, *itertools.accumulate(start)]
+        best, step = objective(cuts), max(1, n // (2 * parts))
+        while step:
+            moved = False
+            for k in range(1, parts):
+                for delta in (-step, step):
+                    trial = cuts[k] + delta
+                    if cuts[k - 1] < trial < cuts[k + 1]:
+                        candidate = [*cuts[:k], trial, *cuts[k + 1 :]]
+                        value = objective(candidate)
+                        if value < best:
+                            cuts, best, moved = candidate, value, True
+            if not moved:
+                step //= 2
+    return [b - a for a, b in zip(cuts, cuts[1:])]
+
+
+EXHAUSTIVE = 20_000  # partitions balance_chunks compares one by one
 
 
 def min_max_partition(num_layers: int, num_stages: int, part_cost: Callable[[int, int, int], float]) -> list[int]:
@@ -110,9 +166,13 @@ def auto_balance(
     num_stages: int,
     by: str = "params",
     sample: Batch | None = None,
+    *,
+    chunks: int = 1,
+    placement: str = "looped",
     **measure_kwargs,
 ) -> list[int]:
-    """Balance minimizing the slowest stage, by `params`, measured `time` or `memory`."""
+    """Balance minimizing the busiest stage, by `params`, measured `time` or `memory`: one
+    layer count per virtual stage (`num_stages` x `chunks`, placed as `placement` says)."""
     check_balance_mode(by)
     if by == "params":
         costs = param_costs(model)
@@ -120,7 +180,7 @@ def auto_balance(
         raise ValueError(f"balance by {by} measures the layers on a sample batch: pass sample=")
     else:
         costs = measure_costs(model, sample, by, **measure_kwargs)
-    return balance_by_cost(costs, num_stages)
+    return balance_chunks(costs, num_stages, chunks, placement)
 
 
 def partition_table(

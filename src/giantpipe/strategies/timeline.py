@@ -157,10 +157,12 @@ def cpu_heap_bytes() -> int | None:
 class MemoryProbe:
     """Peak memory of one step on one device: CUDA allocator stats, or the sampled CPU heap."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, enabled: bool = True):
         self.device = device
-        if device.type == "cuda":
-            self.kind: str | None = "cuda_allocator"
+        if not enabled:
+            self.kind: str | None = None
+        elif device.type == "cuda":
+            self.kind = "cuda_allocator"
         else:
             self.kind = "cpu_heap" if _mallinfo2 is not None else None
         self.base: int | None = None
@@ -201,10 +203,11 @@ class TimelineRecorder:
         schedule: str,
         device: torch.device,
         virtual_stages: int = 1,
+        memory: bool = True,
     ):
         self._where = (rank, stage, replica, num_stages, micro_batches, schedule)
         self._chunks = virtual_stages
-        self.memory = MemoryProbe(device)
+        self.memory = MemoryProbe(device, memory)
         self._origin = 0.0
         self._timeline: StepTimeline | None = None
         self._hooks: list = []
