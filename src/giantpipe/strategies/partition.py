@@ -22,13 +22,13 @@ import torch
 from torch import Tensor
 
 from giantpipe.models.contract import Batch, Carry, LayeredModel, materialize
-from giantpipe.strategies.schedule_actions import owner
 from giantpipe.strategies.rules import (
     BALANCE_MODES,
     check_balance_mode,
     check_stage_count,
     validate_balance,
 )
+from giantpipe.strategies.schedule_actions import owner
 
 __all__ = ["BALANCE_MODES", "validate_balance", "stage_ranges", "balance_by_cost", "balance_chunks",
            "min_max_partition", "auto_balance", "measure_costs", "partition_table"]
