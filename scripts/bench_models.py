@@ -117,6 +117,7 @@ class ModelSpec:
     samples: int
     tokens: list[int] | None = None  # target tokens of each batch (sequence models)
     micro_batches: tuple[int, ...] | None = None  # this model's M grid (None: the script's)
+    layer_costs: list[float] | None = None  # per-layer cost for V > 1 balances (None: parameters)
     modes: tuple[str, ...] = MODES  # re-materialization modes measured with 2 stages
 
     @property
@@ -178,7 +179,10 @@ def gnmt_spec(gen: torch.Generator, quick: bool) -> ModelSpec:
     on synthetic sentence pairs: every batch has other longest source and target lengths, and
     `GNMT.split` trims each micro-batch to its own. Balance [5, 4] (the embeddings and the
     encoder | the decoder and the projection) is what `balance_by_cost` gives for per-layer
-    times measured here (forward + backward ms: 0.4 24.0 15.5 10.8 0.2 | 22.7 15.6 15.1 8.3)."""
+    times measured here (forward + backward ms: 0.4 24.0 15.5 10.8 0.2 | 22.7 15.6 15.1 8.3).
+    With V = 2 chunks the balance comes from `GNMT_LAYER_MS` (`measure_costs(..., "time")`,
+    the mean over the first two batches, 2026-12-02): by parameters the embeddings and the
+    projection weigh far more than they cost, and rank 0 got 82 ms of layers against 62."""
     hidden, layers, vocab, batch, max_len = (
         (32, 2, 100, 16, 10) if quick else (128, 3, 1000, 64, 24)
     )
@@ -196,7 +200,11 @@ def gnmt_spec(gen: torch.Generator, quick: bool) -> ModelSpec:
         tokens=[int((b["tgt_out"] != 0).sum()) for b in batches],
         micro_batches=(1, 4) if quick else (1, 2, 4, 8),
         modes=("never", "always"),
+        layer_costs=None if quick else GNMT_LAYER_MS,
     )
+
+
+GNMT_LAYER_MS = [0.3, 30.0, 20.0, 14.5, 0.3, 34.0, 17.5, 17.0, 10.0]  # forward + backward, 1 thread
 
 
 def _sentence_pairs(gen: torch.Generator, batch: int, max_len: int, vocab: int) -> dict:

@@ -1,6 +1,6 @@
 """Pipeline throughput, bubble and memory: giantpipe's engine beside torch.distributed.pipelining.
 
-    python scripts/bench_pipeline.py                      # all models, < 10 min on 2 CPU cores
+    python scripts/bench_pipeline.py                      # all models, about 15 min on 2 CPU cores
     python scripts/bench_pipeline.py --quick              # smoke run, a few minutes
     python scripts/bench_pipeline.py --models mlp --reps 7 --out /tmp/b.json
     python scripts/bench_pipeline.py --models mlp --fused-backward   # the engine unsplit
@@ -30,8 +30,8 @@ For each model: N=1 (one process; M micro-batches = gradient accumulation, the g
 with one stage 1f1b runs the same operations) and N=2 stages, M in {1, 2, 4, 8, 16}, schedules
 gpipe and 1f1b with re-materialization never, except_last and always, and the zero-bubble and
 interleaved ones without (interleaved_1f1b V=2, zb_h1 V=1 and 2, zb_h2, zbv V=2; with V=2 the
-N·V chunks balanced by parameter count per rank, as the schedule places them: what
-`strategy.balance=params` gives). For fixed-shape models the same stages also run under
+N·V chunks balanced per rank, as the schedule places them, by parameter count (what
+`strategy.balance=params` gives) or, for GNMT, by its measured layer times). For fixed-shape models the same stages also run under
 `torch.distributed.pipelining`: `ScheduleGPipe`, `Schedule1F1B`, `ScheduleInterleaved1F1B`
 (looped, V=2), `ScheduleInterleavedZeroBubble` (looped, V=2), `ScheduleZBVZeroBubble` and
 `ScheduleDualPipeV` (V-shaped); a configuration the peer refuses keeps its error in the JSON.
@@ -187,12 +187,13 @@ def configs_for(spec: ModelSpec, stages: int, micro: tuple[int, ...], quick: boo
 
 
 def balance_for(spec: ModelSpec, model: LayeredModel, cfg: Config) -> list[int]:
-    """The spec's 2-stage balance, or, for V chunks per rank, the one `strategy.balance=params`
-    gives: each rank's chunks together by parameter count, as the schedule places them."""
+    """The spec's 2-stage balance, or, for V chunks per rank, each rank's chunks together as
+    the schedule places them (`strategy.balance=params`; GNMT: its measured layer times)."""
     if cfg.virtual_stages == 1:
         return spec.balance
     placement = "vshape" if cfg.schedule in V_SHAPED else "looped"
-    return balance_chunks(param_costs(model), cfg.stages, cfg.virtual_stages, placement)
+    costs = spec.layer_costs or param_costs(model)
+    return balance_chunks(costs, cfg.stages, cfg.virtual_stages, placement)
 
 
 def peer_stage_indices(schedule: str, rank: int, stages: int, chunks: int) -> list[int]:
