@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 RUN_FIELDS = {
@@ -32,8 +34,8 @@ def test_quick_benchmark_writes_valid_json(tmp_path):
     assert set(result["models"]) == {"mlp", "giant", "seq", "gnmt"}
     for model in result["models"].values():
         assert model["baseline_s"] > 0 and model["params"] > 0
-        # two independent processes: more than one process, at most about two
-        assert 1.0 < model["two_process_ceiling"] < 2.5
+        # both ranks ran the plain step at once: the bound of any 2-process configuration
+        assert model["baseline_pair_s"] > 0 and model["two_process_ceiling"] > 0
     runs = result["runs"]
     for run in runs:
         assert RUN_FIELDS <= set(run), RUN_FIELDS - set(run)
@@ -55,7 +57,13 @@ def test_quick_benchmark_writes_valid_json(tmp_path):
         assert [b["micro_batches"] for b in best] == [1, 4] and all(b["peer_s"] > 0 for b in best)
     efficiency = result["summary"]["mlp"]["efficiency_by_m"]
     assert [e["micro_batches"] for e in efficiency] == [1, 4]
-    assert all(0.5 < e["efficiency"] < 3.0 for e in efficiency)
+    for e in efficiency:  # the fastest 2-stage step against the 1-stage engine's, same M
+        same_m = [r for r in runs if r["model"] == "mlp" and r["impl"] == "giantpipe"
+                  and r["micro_batches"] == e["micro_batches"] and r["checkpoint"] == "never"]  # fmt: skip
+        one = next(r["step_s"] for r in same_m if r["stages"] == 1)
+        two = min(r["step_s"] for r in same_m if r["stages"] == 2 and r["step_s"])
+        assert e["efficiency"] == pytest.approx(one / two)
+    assert "two independent 1-thread processes reach" in proc.stdout
     for name in ("mlp", "gnmt"):
         assert "k1_engine_overhead" in result["summary"][name]
         assert result["summary"][name]["best_n2_speedup_vs_threads"]["speedup_vs_threads"] > 0
