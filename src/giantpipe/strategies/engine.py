@@ -277,17 +277,15 @@ class PipelineEngine:
         """True: events and peak memory; "time": events only. On CPU the memory probe reads
         glibc's heap after every action and every gradient, which costs more the more the heap
         is fragmented (many models in one process): "time" keeps the step's timing true."""
-        if on and self.timeline:
-            self.timeline = False
+        if self.timeline:
+            self._recorder.close()
+            self._recorder = NULL_RECORDER
         if on:
             self._recorder = TimelineRecorder(
                 self.rank, self.stage, self.replica, self.num_stages, self.micro_batches,
                 self.schedule, self.device, self.virtual_stages, memory=on != "time",
             )  # fmt: skip
             self._recorder.watch_backward(self.parameters())
-        elif self.timeline:
-            self._recorder.close()
-            self._recorder = NULL_RECORDER
 
     # -- the local composite layer ------------------------------------------------------------
 

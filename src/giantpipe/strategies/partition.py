@@ -51,6 +51,9 @@ def balance_by_cost(costs: Sequence[float], num_stages: int) -> list[int]:
     return min_max_partition(len(costs), num_stages, lambda stage, start, stop: prefix[stop] - prefix[start])
 
 
+EXHAUSTIVE = 20_000  # partitions balance_chunks compares one by one
+
+
 def balance_chunks(costs: Sequence[float], num_ranks: int, chunks: int = 1, placement: str = "looped") -> list[int]:
     """The partition of `costs` into `num_ranks` x `chunks` contiguous virtual stages whose
     busiest *rank* (the sum of the chunks it holds under `placement`, schedule_actions.owner)
@@ -99,9 +102,6 @@ def balance_chunks(costs: Sequence[float], num_ranks: int, chunks: int = 1, plac
             if not moved:
                 step //= 2
     return [b - a for a, b in zip(cuts, cuts[1:])]
-
-
-EXHAUSTIVE = 20_000  # partitions balance_chunks compares one by one
 
 
 def min_max_partition(num_layers: int, num_stages: int, part_cost: Callable[[int, int, int], float]) -> list[int]:
