@@ -31,12 +31,13 @@ with one stage 1f1b runs the same operations) and N=2 stages, M in {1, 2, 4, 8, 
 gpipe and 1f1b with re-materialization never, except_last and always, and the zero-bubble and
 interleaved ones without (interleaved_1f1b V=2, zb_h1 V=1 and 2, zb_h2, zbv V=2; with V=2 the
 N·V chunks balanced per rank, as the schedule places them, by parameter count (what
-`strategy.balance=params` gives) or, for GNMT, by its measured layer times). For fixed-shape models the same stages also run under
-`torch.distributed.pipelining`: `ScheduleGPipe`, `Schedule1F1B`, `ScheduleInterleaved1F1B`
-(looped, V=2), `ScheduleInterleavedZeroBubble` (looped, V=2), `ScheduleZBVZeroBubble` and
-`ScheduleDualPipeV` (V-shaped); a configuration the peer refuses keeps its error in the JSON.
-After the timed rounds each giantpipe configuration runs three steps with its timeline on:
-measured bubble, per-stage compute / communication time and peak memory.
+`strategy.balance=params` gives) or, for GNMT, by its measured layer times). For fixed-shape
+models the same stages also run under `torch.distributed.pipelining`: `ScheduleGPipe`,
+`Schedule1F1B`, `ScheduleInterleaved1F1B` (looped, V=2), `ScheduleInterleavedZeroBubble`
+(looped, V=2), `ScheduleZBVZeroBubble` and `ScheduleDualPipeV` (V-shaped); a configuration the
+peer refuses keeps its error in the JSON. After the timed rounds each giantpipe configuration
+runs three steps with its timeline on (measured bubble, per-stage compute / communication
+time), then one with the memory probe (peak memory).
 
 JSON (`--out`, default bench_pipeline.json):
   meta     torch version, device, backend, cpu_count, threads_per_process (1), reps, quick,

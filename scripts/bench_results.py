@@ -171,10 +171,8 @@ def tokens_summary(runs: list[dict]) -> dict:
     for m in sorted({r["micro_batches"] for r in runs}):
         row: dict = {"micro_batches": m}
         for n in (1, 2):
-            cands = [r for r in runs if r["impl"] == "giantpipe" and r["stages"] == n
-                     and r["micro_batches"] == m and r["checkpoint"] == "never"]  # fmt: skip
-            if cands:
-                top = max(cands, key=lambda r: r["tokens_per_s"])
+            top = _fastest(runs, "giantpipe", n, m)
+            if top:
                 row[f"n{n}_tokens_per_s"] = top["tokens_per_s"]
                 row[f"n{n}_schedule"] = top["label"]
                 row[f"n{n}_over_single"] = top["speedup"]
@@ -373,7 +371,7 @@ def markdown(result: dict) -> str:
                          if r.get(f"n{n}_tokens_per_s") else "–" for r in rows]  # fmt: skip
                 out.append(f"| {n} stage{'s' if n > 1 else ''} | " + " | ".join(cells) + " |")
             out.append("")
-        out += [line.replace("x ", "× ") for line in _summary_lines(name, model, summary)]
+        out += _summary_lines(name, model, summary)
         out.append("")
     return "\n".join(out)
 

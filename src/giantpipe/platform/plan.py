@@ -11,8 +11,9 @@ The per-process fixed cost is measured here: this process's own resident memory 
 training stack is imported and the data loaded, plus what a training process adds on top
 (TRAINER_EXTRA_MB; a pipeline stage's worker, forked from a preloaded server,
 STAGE_WORKER_EXTRA_MB). The predicted peak of each stage is what `VmHWM` of that stage's process
-will show; scripts/bench_capacity.py checks it against the measurement. On CUDA (`--device cuda`, the default where the run would train on
-a GPU) it is what `torch.cuda.max_memory_allocated` will show: tensors only.
+will show; scripts/bench_capacity.py checks it against the measurement. On CUDA (`--device
+cuda`, the default where the run would train on a GPU) it is what
+`torch.cuda.max_memory_allocated` will show: tensors only.
 """
 
 from __future__ import annotations

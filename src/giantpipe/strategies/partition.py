@@ -45,10 +45,13 @@ def stage_ranges(balance: Sequence[int]) -> list[range]:
 def balance_by_cost(costs: Sequence[float], num_stages: int) -> list[int]:
     """The contiguous partition of `costs` into `num_stages` non-empty parts with the smallest
     maximum part sum (the linear-partition problem)."""
-    prefix = [0.0]
-    for c in costs:
-        prefix.append(prefix[-1] + float(c))
+    prefix = _prefix_sums(costs)
     return min_max_partition(len(costs), num_stages, lambda stage, start, stop: prefix[stop] - prefix[start])
+
+
+def _prefix_sums(costs: Sequence[float]) -> list[float]:
+    """prefix[j] = the cost of layers 0..j-1, so layers a..b-1 cost prefix[b] - prefix[a]."""
+    return list(itertools.accumulate((float(c) for c in costs), initial=0.0))
 
 
 EXHAUSTIVE = 20_000  # partitions balance_chunks compares one by one
@@ -65,13 +68,11 @@ def balance_chunks(costs: Sequence[float], num_ranks: int, chunks: int = 1, plac
     Exact (every cut) while there are at most `EXHAUSTIVE` partitions; beyond that a descent
     from the chunk-wise optimum that moves one cut at a time, in steps halving down to one
     layer, while the objective falls."""
-    parts = num_ranks * chunks
-    start = balance_by_cost(costs, parts)
     if chunks == 1:
-        return start
-    prefix = [0.0]
-    for c in costs:
-        prefix.append(prefix[-1] + float(c))
+        return balance_by_cost(costs, num_ranks)
+    n, parts = len(costs), num_ranks * chunks
+    check_stage_count(parts, n)
+    prefix = _prefix_sums(costs)
     holder = [owner(k, num_ranks, placement)[0] for k in range(parts)]
 
     def objective(cuts: Sequence[int]) -> tuple[float, float]:
@@ -81,13 +82,12 @@ def balance_chunks(costs: Sequence[float], num_ranks: int, chunks: int = 1, plac
             per_rank[holder[k]] += part
         return max(per_rank), max(sums)
 
-    n = len(costs)
     if math.comb(n - 1, parts - 1) <= EXHAUSTIVE:
         inner = min(itertools.combinations(range(1, n), parts - 1),
                     key=lambda c: objective((0, *c, n)))  # fmt: skip
         cuts = [0, *inner, n]
     else:
-        cuts = [0, *itertools.accumulate(start)]
+        cuts = [0, *itertools.accumulate(balance_by_cost(costs, parts))]  # the chunk-wise optimum
         best, step = objective(cuts), max(1, n // (2 * parts))
         while step:
             moved = False
