@@ -29,9 +29,9 @@ Models (`--models`, all by default; definitions in bench_models.py):
 For each model: N=1 (one process; M micro-batches = gradient accumulation, the gpipe order:
 with one stage 1f1b runs the same operations) and N=2 stages, M in {1, 2, 4, 8, 16}, schedules
 gpipe and 1f1b with re-materialization never, except_last and always, and the zero-bubble and
-interleaved ones without (interleaved_1f1b V=2, zb_h1 V=1 and 2, zb_h2, zbv V=2; with V=2 the
-N·V chunks balanced per rank, as the schedule places them, by parameter count (what
-`strategy.balance=params` gives) or, for GNMT, by its measured layer times). For fixed-shape
+interleaved ones without (interleaved_1f1b V=2, zb_h1 V=1 and 2, zb_h2, zbv and dualpipev V=2;
+with V=2 the N·V chunks balanced per rank, as the schedule places them, by parameter count
+(what `strategy.balance=params` gives) or, for GNMT, by its measured layer times). For fixed-shape
 models the same stages also run under `torch.distributed.pipelining`: `ScheduleGPipe`,
 `Schedule1F1B`, `ScheduleInterleaved1F1B` (looped, V=2), `ScheduleInterleavedZeroBubble`
 (looped, V=2), `ScheduleZBVZeroBubble` and `ScheduleDualPipeV` (V-shaped); a configuration the
@@ -68,7 +68,7 @@ JSON (`--out`, default bench_pipeline.json):
            baseline_cpu_s: the work the configuration adds, robust to a busy host),
            bubble_measured (idle / total stage-time in the instrumented step; see
            strategies/timeline.py), bubble_theoretical (the schedule's clock simulation,
-           schedule.bubble: (N-1)/(M+N-1) for gpipe and 1f1b; null for the peer's dualpipev),
+           schedule.bubble: (N-1)/(M+N-1) for gpipe and 1f1b),
            schedule_model_s ((M-1)*max_s(c_s/M) + sum_s(c_s/M) for the instrumented step's
            per-stage compute c_s: the step a schedule of whole, fused backward boxes allows
            with zero engine overhead), schedule_efficiency (schedule_model_s / the
@@ -164,8 +164,10 @@ class Config:
 
 
 # the zero-bubble and interleaved schedules, without re-materialization: (name, V)
-NEW_SCHEDULES = (("interleaved_1f1b", 2), ("zb_h1", 1), ("zb_h1", 2), ("zb_h2", 1), ("zbv", 2))
-# the peer's schedule for each (name, V) it has; dualpipev is the peer's alone
+NEW_SCHEDULES = (
+    ("interleaved_1f1b", 2), ("zb_h1", 1), ("zb_h1", 2), ("zb_h2", 1), ("zbv", 2), ("dualpipev", 2),
+)  # fmt: skip
+# the peer's schedule for each (name, V) it has
 PEER_SCHEDULES = {
     ("gpipe", 1): "ScheduleGPipe", ("1f1b", 1): "Schedule1F1B",
     ("interleaved_1f1b", 2): "ScheduleInterleaved1F1B",

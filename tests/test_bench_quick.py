@@ -79,7 +79,7 @@ def test_quick_benchmark_writes_valid_json(tmp_path):
     assert list((tmp_path / "pictures").glob("timeline_mlp_N2_zbv_V2_M4.png"))
     # the new schedules beside the peer's: run, or the peer's error recorded
     labels = {r["label"] for r in ours}
-    assert {"interleaved_1f1b/V2", "zb_h1", "zb_h1/V2", "zb_h2", "zbv/V2"} <= labels
+    assert {"interleaved_1f1b/V2", "zb_h1", "zb_h1/V2", "zb_h2", "zbv/V2", "dualpipev/V2"} <= labels
     assert all(r["error"] is None for r in ours if r["micro_batches"] == 4)
     peer_labels = {r["label"] for r in peers}
     assert {"interleaved_1f1b/V2", "zb_h1/V2", "zbv/V2", "dualpipev/V2"} <= peer_labels

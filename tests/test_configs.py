@@ -99,6 +99,8 @@ PIPE2 = ["strategy=pipeline", "trainer.devices=2"]
         ([*PIPE2, "strategy.micro_batches=64"], ["micro_batches=64 is larger"]),
         ([*PIPE2, "strategy.schedule=zigzag"], ["strategy.schedule", "expected one of [gpipe, 1f1b", "zb_h1", "auto"]),
         ([*PIPE2, "strategy.schedule=zbv"], ["not defined for virtual_stages=1", "V in [2]"]),
+        ([*PIPE2, "strategy.schedule=dualpipev", "strategy.virtual_stages=2", "strategy.micro_batches=3"],
+         ["dualpipev needs micro_batches >= 2 x the 2 stages", "raise strategy.micro_batches to 4"]),
         ([*PIPE2, "strategy.virtual_stages=4"], ["strategy.virtual_stages=4", "cannot split 6 layers into 8 stages"]),
         ([*PIPE2, "strategy.schedule=auto", "strategy.memory_budget_mb=0"], ["memory_budget_mb=0"]),
         ([*PIPE2, "strategy.checkpoint=sometimes"], ["strategy.checkpoint", "always, except_last, never"]),

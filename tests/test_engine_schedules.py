@@ -17,7 +17,7 @@ from pipeline_harness import assert_transparent, close, config, reference, run_c
 
 LAYERS = 10  # the toy's
 MODES = ("never", "always", "except_last")
-NEW_SCHEDULES = ("interleaved_1f1b", "zb_h1", "zb_h2", "zbv")
+NEW_SCHEDULES = ("interleaved_1f1b", "zb_h1", "zb_h2", "zbv", "dualpipev")
 
 
 def even(parts: int) -> list[int]:
@@ -29,6 +29,8 @@ def defined(name: str, chunks: int, stages: int, micro_batches: int) -> bool:
         check_schedule(name, chunks)
     except ValueError:
         return False
+    if name == "dualpipev":
+        return micro_batches >= 2 * stages
     return not (name == "interleaved_1f1b" and chunks > 1 and micro_batches % stages)
 
 

@@ -142,11 +142,11 @@ def test_bf16_mixed_precision_pipeline_follows_one_device(tmp_path):
 
 
 def test_every_new_schedule_logs_the_same_losses_as_one_device(tmp_path, single_run):
-    """One sweep over interleaved_1f1b, zb_h1, zb_h2 and zbv with V=2 chunks per stage (4
+    """One sweep over interleaved_1f1b, zb_h1, zb_h2, zbv and dualpipev with V=2 chunks per stage (4
     virtual stages of the 4 layers), global-norm clipping active: each job writes its summary
     and its every logged loss equals one device's."""
     sweep = tmp_path / "sweep"
-    schedules = ["interleaved_1f1b", "zb_h1", "zb_h2", "zbv"]
+    schedules = ["interleaved_1f1b", "zb_h1", "zb_h2", "zbv", "dualpipev"]
     run_train(["-m", f"strategy.schedule={','.join(schedules)}", "strategy.virtual_stages=2", *TINY, *PIPE2,
                "model.dropout=0", "strategy.micro_batches=4", "trainer.max_steps=20", "logger=csv",
                "callbacks=none", "trainer.gradient_clip_val=0.05", f"hydra.sweep.dir={sweep}"], tmp_path, timeout=900)

@@ -90,6 +90,7 @@ def test_pictures_in_the_source_match_the_schedules():
         (make_schedule("zb_h1", 3, 4), "looped"),
         (make_schedule("zb_h2", 3, 4), "looped"),
         (make_schedule("zbv", 2, 4, 2), "vshape"),
+        (make_schedule("dualpipev", 2, 4, 2), "vshape"),
     ]
     for schedule, placement in pictures:
         drawn = render(schedule, placement).splitlines()
@@ -106,6 +107,7 @@ CHUNKED = [
     for n in range(1, 6)
     for m in range(1, 10)
     if not (name == "interleaved_1f1b" and v > 1 and m % n)
+    and not (name == "dualpipev" and m < 2 * n)
 ]
 
 
@@ -136,6 +138,9 @@ def test_zero_bubble_schedules_shrink_the_bubble_at_bounded_memory(num_stages, m
     assert max(sched.peak_in_flight(h1)) == max(sched.peak_in_flight(one_f_one_b(n, m)))
     assert max(sched.peak_in_flight(h2)) <= 2 * n
     assert max(sched.peak_in_flight(zbv)) <= 2 * n  # chunks of half a stage: 1F1B's memory
+    dualpipev = make_schedule("dualpipev", n, m, 2)
+    assert sched.bubble(dualpipev, "vshape") <= sched.bubble(zbv, "vshape")
+    assert max(sched.peak_in_flight(dualpipev)) == 2 * n + 1  # one chunk more than zbv
     if m % n == 0:
         interleaved = make_schedule("interleaved_1f1b", n, m, 2)
         assert sched.bubble(interleaved) < one_f
@@ -171,6 +176,7 @@ def test_placements_are_inverse_and_v_shape_turns_on_the_last_rank():
         ("gpipe", 2, 4, "not defined for virtual_stages=2"),
         ("interleaved_1f1b", 2, 3, "multiple of the 2 stages"),
         ("zb_h1", 0, 4, "not defined for virtual_stages=0"),
+        ("dualpipev", 2, 3, r"micro_batches >= 2 x the 2 stages.*raise strategy.micro_batches to 4"),
     ],
 )
 def test_schedules_outside_their_definition_are_refused(name, chunks, micro_batches, message):
@@ -199,3 +205,23 @@ def test_schedules_import_without_torch():
     code = ("import sys, giantpipe.strategies.schedule, giantpipe.strategies.schedule_auto; "
             "sys.exit('torch' in sys.modules)")  # fmt: skip
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+@pytest.mark.parametrize("num_stages", [1, 2, 3, 4])
+def test_dualpipev_runs_the_peers_order(num_stages):
+    """The same actions, in the same order, as torch's ScheduleDualPipeV (after
+    deepseek-ai/DualPipe): its overlapped F+B pairs are our F then BW."""
+    peer = pytest.importorskip("torch.distributed.pipelining.schedules")
+    if not hasattr(peer, "ScheduleDualPipeV"):
+        pytest.skip("this torch has no ScheduleDualPipeV")
+    kinds = {"FORWARD": Phase.FORWARD, "FULL_BACKWARD": Phase.BACKWARD,
+             "BACKWARD_INPUT": Phase.INPUT, "BACKWARD_WEIGHT": Phase.WEIGHT}  # fmt: skip
+    for m in (2 * num_stages, 2 * num_stages + 1, 4 * num_stages):
+        shape = type("Shape", (), {"pp_group_size": num_stages, "_n_microbatches": m})()
+        for rank in range(num_stages):
+            theirs = []
+            for a in peer.ScheduleDualPipeV._calculate_single_rank_operations(shape, rank):
+                for sub in a.sub_actions or (a,):
+                    chunk = 0 if sub.stage_index == rank else 1
+                    theirs.append(Action(kinds[sub.computation_type.name], sub.microbatch_index, chunk))
+            assert make_schedule("dualpipev", num_stages, m, 2)[rank] == theirs, (rank, m)

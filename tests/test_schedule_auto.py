@@ -22,7 +22,7 @@ def test_with_equal_f_b_w_the_prediction_is_the_clock_picture():
 
 def test_auto_picks_a_zero_bubble_schedule_and_says_why():
     best, predictions = choose(EQUAL, 8)
-    assert best.schedule in ("zb_h1", "zb_h2", "zbv") and best.bubble < 0.05
+    assert best.schedule in ("zb_h1", "zb_h2", "zbv", "dualpipev") and best.bubble < 0.05
     assert best.step_s == min(p.step_s for p in predictions if p.step_s is not None)
     text = explain(best, predictions)
     assert f"chose {best.label}" in text and "1f1b" in text and "chosen" in text
@@ -47,6 +47,8 @@ def test_a_fused_weight_time_makes_splitting_worthless():
 
 
 def test_undefined_candidates_are_listed_with_the_reason():
-    _, predictions = choose(EQUAL, 3)  # interleaved needs M a multiple of N
+    _, predictions = choose(EQUAL, 3)  # interleaved needs M a multiple of N, dualpipev M >= 2N
     (interleaved,) = [p for p in predictions if p.schedule == "interleaved_1f1b"]
     assert "multiple of the 2 stages" in interleaved.excluded
+    (dualpipev,) = [p for p in predictions if p.schedule == "dualpipev"]
+    assert "micro_batches >= 2 x the 2 stages" in dualpipev.excluded

@@ -277,15 +277,14 @@ class PipelineStrategyConfig:
     replicas: int = 1  # data-parallel copies of the whole pipeline; stages x replicas = devices
     micro_batches: int = 4  # each replica's batch is cut into this many, run through the schedule
     schedule: ScheduleName = ScheduleName.gpipe  # order of work on each stage; auto: profiled choice
-    virtual_stages: int = 1  # chunks per stage (V): interleaved_1f1b, zb_h1/zb_h2 any V, zbv V=2
-    memory_budget_mb: float | None = None  # auto: skip schedules predicted to hold more activations per stage
+    virtual_stages: int = 1  # chunks per stage (V): interleaved_1f1b, zb_h1/zb_h2 any V, zbv/dualpipev V=2
     checkpoint: CheckpointMode = CheckpointMode.except_last  # re-materialization: which micro-batches recompute
     balance: Any = "params"  # layer counts per stage ([3, 3]), or automatic: params | time | memory
     placement: Any = None  # ranks of each stage's replicas ([[0, 2], [1, 3]]); default pipeline-major
     timeout_s: float = 300.0  # a stage silent this long is reported as dead
     deferred_batch_norm: bool = False  # BatchNorm running statistics of the whole mini-batch
     timeline: bool = False  # record per-stage timings: metrics every step, timeline.png + trace at the end
-    memory_budget_mb: float | None = None  # MiB per process: over it by giantpipe-plan stops before training; a stage over it at run time fails, named
+    memory_budget_mb: float | None = None  # MiB per process: over it by giantpipe-plan stops before training; a stage over it at run time fails, named; auto skips schedules predicted to hold more activations
 
 
 # ---------------------------------------------------------------- trainer / optimizer

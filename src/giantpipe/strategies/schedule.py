@@ -13,6 +13,7 @@ accepts and the V each is defined for.
     zb_h1             zero bubble at 1F1B's memory: B first, W fills the bubble    V >= 1
     zb_h2             zero bubble at about twice 1F1B's memory                     V >= 1
     zbv               zero bubble, two chunks per rank in a V                      V = 2
+    dualpipev         DeepSeek's DualPipeV: the V, each forward beside a backward  V = 2
 
 Every schedule computes exactly the same gradients; they differ in the order of work. Pure
 Python (no torch), so configs can validate names and V without importing torch.
@@ -133,6 +134,62 @@ def interleaved_stage(rank: int, num_ranks: int, micro_batches: int, chunks: int
     return actions + [Action(Phase.BACKWARD, i, c) for i, c in backwards[done:]]
 
 
+# DualPipeV (DeepSeek-V3's DualPipe cut to a V; torch's ScheduleDualPipeV), 2 ranks x 4
+# micro-batches, rank r holds virtual stages r and 2N-1-r (primed: chunk 1;
+# `render(make_schedule("dualpipev", 2, 4, 2), "vshape")`):
+#
+#   clock       0    1    2    3    4    5    6    7    8    9   10   11   12   13   14   15   16   17   18   19   20   21   22   23   24
+#   stage 0    F0   F1   F2  F0'  B0'  W0'  F1'   F3 BW1'    -  F2'  BW0    - BW2'    -  F3'       BW1    - BW3'    -   B2   W2   B3   W3
+#   stage 1         F0  F0'   F1  F1'   F2 BW0'    -  F2'  BW0    -   F3 BW1'    -  F3'  BW1    - BW2'    -  BW2    -  B3'   B3  W3'   W3
+#
+# Eight phases per rank, after deepseek-ai/DualPipe's dualpipev.py: chunk-0 warm-up forwards,
+# forwards of both chunks, zero-bubble B/W while chunk 1 fills, then the main loop, where each
+# forward of one chunk is paired with a fused backward of the other (on a GPU the pair's
+# communication hides under its compute; here they run one after the other), and the drain,
+# whose second half splits B from W so that the Ws fill the end. It needs M >= 2N micro-batches
+# and holds 2N + 1 (micro-batch, chunk)s of half a stage at its peak, one more than zbv.
+def dualpipev_stage(rank: int, num_ranks: int, micro_batches: int) -> StageActions:
+    """DualPipeV's actions for one rank (chunk 0: virtual stage r, chunk 1: 2N-1-r)."""
+    n, m = num_ranks, micro_batches
+    F, BW, B = Phase.FORWARD, Phase.BACKWARD, Phase.INPUT
+    W = (Phase.WEIGHT, None)  # the oldest deferred W, if any
+    taken: dict[tuple[bool, int], int] = {}  # (forward?, chunk) -> micro-batches taken
+    deferred: list[tuple[int, int]] = []  # (micro-batch, chunk)s whose W is still to run
+    actions: StageActions = []
+
+    def run(*steps: tuple[Phase, int | None]) -> None:
+        for phase, chunk in steps:
+            if phase is Phase.WEIGHT:
+                actions.extend([Action(phase, *deferred.pop(0))] if deferred else [])
+                continue
+            i = taken.get((phase is F, chunk), 0)
+            taken[(phase is F, chunk)] = i + 1
+            actions.append(Action(phase, i, chunk))
+            if phase is B:
+                deferred.append((i, chunk))
+
+    for _ in range(2 * (n - rank - 1)):  # 1: chunk 0 fills
+        run((F, 0))
+    for _ in range(rank + 1):  # 2: both chunks
+        run((F, 0), (F, 1))
+    for _ in range(n - rank - 1):  # 3: chunk 1's first backwards, each W at once
+        run((B, 1), W, (F, 1))
+    for _ in range(m - 2 * n + rank + 1):  # 4: each forward beside the other chunk's backward
+        run((F, 0), (BW, 1), (F, 1), (BW, 0))
+    for _ in range(n - rank - 1):  # 5: chunk 0's forwards are done
+        run((BW, 1), (F, 1), (BW, 0))
+    split = False  # 6: the drain; from its middle on, B now and W later
+    for i in range(rank + 1):
+        split = split or (i == (rank + 1) // 2 and rank % 2 == 1)
+        run((B if split else BW, 1))
+        split = split or (i == (rank + 1) // 2 and rank % 2 == 0)
+        run((B if split else BW, 0))
+    for _ in range(n - rank - 1):  # 7: the Ws fill the wait for chunk 0's last gradients
+        run(W, (B if split else BW, 0))
+    run(*[W] * len(deferred))  # 8: the rest of the Ws
+    return actions
+
+
 @dataclass(frozen=True)
 class ScheduleSpec:
     """A schedule's name, how its chunks are placed and which V it is defined for."""
@@ -152,6 +209,7 @@ SCHEDULES: dict[str, ScheduleSpec] = {
         ScheduleSpec("zb_h1", "looped", None, "zero bubble at 1F1B's memory: B first, W fills"),
         ScheduleSpec("zb_h2", "looped", None, "zero bubble at about twice 1F1B's memory"),
         ScheduleSpec("zbv", "vshape", (2,), "zero bubble, two chunks per rank in a V"),
+        ScheduleSpec("dualpipev", "vshape", (2,), "DeepSeek's DualPipeV: F beside B in a V"),
     )
 }
 SCHEDULE_NAMES = tuple(SCHEDULES)  # what strategy.schedule accepts (besides "auto")
@@ -187,6 +245,14 @@ def make_schedule(name: str, num_stages: int, micro_batches: int, chunks: int = 
                 f"multiple of the {num_stages} stages (got {micro_batches})"
             )
         return [interleaved_stage(r, num_stages, micro_batches, chunks) for r in range(num_stages)]
+    if name == "dualpipev":
+        if micro_batches < 2 * num_stages:
+            raise ValueError(
+                f"dualpipev needs micro_batches >= 2 x the {num_stages} stages (its warm-up fills "
+                f"both chunks of every stage); got {micro_batches}: raise strategy.micro_batches "
+                f"to {2 * num_stages} or choose zbv"
+            )
+        return [dualpipev_stage(r, num_stages, micro_batches) for r in range(num_stages)]
     return list_schedule(POLICIES[name], num_stages, micro_batches, chunks)
 
 
@@ -203,5 +269,3 @@ def gpipe(num_stages: int, micro_batches: int) -> Schedule:
 
 def one_f_one_b(num_stages: int, micro_batches: int) -> Schedule:
     return make_schedule("1f1b", num_stages, micro_batches)
-
-

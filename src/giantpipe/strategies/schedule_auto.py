@@ -31,7 +31,7 @@ from giantpipe.strategies.schedule import (
 PROFILE_SCHEDULE = "zb_h1"  # splits every backward: F, B and W are timed apart
 CANDIDATES = (
     ("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2), ("zb_h1", 1), ("zb_h1", 2),
-    ("zb_h2", 1), ("zbv", 2),
+    ("zb_h2", 1), ("zbv", 2), ("dualpipev", 2),
 )  # fmt: skip
 
 
