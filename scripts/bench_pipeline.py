@@ -87,8 +87,9 @@ JSON (`--out`, default bench_pipeline.json):
            micro_batches, giantpipe_s, peer_s, peer_over_giantpipe}] and
            beats_peer_everywhere (same schedule), best_vs_peer_best [{micro_batches,
            giantpipe, giantpipe_s, peer, peer_s, peer_over_giantpipe}] (each side's fastest
-           schedule at that M); efficiency_by_m [{micro_batches, schedule, efficiency}] (the
-           fastest N=2 step against the 1-stage engine's at the same M) and
+           schedule at that M); efficiency_by_m [{micro_batches, schedule, efficiency,
+           step_ratio}] (the fastest N=2 configuration's speedup over the 1-stage engine's at
+           the same M, each over its own baseline rounds; step_ratio: their steps' ratio) and
            efficiency_target_met (>= 1.80 at M 4, 8, 16); for mlp and giant also
            target_best_n2_speedup (1.75 / 1.70), target_met and best_n2_speedup_of_fastest;
            for models with tokens
