@@ -55,11 +55,13 @@ DEFERRED_BN = [
     {**config(even(4), 4, "zbv", "always", virtual_stages=2, batchnorm=True), "deferred_batch_norm": True},
     {**config(even(4), 4, "interleaved_1f1b", "except_last", virtual_stages=2, batchnorm=True),
      "deferred_batch_norm": True},
+    {**config(even(4), 4, "dualpipev", "never", virtual_stages=2, batchnorm=True), "deferred_batch_norm": True},
 ]
 # replicas of V-shaped and looped chunks (world 4: 2 stages x 2 replicas)
 DP = [
     config(even(4), 4, "zbv", "never", replicas=2, virtual_stages=2),
     config(even(4), 2, "zb_h1", "always", replicas=2, virtual_stages=2),
+    config(even(4), 4, "dualpipev", "except_last", replicas=2, virtual_stages=2),
 ]
 
 

@@ -132,6 +132,8 @@ CONFIGS = [  # the listener alone on stage 0; the attention on stage 0 with its 
      "checkpoint": "except_last", "virtual_stages": 2},
     {"loss": "mwer", "balance": [2, 1, 2, 1], "micro_batches": 2, "schedule": "zbv",
      "checkpoint": "never", "virtual_stages": 2},  # N-best lists searched through the V
+    {"loss": "mwer", "balance": [1, 2, 2, 1], "micro_batches": 4, "schedule": "dualpipev",
+     "checkpoint": "always", "virtual_stages": 2},  # fused and split backwards in one step
 ]
 
 

@@ -196,6 +196,8 @@ TWO_STAGES = [
     # theirs in B. zbv: stage 0 holds the source side and the projection, stage 1 the middle
     config([4, 4], micro_batches=4, schedule="zb_h1", checkpoint="never"),
     config([2, 2, 2, 2], micro_batches=4, schedule="zbv", checkpoint="except_last", virtual_stages=2),
+    # dualpipev: the same V, stage 0 also holds the first decoder layer's input (a 2-3-2-1 cut)
+    config([2, 3, 2, 1], micro_batches=4, schedule="dualpipev", checkpoint="never", virtual_stages=2),
 ]
 # four stages: the encoder output passes through stage 1 (encoder 2 + target embedding) on
 # its way to the attention on stage 2; and a 2-stage pipeline in 2 data-parallel replicas
