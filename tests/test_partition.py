@@ -23,7 +23,7 @@ from giantpipe.strategies.partition import (
     validate_balance,
 )
 from giantpipe.strategies.schedule_actions import owner
-from pipeline_harness import ToySeq2Seq, make_batches
+from pipeline_harness import ToyLoss, ToySeq2Seq, make_batches
 
 
 def brute_force_best(costs: list[int], num_stages: int) -> int:
@@ -150,6 +150,28 @@ def test_measured_time_covers_every_layer():
     assert len(costs) == len(model.layers) and all(c > 0 for c in costs)
     assert all(p.is_meta for p in model.parameters())
     assert sum(auto_balance(model, 4, by="time", sample=sample, repeats=1)) == len(model.layers)
+
+
+def test_measured_costs_count_the_loss_on_the_last_layer():
+    """The last stage computes the loss (Megatron: --account-for-loss-in-pipeline-split): with
+    the task's loss, the last layer's measured time and memory include it, and only its."""
+    model, sample = meta_toy(), make_batches(1, 4, seed=0)[0]
+    calls = []
+
+    def wide_loss(out, batch):  # saves a tensor 64 times the logits for its backward
+        calls.append(len(calls))
+        wide = out["logits"].repeat(1, 1, 64)
+        return ToyLoss()(out, batch) + (wide * wide).sum() * 1e-9
+
+    plain = measure_costs(model, sample, "memory")
+    with_loss = measure_costs(model, sample, "memory", loss_fn=wide_loss)
+    assert with_loss[:-1] == plain[:-1]
+    logits_bytes = 8 * sample["y"].numel() * model.layers[-1].out.out_features  # float64
+    assert with_loss[-1] >= plain[-1] + 64 * logits_bytes
+    calls.clear()
+    measure_costs(model, sample, "time", repeats=2, loss_fn=wide_loss)
+    assert len(calls) == 3  # the last layer's warm-up and 2 timed runs, no other layer
+    assert all(p.is_meta for p in model.parameters())
 
 
 def test_measured_balance_needs_a_sample():

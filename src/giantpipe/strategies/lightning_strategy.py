@@ -181,7 +181,8 @@ class PipelineStrategy(DDPStrategy):
         elif isinstance(balance, str):
             sample = next(iter(task.trainer.datamodule.train_dataloader())) if measured else None
             balance = auto_balance(task.model, self.cfg.stages, by=balance, sample=sample,
-                                   chunks=chunks, placement=placement, seed=task.seed)  # fmt: skip
+                                   chunks=chunks, placement=placement, seed=task.seed,
+                                   loss_fn=task.loss_fn)  # fmt: skip
         if measured and self.world_size > 1:
             balance = self.broadcast(balance, src=0)
         self._balances[key] = validate_balance(list(balance), num_layers, parts)

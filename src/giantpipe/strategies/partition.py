@@ -3,7 +3,9 @@
 A balance is a list of layer counts, one per stage: `[3, 2, 3]` puts layers 0-2 on stage 0,
 3-4 on stage 1 and 5-7 on stage 2. It is either given, or chosen to minimize the slowest
 stage's cost, where the per-layer cost is the parameter count (`model.layer_cost`), the
-measured forward+backward time, or the measured parameter + activation bytes.
+measured forward+backward time, or the measured parameter + activation bytes. Measured with the
+task's loss, the last layer's cost includes it: the last stage always computes the loss, and
+with a large vocabulary its log-softmax costs more than the projection before it.
 
 Measuring never needs the whole model in memory: layers still on the meta device are
 materialized one at a time (with the same per-layer seeds as training) and dropped again.
@@ -21,7 +23,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from giantpipe.models.contract import Batch, Carry, LayeredModel, materialize
+from giantpipe.models.contract import Batch, Carry, LayeredModel, SumLoss, materialize
 from giantpipe.strategies.rules import (
     BALANCE_MODES,
     check_balance_mode,
@@ -143,19 +145,25 @@ def measure_costs(
     device: torch.device | str = "cpu",
     seed: int = 0,
     repeats: int = 3,
+    loss_fn: SumLoss | None = None,
 ) -> list[float]:
     """Per-layer cost on a sample (micro-)batch: `time` in seconds (median of `repeats`
-    forward+backward runs) or `memory` in bytes (parameters + tensors saved for backward)."""
+    forward+backward runs) or `memory` in bytes (parameters + tensors saved for backward).
+    With `loss_fn`, the last layer's cost includes `loss_fn(out, sample)`: its forward and
+    backward, or the tensors it saves."""
     if by not in ("time", "memory"):
         raise ValueError(f"measure_costs measures 'time' or 'memory', not {by!r}")
-    carry = _to_device(model.first_carry(_to_device(sample, device)), device)
+    sample = _to_device(sample, device)
+    carry = _to_device(model.first_carry(sample), device)
+    last = len(model.layers) - 1
     costs = []
     for i in range(len(model.layers)):
+        head = (lambda out: loss_fn(out, sample)) if loss_fn is not None and i == last else None
         with _materialized(model, i, device, seed):
             if by == "time":
-                costs.append(_layer_time(model, i, carry, repeats))
+                costs.append(_layer_time(model, i, carry, repeats, head))
             else:
-                costs.append(_layer_memory(model, i, carry))
+                costs.append(_layer_memory(model, i, carry, head))
             with torch.no_grad():
                 carry = model.run_layers(carry, [i])
     return costs
@@ -241,13 +249,19 @@ def _leaf_inputs(carry: Carry) -> Carry:
     return {k: v.detach().requires_grad_(v.is_floating_point()) for k, v in carry.items()}
 
 
-def _backward_outputs(out: Carry) -> None:
+Head = Callable[[Carry], Tensor]  # the last layer's output -> the loss
+
+
+def _backward_outputs(out: Carry, head: Head | None = None) -> None:
+    if head is not None:
+        head(out).backward()
+        return
     outs = [v for v in out.values() if v.requires_grad]
     if outs:
         torch.autograd.backward(outs, [torch.ones_like(v) for v in outs])
 
 
-def _layer_time(model: LayeredModel, index: int, carry: Carry, repeats: int) -> float:
+def _layer_time(model: LayeredModel, index: int, carry: Carry, repeats: int, head: Head | None = None) -> float:
     sync: Callable[[], None] = lambda: None  # noqa: E731
     device = next(iter(carry.values())).device
     if device.type == "cuda":
@@ -257,14 +271,14 @@ def _layer_time(model: LayeredModel, index: int, carry: Carry, repeats: int) -> 
         inputs = _leaf_inputs(carry)
         sync()
         start = time.perf_counter()
-        _backward_outputs(model.run_layers(inputs, [index]))
+        _backward_outputs(model.run_layers(inputs, [index]), head)
         sync()
         times.append(time.perf_counter() - start)
     model.layers[index].zero_grad(set_to_none=True)
     return statistics.median(times[1:])
 
 
-def _layer_memory(model: LayeredModel, index: int, carry: Carry) -> float:
+def _layer_memory(model: LayeredModel, index: int, carry: Carry, head: Head | None = None) -> float:
     layer = model.layers[index]
     param_bytes = sum(p.numel() * p.element_size() for p in layer.parameters())
     saved: dict[tuple[int, int], int] = {}
@@ -276,9 +290,10 @@ def _layer_memory(model: LayeredModel, index: int, carry: Carry) -> float:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = model.run_layers(_leaf_inputs(carry), [index])
+        loss = head(out) if head is not None else None
     parameter_storages = {
         (p.untyped_storage().data_ptr(), p.device.index or 0) for p in layer.parameters()
     }
     activation_bytes = sum(n for key, n in saved.items() if key not in parameter_storages)
-    del out
+    del out, loss
     return float(param_bytes + activation_bytes)
