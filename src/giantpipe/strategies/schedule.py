@@ -160,7 +160,8 @@ def dualpipev_stage(rank: int, num_ranks: int, micro_batches: int) -> StageActio
     def run(*steps: tuple[Phase, int | None]) -> None:
         for phase, chunk in steps:
             if phase is Phase.WEIGHT:
-                actions.extend([Action(phase, *deferred.pop(0))] if deferred else [])
+                if deferred:
+                    actions.append(Action(phase, *deferred.pop(0)))
                 continue
             i = taken.get((phase is F, chunk), 0)
             taken[(phase is F, chunk)] = i + 1
