@@ -180,8 +180,8 @@ def gnmt_spec(gen: torch.Generator, quick: bool) -> ModelSpec:
     `GNMT.split` trims each micro-batch to its own. Balance [5, 4] (the embeddings and the
     encoder | the decoder and the projection) is what `balance_by_cost` gives for per-layer
     times measured here (forward + backward ms: 0.4 24.0 15.5 10.8 0.2 | 22.7 15.6 15.1 8.3).
-    With V = 2 chunks the balance comes from `GNMT_LAYER_MS` (`measure_costs(..., "time")`,
-    the mean over the first two batches, 2026-12-02): by parameters the embeddings and the
+    With V = 2 chunks the balance comes from `GNMT_LAYER_MS` (`measure_costs(..., "time")`
+    without the loss, the mean over the first two batches, 2026-12-02): by parameters the embeddings and the
     projection weigh far more than they cost, and rank 0 got 82 ms of layers against 62."""
     hidden, layers, vocab, batch, max_len = (
         (32, 2, 100, 16, 10) if quick else (128, 3, 1000, 64, 24)
