@@ -254,7 +254,9 @@ Head = Callable[[Carry], Tensor]  # the last layer's output -> the loss
 
 def _backward_outputs(out: Carry, head: Head | None = None) -> None:
     if head is not None:
-        head(out).backward()
+        loss = head(out)
+        if loss.requires_grad:
+            loss.backward()
         return
     outs = [v for v in out.values() if v.requires_grad]
     if outs:
