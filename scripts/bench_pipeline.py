@@ -124,6 +124,8 @@ from giantpipe.platform.allocator import keep_freed_memory
 from giantpipe.strategies import timeline as tl
 from giantpipe.strategies.engine import PipelineEngine
 from giantpipe.strategies.partition import balance_chunks, param_costs
+from giantpipe.strategies.schedule import SCHEDULES as SCHEDULE_SPECS
+from giantpipe.strategies.schedule import virtual_stage
 
 MICRO_BATCHES = (1, 2, 4, 8, 16)
 
@@ -175,7 +177,6 @@ PEER_SCHEDULES = {
     ("zb_h1", 2): "ScheduleInterleavedZeroBubble", ("zbv", 2): "ScheduleZBVZeroBubble",
     ("dualpipev", 2): "ScheduleDualPipeV",
 }  # fmt: skip
-V_SHAPED = ("zbv", "dualpipev")
 
 
 def configs_for(spec: ModelSpec, stages: int, micro: tuple[int, ...], quick: bool = False) -> list[Config]:
@@ -195,18 +196,16 @@ def balance_for(spec: ModelSpec, model: LayeredModel, cfg: Config) -> list[int]:
     the schedule places them (`strategy.balance=params`; GNMT: its measured layer times)."""
     if cfg.virtual_stages == 1:
         return spec.balance
-    placement = "vshape" if cfg.schedule in V_SHAPED else "looped"
+    placement = SCHEDULE_SPECS[cfg.schedule].placement
     costs = spec.layer_costs or param_costs(model)
     return balance_chunks(costs, cfg.stages, cfg.virtual_stages, placement)
 
 
 def peer_stage_indices(schedule: str, rank: int, stages: int, chunks: int) -> list[int]:
-    """The peer's stage indices on this rank: looped, or in a V for zbv and dualpipev."""
-    if chunks == 1:
-        return [rank]
-    if schedule in V_SHAPED:
-        return [rank, 2 * stages - 1 - rank]
-    return [rank + c * stages for c in range(chunks)]
+    """The peer's stage indices on this rank, placed as giantpipe's schedule of that name places
+    its chunks (looped, or in a V for zbv and dualpipev)."""
+    placement = SCHEDULE_SPECS[schedule].placement
+    return [virtual_stage(rank, c, stages, placement) for c in range(chunks)]
 
 
 class PeerStageModule(nn.Module):
@@ -407,7 +406,7 @@ def measure(spec: ModelSpec, stages: int, opts: Options, device, pictures: Path 
     models: dict[tuple, LayeredModel] = {}  # one per layout: an engine moves others' layers to meta
 
     def model_for(cfg: Config) -> LayeredModel:
-        vshape = cfg.schedule in V_SHAPED
+        vshape = SCHEDULE_SPECS[cfg.schedule].placement == "vshape"
         key = (cfg.impl == "peer", cfg.virtual_stages, vshape and cfg.virtual_stages > 1)
         if key not in models:
             models[key] = build_materialized(spec.factory, SEED, device)
