@@ -91,6 +91,28 @@ def test_loss_on_the_last_stage_and_accumulation_across_micro_batches():
         assert torch.allclose(model.get_parameter(name).grad, grad, atol=1e-12), name
 
 
+def test_weight_gradients_record_no_graph_and_hold_nothing_after_w():
+    """W's products are plain tensors: a `.grad` with a graph would keep every micro-batch's
+    output gradient alive until zero_grad and chain the steps accumulated into it."""
+    model = build_materialized(lambda: ToySeq2Seq(), seed=5)
+    for i in STAGE:
+        arm_linear_layers(model.layers[i])
+    for batch in make_batches(2, 6, seed=4):  # two micro-batches accumulate into .grad
+        split_in, store = stage_input(model, batch), WeightGradStore()
+        with defer_weight_grads(store):
+            out = model.run_layers(dict(split_in), STAGE)
+        torch.autograd.backward([out["h"], out["enc"]], [torch.ones_like(out["h"])] * 2)
+        assert all(not inputs.requires_grad for _, inputs, _ in store.work)
+        store.run()
+    grads = [model.get_parameter(n).grad for n in linear_weight_names(model, STAGE)]
+    assert grads and all(g is not None and g.grad_fn is None and not g.requires_grad for g in grads)
+
+
+def linear_weight_names(model, layers):
+    return [f"layers.{i}.{name}.weight" for i in layers
+            for name, m in model.layers[i].named_modules() if isinstance(m, nn.Linear)]  # fmt: skip
+
+
 def test_only_armed_layers_with_gradients_defer_and_only_inside_the_context():
     torch.manual_seed(0)
     mine, foreign = nn.Linear(4, 4), nn.Linear(4, 4)

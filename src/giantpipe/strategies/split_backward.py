@@ -45,11 +45,13 @@ class WeightGradStore:
 
     work: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)
 
+    @torch.no_grad()
     def run(self) -> None:
         """Accumulate every deferred weight gradient into `.grad` (as autograd would: the
         first gradient is stored, later ones added) and drop the saved tensors. Under
         autocast the product runs in the output gradient's dtype, as autograd's would, and
-        lands in the weight's."""
+        lands in the weight's. Without a graph: a `.grad` that recorded the product would keep
+        every micro-batch's output gradient alive, and chain the steps it accumulates over."""
         for weight, inputs, grad_out in self.work:
             grad_out = grad_out.reshape(-1, grad_out.shape[-1]).t()
             inputs = inputs.reshape(-1, inputs.shape[-1]).to(grad_out.dtype)
@@ -84,8 +86,8 @@ def _linear_forward(layer: nn.Linear, inputs: Tensor) -> Tensor:
     # a detached weight: autograd computes the input and bias gradients only; the output's
     # gradient hook hands the weight product to the store
     out = F.linear(inputs, weight.detach(), bias)
-    work = _active[-1].work
-    out.register_hook(lambda grad_out: work.append((weight, inputs, grad_out)))
+    work, kept = _active[-1].work, inputs.detach()  # W needs its values, not its graph
+    out.register_hook(lambda grad_out: work.append((weight, kept, grad_out)))
     return out
 
 
