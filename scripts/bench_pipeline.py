@@ -121,6 +121,7 @@ from bench_results import SCHEDULES, collect, median, print_tables, summarize
 from giantpipe.models.contract import LayeredModel, build_materialized
 from giantpipe.platform import timeline_plot
 from giantpipe.platform.allocator import keep_freed_memory
+from giantpipe.strategies import schedule_auto
 from giantpipe.strategies import timeline as tl
 from giantpipe.strategies.engine import PipelineEngine
 from giantpipe.strategies.partition import balance_chunks, param_costs
@@ -159,17 +160,21 @@ class Config:
     schedule: str
     checkpoint: str
     virtual_stages: int = 1
+    costs: str = "equal"  # strategy.schedule_costs: profiled rebuilds the lists at start-up
 
     @property
     def key(self) -> str:
         return (f"{self.impl}/N{self.stages}/M{self.micro_batches}/{self.schedule}"
-                f"/V{self.virtual_stages}/{self.checkpoint}")  # fmt: skip
+                f"/V{self.virtual_stages}/{self.checkpoint}"
+                + ("/profiled" if self.costs == "profiled" else ""))  # fmt: skip
 
 
 # the zero-bubble and interleaved schedules, without re-materialization: (name, V)
 NEW_SCHEDULES = (
     ("interleaved_1f1b", 2), ("zb_h1", 1), ("zb_h1", 2), ("zb_h2", 1), ("zbv", 2), ("dualpipev", 2),
 )  # fmt: skip
+# rebuilt for the F/B/W times profiled at start-up (strategy.schedule_costs=profiled): (name, V)
+PROFILED_SCHEDULES = (("zbv", 2),)
 # the peer's schedule for each (name, V) it has
 PEER_SCHEDULES = {
     ("gpipe", 1): "ScheduleGPipe", ("1f1b", 1): "Schedule1F1B",
@@ -185,6 +190,7 @@ def configs_for(spec: ModelSpec, stages: int, micro: tuple[int, ...], quick: boo
     out = [Config("giantpipe", 2, m, s, c) for c in spec.modes for s in SCHEDULES for m in micro]
     newer = [m for m in micro if m > 1] if quick else micro  # smoke runs: the new ones at M > 1
     out += [Config("giantpipe", 2, m, s, "never", v) for s, v in NEW_SCHEDULES for m in newer]
+    out += [Config("giantpipe", 2, m, s, "never", v, "profiled") for s, v in PROFILED_SCHEDULES for m in newer]
     if spec.peer_keys is not None:
         out += [Config("peer", 2, m, s, "never", 1) for s in SCHEDULES for m in micro]
         out += [Config("peer", 2, m, s, "never", v) for s, v in PEER_SCHEDULES if v > 1 for m in newer]
@@ -250,6 +256,8 @@ class Runner:
             except ValueError as err:  # a schedule not defined at this M (e.g. interleaved, M=1)
                 self.error, self.params = str(err).split("\n")[0], []
                 return
+            if cfg.costs == "profiled":  # as the Lightning strategy does (a collective)
+                self.engine.replan(schedule_auto.profile_costs(self.engine, spec.batches[0]))
             self.params = list(self.engine.parameters())
             return
         self._build_peer(cfg, spec, model, balance)

@@ -14,9 +14,10 @@ TARGETS = {"mlp": 1.75, "giant": 1.70}
 EFFICIENCY_TARGET, EFFICIENCY_MS = 1.80, (4, 8, 16)
 
 
-def label(schedule: str, virtual_stages: int = 1) -> str:
-    """A schedule as the tables name it: zbv/V2, zb_h1 (V=1 is left out)."""
-    return schedule if virtual_stages == 1 else f"{schedule}/V{virtual_stages}"
+def label(schedule: str, virtual_stages: int = 1, costs: str = "equal") -> str:
+    """A schedule as the tables name it: zbv/V2, zb_h1 (V=1 is left out), zbv/V2 profiled."""
+    name = schedule if virtual_stages == 1 else f"{schedule}/V{virtual_stages}"
+    return name if costs == "equal" else f"{name} {costs}"
 
 
 def theoretical_bubble(schedule: str, stages: int, micro_batches: int, chunks: int) -> float | None:
@@ -61,7 +62,7 @@ def collect(spec: ModelSpec, parts: list[dict]) -> tuple[list[dict], dict]:
             step = median(steps)
             v = cfg.get("virtual_stages", 1)
             runs.append({
-                "model": spec.name, **cfg, "label": label(cfg["schedule"], v), "step_s": step, "steps_s": steps,
+                "model": spec.name, **cfg, "label": label(cfg["schedule"], v, cfg.get("costs", "equal")), "step_s": step, "steps_s": steps,
                 "baseline_s": base, "speedup": base / step if step else None,
                 "speedup_of_fastest": base_min / min(steps) if step else None,
                 "baseline_threads_s": threads,

@@ -161,6 +161,20 @@ def test_every_new_schedule_logs_the_same_losses_as_one_device(tmp_path, single_
             assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-5), (name, step)
 
 
+def test_profiled_costs_rebuild_zbv_say_so_and_train_like_one_device(tmp_path, single_run):
+    run_dir = tmp_path / "profiled"
+    proc = run_train(TINY + PIPE2 + ["model.dropout=0", "strategy.micro_batches=4", "strategy.schedule=zbv",
+                                     "strategy.virtual_stages=2", "strategy.schedule_costs=profiled",
+                                     "trainer.max_steps=20", "logger=csv", "callbacks=none",
+                                     "trainer.gradient_clip_val=0.05", f"hydra.run.dir={run_dir}"], tmp_path)
+    assert "strategy.schedule_costs=profiled: zbv for F, B and W per micro-batch" in proc.stdout
+    assert "stage 1 chunk 1: F " in proc.stdout and "predicted" in proc.stdout
+    expected, got = losses(single_run), losses(run_dir)  # profiling left no trace in training
+    assert sorted(got) == sorted(expected)
+    for step in got:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-5), step
+
+
 def test_auto_schedule_profiles_chooses_says_why_and_trains_like_one_device(tmp_path, single_run):
     run_dir = tmp_path / "auto"
     proc = run_train(TINY + PIPE2 + ["model.dropout=0", "strategy.micro_batches=4", "strategy.schedule=auto",

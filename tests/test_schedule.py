@@ -226,3 +226,54 @@ def test_dualpipev_runs_the_peers_order(num_stages):
                     chunk = 0 if sub.stage_index == rank else 1
                     theirs.append(Action(kinds[sub.computation_type.name], sub.microbatch_index, chunk))
             assert make_schedule("dualpipev", num_stages, m, 2)[rank] == theirs, (rank, m)
+
+
+# F, B, W ms per micro-batch of the giant net's zbv chunks (2 ranks), profiled on this machine:
+# each rank's chunk 1 costs about twice its chunk 0
+GIANT_ZBV_MS = {(0, 0): (1.42, 1.61, 0.79), (0, 1): (2.83, 3.10, 1.58),
+                (1, 0): (1.28, 1.59, 0.78), (1, 1): (2.59, 2.80, 1.50)}  # fmt: skip
+
+
+def measured(ms: dict) -> sched.Cost:
+    def cost(rank: int, action: Action) -> float:
+        f, b, w = ms[(rank, action.chunk)]
+        return {Phase.FORWARD: f, Phase.INPUT: b, Phase.WEIGHT: w, Phase.BACKWARD: b + w}[action.phase] / 1e3
+
+    return cost
+
+
+@pytest.mark.parametrize(("name", "chunks"), [("zb_h1", 1), ("zb_h1", 2), ("zb_h2", 1), ("zbv", 2)])
+def test_equal_measured_costs_give_the_clock_lists(name, chunks):
+    same = measured({(r, c): (3.0, 3.0, 3.0) for r in range(3) for c in range(chunks)})
+    for m in (1, 4, 7):
+        assert make_schedule(name, 3, m, chunks, same) == make_schedule(name, 3, m, chunks)
+
+
+def test_measured_costs_reshape_zbv_and_shorten_its_step():
+    cost = measured(GIANT_ZBV_MS)
+    for m in (4, 8, 16):
+        equal, rebuilt = make_schedule("zbv", 2, m, 2), make_schedule("zbv", 2, m, 2, cost)
+        validate(rebuilt, m, placement="vshape")
+        assert makespan(rebuilt, "vshape", cost) < 0.97 * makespan(equal, "vshape", cost), m
+
+
+@pytest.mark.parametrize(("name", "chunks"), [("zb_h1", 1), ("zb_h1", 2), ("zb_h2", 1), ("zb_h2", 2), ("zbv", 2)])
+def test_any_measured_costs_give_a_valid_schedule_no_slower_than_the_clock_one(name, chunks):
+    """Random costs (1 to 12 units, each rank, chunk and phase apart): the lists never
+    deadlock, and the simulation never prefers them over the equal-cost ones wrongly."""
+    import random
+
+    placement = sched.SCHEDULES[name].placement
+    rng = random.Random(0)
+    for n in (2, 3, 4):
+        for m in (1, 2, 5, 8):
+            ms = {(r, c): tuple(rng.uniform(1, 12) for _ in range(3)) for r in range(n) for c in range(chunks)}
+            cost = measured(ms)
+            rebuilt = make_schedule(name, n, m, chunks, cost)
+            validate(rebuilt, m, placement=placement)
+            assert makespan(rebuilt, placement, cost) <= makespan(make_schedule(name, n, m, chunks), placement, cost)
+
+
+def test_a_cost_that_is_not_positive_is_refused():
+    with pytest.raises(ValueError, match="positive cost"):
+        make_schedule("zb_h1", 2, 4, 1, lambda rank, action: 0.0)

@@ -213,6 +213,9 @@ def check_pipeline(cfg) -> None:
         rules.check_balance(balance, layers, parts)
     with as_config_error(f"strategy.schedule={strategy.schedule}", "or strategy.schedule=auto"):
         rules.check_schedule(strategy.schedule, strategy.stages, strategy.micro_batches, chunks)
+    costs = strategy.get("schedule_costs", "equal")
+    with as_config_error(f"strategy.schedule_costs={costs}"):
+        rules.check_schedule_costs(costs, strategy.schedule)
     budget = strategy.get("memory_budget_mb")
     if budget is not None and budget <= 0:
         raise ConfigError(f"strategy.memory_budget_mb={budget}: give a positive number of MB, or null")

@@ -23,7 +23,7 @@ from omegaconf import MISSING
 
 from giantpipe.platform.data.cache import CACHE_DIR
 from giantpipe.platform.data.hf import HF_SPLITS
-from giantpipe.strategies.rules import CheckpointMode, ScheduleName
+from giantpipe.strategies.rules import CheckpointMode, ScheduleCosts, ScheduleName
 
 
 class ConfigError(ValueError):
@@ -278,6 +278,7 @@ class PipelineStrategyConfig:
     micro_batches: int = 4  # each replica's batch is cut into this many, run through the schedule
     schedule: ScheduleName = ScheduleName.gpipe  # order of work on each stage; auto: profiled choice
     virtual_stages: int = 1  # chunks per stage (V): interleaved_1f1b, zb_h1/zb_h2 any V, zbv/dualpipev V=2
+    schedule_costs: ScheduleCosts = ScheduleCosts.equal  # zb_h1/zb_h2/zbv built for one clock per F/B/W, or profiled: for F/B/W times measured in 3 steps at start-up
     checkpoint: CheckpointMode = CheckpointMode.except_last  # re-materialization: which micro-batches recompute
     balance: Any = "params"  # layer counts per stage ([3, 3]), or automatic: params | time | memory
     placement: Any = None  # ranks of each stage's replicas ([[0, 2], [1, 3]]); default pipeline-major

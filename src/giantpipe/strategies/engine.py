@@ -72,6 +72,7 @@ from giantpipe.strategies.rematerialize import rematerialized
 from giantpipe.strategies.schedule import (
     BACKWARDS,
     Action,
+    Cost,
     Phase,
     check_schedule,
     forward_only_stage,
@@ -167,6 +168,7 @@ class PipelineEngine:
         timeline: bool = False,
         split_backward: bool = True,
         virtual_stages: int = 1,
+        schedule_cost: Cost | None = None,
     ) -> None:
         distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if distributed else 0
@@ -201,7 +203,9 @@ class PipelineEngine:
             else sorted(i for r in self._chunk_ranges for i in r)
         )  # fmt: skip
         self.module = place_layers(model, set(self.layer_indices), self.device, seed)
-        self._plan_actions(split_backward)
+        self._split_backward = split_backward
+        self.schedule_cost = schedule_cost
+        self._plan_actions()
         self._batchnorms = [
             m for i in self.layer_indices for m in model.layers[i].modules()
             if isinstance(m, _BatchNorm)
@@ -222,11 +226,19 @@ class PipelineEngine:
         last = self.num_stages * self.virtual_stages - 1
         return owner(last, self.num_stages, self.placement)[0] == self.stage
 
-    def _plan_actions(self, split_backward: bool) -> None:
+    def replan(self, cost: Cost) -> None:
+        """Rebuild the schedule's lists from measured costs per (rank, action)
+        (`schedule_auto.profile_costs`): a list-scheduled schedule (zb_h1, zb_h2, zbv) then
+        orders each rank's work for the real durations. Every rank must pass the same costs."""
+        self.schedule_cost = cost
+        self._plan_actions()
+
+    def _plan_actions(self) -> None:
         """This rank's training and forward-only actions. The whole schedule is checked
         (every micro-batch once, neighbours in the same order, no deadlock) before any step."""
         n, m, v = self.num_stages, self.micro_batches, self.virtual_stages
-        train = make_schedule(self.schedule, n, m, v)
+        split_backward = self._split_backward
+        train = make_schedule(self.schedule, n, m, v, self.schedule_cost)
         if split_backward and self.schedule in ("gpipe", "1f1b"):
             # Split backwards: the first and the last of the step, where the previous stage
             # waits for this one (pipeline fill and drain); in between, the slower of the two

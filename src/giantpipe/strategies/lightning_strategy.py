@@ -45,7 +45,7 @@ from giantpipe.strategies.partition import (
 from giantpipe.strategies.pipeline_runner import PipelineRunner
 from giantpipe.strategies.rendezvous import join_store
 from giantpipe.strategies.rules import check_stage_count
-from giantpipe.strategies.schedule import check_schedule, owner
+from giantpipe.strategies.schedule import LIST_SCHEDULED, check_schedule, owner
 from giantpipe.strategies.stage_checkpoint import (
     MANIFEST,
     atomic_save,
@@ -98,6 +98,8 @@ class PipelineStrategy(DDPStrategy):
             engine = self.auto_schedule(task)
         else:
             engine = self.build_engine(task, self.cfg.schedule, self.virtual_stages)
+        if self.cfg.get("schedule_costs", "equal") == "profiled" and engine.schedule in LIST_SCHEDULED:
+            self.profile_schedule(task, engine)
         if self.global_rank == 0:
             from rich.console import Console
 
@@ -124,11 +126,8 @@ class PipelineStrategy(DDPStrategy):
         """Profile a few zb_h1 steps, predict every schedule and V (strategies/schedule_auto.py),
         print why, and rebuild the engine with the choice (same process groups)."""
         engine = self.build_engine(task, schedule_auto.PROFILE_SCHEDULE, 1)
-        batch = next(iter(task.trainer.datamodule.train_dataloader()))
-        if hasattr(task, "with_sample_keys"):  # keyed dropout reads per-sample keys
-            batch = task.with_sample_keys(batch, 0)
         try:
-            profile = schedule_auto.profile_engine(engine, batch)
+            profile = schedule_auto.profile_engine(engine, self.profile_batch(task))
         except Exception as err:
             raise ValueError(f"strategy.schedule=auto could not profile a training step ({err}); "
                              f"choose a schedule by name (strategy.schedule=zb_h1, ...)") from err
@@ -143,6 +142,27 @@ class PipelineStrategy(DDPStrategy):
         if (best.schedule, best.chunks) == (engine.schedule, engine.virtual_stages):
             return engine
         return self.build_engine(task, best.schedule, best.chunks, groups=engine.groups)
+
+    def profile_batch(self, task):
+        """The first training batch, as the profiling steps see it."""
+        batch = next(iter(task.trainer.datamodule.train_dataloader()))
+        if hasattr(task, "with_sample_keys"):  # keyed dropout reads per-sample keys
+            batch = task.with_sample_keys(batch, 0)
+        return batch
+
+    def profile_schedule(self, task, engine: PipelineEngine) -> None:
+        """`strategy.schedule_costs=profiled`: time every rank's F, B and W per chunk in a few
+        steps, rebuild the schedule's lists for those times (kept only if the simulation says
+        the step gets shorter) and print both predictions."""
+        try:
+            cost = schedule_auto.profile_costs(engine, self.profile_batch(task))
+        except Exception as err:
+            raise ValueError(f"strategy.schedule_costs=profiled could not profile a training step "
+                             f"({err}); use strategy.schedule_costs=equal") from err  # fmt: skip
+        equal = (engine.schedule, self.cfg.stages, self.cfg.micro_batches, engine.virtual_stages)
+        engine.replan(cost)
+        if self.global_rank == 0:
+            print(schedule_auto.explain_costs(cost, *equal), flush=True)
 
     def partition(self, task, engine: PipelineEngine):
         """The partition table: one row per virtual stage, with the ranks holding it."""

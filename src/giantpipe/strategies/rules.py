@@ -20,6 +20,10 @@ CHECKPOINT_MODES = ("always", "except_last", "never")  # re-materialization, as 
 # strategy.schedule: a schedule of strategies/schedule.py, or auto (profiled choice at start-up)
 ScheduleName = StrEnum("ScheduleName", {n: n for n in (*schedules.SCHEDULE_NAMES, "auto")}, module=__name__)
 CheckpointMode = StrEnum("CheckpointMode", {m: m for m in CHECKPOINT_MODES}, module=__name__)
+# strategy.schedule_costs: the list-scheduled schedules built for one clock per F/B/W, or for
+# the F/B/W times profiled at start-up
+SCHEDULE_COSTS = ("equal", "profiled")
+ScheduleCosts = StrEnum("ScheduleCosts", {c: c for c in SCHEDULE_COSTS}, module=__name__)
 
 
 def words(choices: Sequence[str]) -> str:
@@ -129,6 +133,18 @@ def check_schedule(name: str, num_stages: int, micro_batches: int, chunks: int =
     if name == "auto":
         return
     schedules.make_schedule(str(name), num_stages, micro_batches, chunks)
+
+
+def check_schedule_costs(costs: str, schedule: str) -> None:
+    """Profiled costs reshape only the list-scheduled schedules (or auto's pick, if it is one)."""
+    if costs not in SCHEDULE_COSTS:
+        raise ValueError(f"unknown strategy.schedule_costs {costs!r}: choose {words(SCHEDULE_COSTS)}")
+    if costs == "profiled" and schedule != "auto" and schedule not in schedules.LIST_SCHEDULED:
+        raise ValueError(
+            f"strategy.schedule_costs=profiled rebuilds {words(sorted(schedules.LIST_SCHEDULED))} "
+            f"for measured F/B/W times; {schedule} has a fixed order: choose one of those, or "
+            f"strategy.schedule_costs=equal"
+        )
 
 
 def even_balance(num_layers: int, num_stages: int) -> list[int]:

@@ -35,6 +35,7 @@ from giantpipe.strategies.schedule_actions import (
     virtual_stage,
 )
 from giantpipe.strategies.schedule_check import (
+    Cost,
     bubble,
     chunks_of,
     makespan,
@@ -43,10 +44,10 @@ from giantpipe.strategies.schedule_check import (
     simulate,
     validate,
 )
-from giantpipe.strategies.zero_bubble import POLICIES, list_schedule
+from giantpipe.strategies.zero_bubble import POLICIES, list_schedule, measured_schedule
 
 __all__ = [
-    "BACKWARDS", "COSTS", "SCHEDULES", "SCHEDULE_NAMES", "Action", "Phase", "Schedule",
+    "BACKWARDS", "COSTS", "LIST_SCHEDULED", "SCHEDULES", "SCHEDULE_NAMES", "Action", "Cost", "Phase", "Schedule",
     "ScheduleSpec", "StageActions", "bubble", "check_schedule", "chunks_of", "forward_only_stage",
     "make_schedule", "makespan", "owner", "peak_in_flight", "render", "simulate", "split_ends",
     "stage_actions", "validate", "virtual_stage",
@@ -214,6 +215,7 @@ SCHEDULES: dict[str, ScheduleSpec] = {
     )
 }
 SCHEDULE_NAMES = tuple(SCHEDULES)  # what strategy.schedule accepts (besides "auto")
+LIST_SCHEDULED = frozenset(POLICIES)  # built from costs: measured ones reshape them
 _STAGE_FUNCTIONS = {"gpipe": gpipe_stage, "1f1b": one_f_one_b_stage}
 
 
@@ -230,8 +232,12 @@ def check_schedule(name: str, chunks: int = 1) -> ScheduleSpec:
     return spec
 
 
-def make_schedule(name: str, num_stages: int, micro_batches: int, chunks: int = 1) -> Schedule:
-    """Every rank's actions under schedule `name` with N ranks, M micro-batches, V chunks."""
+def make_schedule(
+    name: str, num_stages: int, micro_batches: int, chunks: int = 1, cost: Cost | None = None
+) -> Schedule:
+    """Every rank's actions under schedule `name` with N ranks, M micro-batches, V chunks.
+    `cost` (seconds per (rank, action), e.g. `schedule_auto.profile_costs`) shapes the
+    list-scheduled ones (zb_h1, zb_h2, zbv); the hand-written orders do not depend on it."""
     check_schedule(name, chunks)
     if num_stages < 1:
         raise ValueError(f"num_stages must be at least 1, got {num_stages}")
@@ -254,7 +260,9 @@ def make_schedule(name: str, num_stages: int, micro_batches: int, chunks: int = 
                 f"to {2 * num_stages} or choose zbv"
             )
         return [dualpipev_stage(r, num_stages, micro_batches) for r in range(num_stages)]
-    return list_schedule(POLICIES[name], num_stages, micro_batches, chunks)
+    if cost is None:
+        return list_schedule(POLICIES[name], num_stages, micro_batches, chunks)
+    return measured_schedule(POLICIES[name], num_stages, micro_batches, chunks, cost)
 
 
 def stage_actions(name: str, stage: int, num_stages: int, micro_batches: int, chunks: int = 1):

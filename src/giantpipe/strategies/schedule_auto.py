@@ -1,4 +1,5 @@
-"""`strategy.schedule=auto`: the schedule and V predicted fastest from a few profiled steps.
+"""`strategy.schedule=auto`: the schedule and V predicted fastest from a few profiled steps;
+and `strategy.schedule_costs=profiled`: a list schedule rebuilt for its chunks' measured times.
 
 The engine first runs a few steps under `zb_h1` (every backward split into B and W) with its
 timeline on; each stage reports its mean F, B and W time per micro-batch and the activation
@@ -13,13 +14,20 @@ cost of messages (a V=2 schedule sends twice as many), and that layers whose wei
 cannot be deferred (fused LSTM kernels) put their weight time in B, which the profile sees
 as a longer B and a shorter W. Pure Python: the choice is a function of the profiles, so every
 rank that has the same profiles (all-gathered) picks the same schedule.
+
+Profiled costs (`profile_costs`): the engine's own zb_h1, zb_h2 or zbv runs a few steps; every
+rank's F, B and W per micro-batch of each chunk (a V's chunks cost what their layers cost, not
+1/V of the rank) are all-reduced, and `engine.replan` rebuilds the lists for them
+(`zero_bubble.measured_schedule`: kept only where the simulation says the step is shorter).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from giantpipe.strategies.schedule import (
+    LIST_SCHEDULED,
     SCHEDULES,
     Action,
     Phase,
@@ -128,22 +136,18 @@ def explain(best: Prediction, predictions: list[Prediction]) -> str:
     return "\n".join(lines)
 
 
-def profile_engine(engine, batch, steps: int = 3) -> StageProfile:
-    """This stage's F, B and W seconds per micro-batch and activation MB per micro-batch,
-    from `steps` training steps on `batch` (the first is a warm-up) of an engine built with
-    `PROFILE_SCHEDULE`. Gradients, buffers (BatchNorm statistics) and RNG states are put back,
-    so training starts as if nothing ran."""
+@contextmanager
+def _undone(engine, timeline: bool | str):
+    """Run profiling steps on `engine` with its `timeline` on, then put back gradients,
+    buffers (BatchNorm statistics) and RNG states, so training starts as if nothing ran."""
     import torch
 
     rng = torch.random.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     buffers = [(b, b.clone()) for b in engine.module.buffers() if not b.is_meta]
-    engine.timeline = True
+    engine.timeline = timeline
     try:
-        timelines = []
-        for _ in range(steps):
-            engine.train_step(batch)
-            timelines.append(engine.last_timeline)
+        yield
     finally:
         engine.timeline = False
         for p in engine.parameters():
@@ -154,7 +158,26 @@ def profile_engine(engine, batch, steps: int = 3) -> StageProfile:
         torch.random.set_rng_state(rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
-    measured = timelines[1:] or timelines
+
+
+def _profiled_steps(engine, batch, steps: int, timeline: bool | str = True) -> list:
+    """The timelines of `steps` training steps on `batch` but the first (a warm-up);
+    `timeline="time"` leaves the memory probe out (it slows every backward)."""
+    timelines = []
+    with _undone(engine, timeline):
+        for _ in range(steps):
+            for p in engine.parameters():
+                p.grad = None
+            engine.train_step(batch)
+            timelines.append(engine.last_timeline)
+    return timelines[1:] or timelines
+
+
+def profile_engine(engine, batch, steps: int = 3) -> StageProfile:
+    """This stage's F, B and W seconds per micro-batch and activation MB per micro-batch,
+    from `steps` training steps on `batch` (the first is a warm-up) of an engine built with
+    `PROFILE_SCHEDULE`; the engine's state is put back afterwards."""
+    measured = _profiled_steps(engine, batch, steps)
     count = len(measured) * engine.micro_batches * engine.virtual_stages
 
     def mean(kind: str) -> float:
@@ -166,6 +189,80 @@ def profile_engine(engine, batch, steps: int = 3) -> StageProfile:
     if None not in added:
         activation = max(added) / 2**20 / max(held[engine.stage], 1)
     return StageProfile(mean("forward"), mean("backward"), mean("weight"), activation)
+
+
+_TIMED = {Phase.FORWARD: "forward", Phase.INPUT: "backward", Phase.WEIGHT: "weight"}
+
+
+def profile_costs(engine, batch, steps: int = 3) -> MeasuredCost:
+    """Every rank's mean F, B and W seconds per micro-batch of each of its chunks, measured
+    in `steps` steps (the first a warm-up, the memory probe off) of the engine's own schedule
+    (a list-scheduled one: it splits every backward) and shared by all ranks (replicas of a
+    stage averaged): the cost to rebuild that schedule with (`engine.replan`). A collective:
+    every rank calls it; the engine's state is put back afterwards."""
+    import torch
+    import torch.distributed as dist
+
+    if engine.schedule not in LIST_SCHEDULED:
+        raise ValueError(f"schedule {engine.schedule!r} has a fixed order; profile a zb_h1, zb_h2 "
+                         f"or zbv engine (they split every backward: W is timed apart)")  # fmt: skip
+    measured = _profiled_steps(engine, batch, steps, timeline="time")
+    n, v = engine.num_stages, engine.virtual_stages
+    table = torch.zeros(n, v, len(_TIMED) + 1, dtype=torch.float64)
+    for t in measured:
+        for e in t.events:
+            for j, kind in enumerate(_TIMED.values()):
+                if e.kind == kind:
+                    table[engine.stage, e.chunk, j] += e.duration
+    table[engine.stage, :, -1] = len(measured) * engine.micro_batches
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        on = table.cuda() if dist.get_backend() == "nccl" else table
+        dist.all_reduce(on)
+        table = on.cpu()
+    seconds = {  # at least a microsecond: a chunk without linear layers has next to no W
+        (r, c, phase): max(table[r, c, j].item() / table[r, c, -1].item(), 1e-6)
+        for r in range(n) for c in range(v) for j, phase in enumerate(_TIMED)
+    }  # fmt: skip
+    return MeasuredCost(seconds)
+
+
+@dataclass(frozen=True)
+class MeasuredCost:
+    """Seconds per (rank, chunk, F/B/W), as a schedule `Cost`: a fused BW costs B + W."""
+
+    seconds: dict
+
+    def __call__(self, rank: int, action: Action) -> float:
+        if action.phase is Phase.BACKWARD:
+            return sum(self.seconds[(rank, action.chunk, p)] for p in (Phase.INPUT, Phase.WEIGHT))
+        return self.seconds[(rank, action.chunk, action.phase)]
+
+    def describe(self) -> str:
+        """One line per rank and chunk: its F, B and W milliseconds per micro-batch."""
+        keys = sorted({(r, c) for r, c, _ in self.seconds})
+        return "\n".join(
+            f"  stage {r} chunk {c}: " + "  ".join(
+                f"{p.value} {self.seconds[(r, c, p)] * 1e3:.2f} ms" for p in _TIMED
+            ) for r, c in keys
+        )  # fmt: skip
+
+
+def explain_costs(cost: MeasuredCost, schedule: str, num_stages: int, micro_batches: int, chunks: int) -> str:
+    """What `strategy.schedule_costs=profiled` prints: the measured costs, and the step the
+    simulation predicts with them for the equal-cost lists and for the rebuilt ones."""
+    placement = SCHEDULES[schedule].placement
+    equal = make_schedule(schedule, num_stages, micro_batches, chunks)
+    measured = make_schedule(schedule, num_stages, micro_batches, chunks, cost)
+    before, after = (makespan(s, placement, cost) * 1e3 for s in (equal, measured))
+    verdict = (
+        f"rebuilt: {after:.1f} ms predicted against {before:.1f} ms with equal costs"
+        if measured != equal else f"kept the equal-cost lists ({before:.1f} ms predicted; no "
+        f"order built for these times is faster)"
+    )  # fmt: skip
+    held = f"holds at most {max(peak_in_flight(measured))} (micro-batch, chunk)s a rank " \
+           f"(equal costs: {max(peak_in_flight(equal))})"  # fmt: skip
+    return (f"strategy.schedule_costs=profiled: {schedule} for F, B and W per micro-batch\n"
+            f"{cost.describe()}\n{verdict}; {held}")  # fmt: skip
 
 
 def gather_profiles(profile: StageProfile, stage: int, num_stages: int) -> list[StageProfile]:

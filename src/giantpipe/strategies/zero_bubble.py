@@ -4,7 +4,11 @@ Every rank, whenever it is free, takes the best ready action under its schedule'
 backwards first (B: they free memory and unblock the previous stage), then forwards while the
 rank holds fewer (micro-batch, chunk)s than the policy's cap, then the deferred Ws, which so
 fill what would be bubble (ZB-H1 at V = 1 alternates: after a B, a ready forward goes first).
-Pure functions: the same (N, M, V) give every rank the same lists.
+Time runs in clocks, one per F, B and W (the paper's equal costs; the pictures below), or in
+measured seconds per rank, chunk and phase (`strategy.schedule_costs=profiled`), as the paper
+schedules with profiled times: a V whose chunks cost unequal amounts then fills the waits
+round its turn with Ws instead of idling. Pure functions: the same (N, M, V) and costs give
+every rank the same lists.
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from giantpipe.strategies.schedule_actions import COSTS, Action, Phase, Schedule, virtual_stage
+from giantpipe.strategies.schedule_actions import Action, Phase, Schedule, virtual_stage
+from giantpipe.strategies.schedule_check import Cost, makespan, unit_cost
 
 
 @dataclass(frozen=True)
@@ -49,12 +54,18 @@ def _late_stage_first(i: int, k: int, n: int) -> tuple:
     return (-k, i)
 
 
-def list_schedule(policy: _Policy, num_ranks: int, micro_batches: int, chunks: int) -> Schedule:
-    """Run every rank clock by clock, each taking the best ready action (`_Policy`)."""
+def list_schedule(
+    policy: _Policy, num_ranks: int, micro_batches: int, chunks: int, cost: Cost = unit_cost
+) -> Schedule:
+    """Run every rank through time, each taking the best ready action (`_Policy`) whenever it
+    is free. `cost` gives each (rank, action) its duration: one clock per F, B and W by
+    default (the paper's equal costs), or measured seconds (`profile_costs`), with which the
+    ranks' lists follow the real step: a slow chunk's neighbours fill its wait with Ws."""
     n, m, v = num_ranks, micro_batches, chunks
     stages = n * v
     rank_chunks = [[virtual_stage(r, c, n, policy.placement) for c in range(v)] for r in range(n)]
-    done_f: dict[tuple[int, int], int] = {}  # (micro-batch, virtual stage) -> finish clock
+    ticks = _ticks(cost, n, v)
+    done_f: dict[tuple[int, int], int] = {}  # (micro-batch, virtual stage) -> finish tick
     done_b: dict[tuple[int, int], int] = {}
     next_f, next_b = [0] * stages, [0] * stages
     waiting_w: list[list[tuple[int, int]]] = [[] for _ in range(n)]  # (micro-batch, chunk)
@@ -63,18 +74,24 @@ def list_schedule(policy: _Policy, num_ranks: int, micro_batches: int, chunks: i
     free = [0] * n
     out: Schedule = [[] for _ in range(n)]
     total = sum(m * (2 if policy.fused else 3) for _ in range(stages))
-    clock, emitted = 0, 0
+    clock, emitted, stuck = 0, 0, False
     while emitted < total:
+        # Stuck (every rank idle, none can act: with unequal costs the V's ranks can fill their
+        # caps with micro-batches none of which reaches the loss), the oldest micro-batch not
+        # yet at the loss may go over the cap; with equal costs this never happens.
+        oldest = next_b[stages - 1] if stuck else -1
+        picked = 0
         for r in range(n):
             if free[r] > clock:
                 continue
             forward_first = v in policy.alternate_at and after_backward[r]
             action = _pick(policy, r, rank_chunks[r], clock, n, v, m, stages, done_f, done_b,
-                           next_f, next_b, waiting_w[r], held[r], forward_first)  # fmt: skip
+                           next_f, next_b, waiting_w[r], held[r], forward_first, oldest)  # fmt: skip
             if action is None:
                 continue
+            picked += 1
             k = rank_chunks[r][action.chunk]
-            free[r] = clock + COSTS[action.phase]
+            free[r] = clock + ticks[(r, action.chunk, action.phase)]
             if action.phase is Phase.FORWARD:
                 done_f[(action.micro_batch, k)] = free[r]
                 next_f[k] += 1
@@ -93,14 +110,43 @@ def list_schedule(policy: _Policy, num_ranks: int, micro_batches: int, chunks: i
                 after_backward[r] = action.phase is not Phase.FORWARD
             out[r].append(action)
             emitted += 1
-        clock += 1
-        if clock > 10 * total + 10:
-            raise ValueError("list scheduling made no progress: the policy's cap is too small")
+        later = [t for t in free if t > clock]  # nothing changes until an action ends
+        if not later and not picked and emitted < total:
+            if stuck:
+                raise ValueError("list scheduling made no progress: the policy's cap is too small")
+            stuck = True
+            continue
+        stuck = False
+        clock = min(later, default=clock)
     return out
 
 
+def measured_schedule(policy: _Policy, num_ranks: int, micro_batches: int, chunks: int, cost: Cost):
+    """The list schedule for measured `cost`, kept where the simulation with that cost says
+    its step is shorter than the equal-cost lists' (greedy list scheduling is a heuristic:
+    for some costs the equal-cost order is better). It may hold a (micro-batch, chunk) more
+    than the policy's cap on a rank (see `list_schedule`): `peak_in_flight` tells."""
+    equal = list_schedule(policy, num_ranks, micro_batches, chunks)
+    measured = list_schedule(policy, num_ranks, micro_batches, chunks, cost)
+    faster = makespan(measured, policy.placement, cost) < makespan(equal, policy.placement, cost)
+    return measured if faster else equal
+
+
+def _ticks(cost: Cost, n: int, v: int) -> dict[tuple[int, int, Phase], int]:
+    """Each (rank, chunk, phase)'s duration in whole ticks: equal costs stay one clock each;
+    measured seconds become thousandths of the longest action (ties then compare exactly)."""
+    seconds = {(r, c, p): cost(r, Action(p, 0, c)) for r in range(n) for c in range(v) for p in Phase}
+    if any(s <= 0 for s in seconds.values()):
+        raise ValueError(f"every action needs a positive cost, got {min(seconds.values())}")
+    if all(float(s).is_integer() for s in seconds.values()):
+        return {key: int(s) for key, s in seconds.items()}
+    unit = max(seconds.values()) / 1000
+    return {key: max(1, round(s / unit)) for key, s in seconds.items()}
+
+
 def _pick(policy, r, chunks_k, clock, n, v, m, stages, done_f, done_b, next_f, next_b,
-          waiting_w, held, forward_first=False) -> Action | None:  # fmt: skip
+          waiting_w, held, forward_first=False, oldest=-1) -> Action | None:  # fmt: skip
+    """The rank's next action, or None. Over the cap a forward goes only for `oldest`."""
     backwards, forwards = [], []
     for c, k in enumerate(chunks_k):
         i = next_b[k]
@@ -111,8 +157,10 @@ def _pick(policy, r, chunks_k, clock, n, v, m, stages, done_f, done_b, next_f, n
         if i < m:
             ready = k == 0 or done_f.get((i, k - 1), clock + 1) <= clock
             forwards.append((policy.forward_order(i, k, n), not ready, i, c))
-    forwards = [(key, i, c) for key, waiting, i, c in sorted(forwards) if not waiting]
-    can_forward = forwards and held < policy.cap(r, n, v)
+    under_cap = held < policy.cap(r, n, v)
+    forwards = [(key, i, c) for key, waiting, i, c in sorted(forwards)
+                if not waiting and (under_cap or i == oldest)]  # fmt: skip
+    can_forward = bool(forwards)
     if backwards and not (forward_first and can_forward):
         _, i, c = min(backwards)
         return Action(Phase.BACKWARD if policy.fused else Phase.INPUT, i, c)
