@@ -33,6 +33,8 @@ from torch import nn
 from giantpipe.models.contract import Batch, Carry, LayeredModel, build_materialized, split_batch
 from giantpipe.strategies.batchnorm import DeferredBatchNorm
 from giantpipe.strategies.engine import PipelineEngine
+from giantpipe.strategies.schedule import Phase
+from giantpipe.strategies.schedule_auto import MeasuredCost
 from giantpipe.strategies.topology import Topology
 
 torch.set_num_threads(1)
@@ -345,15 +347,22 @@ ATOL, RTOL = 1e-10, 1e-8  # float64 model: only summation order differs
 
 def config(
     balance, micro_batches, schedule, checkpoint, replicas=1, placement=None, split=True,
-    virtual_stages=1, **model,
+    virtual_stages=1, costs=None, **model,
 ):  # fmt: skip
-    """One engine configuration of the transparency grids (the balance lists N x V parts)."""
+    """One engine configuration of the transparency grids (the balance lists N x V parts);
+    `costs`: {(rank, chunk): (F, B, W) seconds} to rebuild the schedule with (`replan`)."""
     return {
         "balance": balance, "micro_batches": micro_batches, "schedule": schedule,
         "checkpoint": checkpoint, "replicas": replicas, "placement": placement, "model": model,
-        "split_backward": split, "virtual_stages": virtual_stages,
+        "split_backward": split, "virtual_stages": virtual_stages, "costs": costs,
         "data": {"steps": STEPS, "size": BATCH, "seed": 11},
     }  # fmt: skip
+
+
+def measured_cost(costs: dict) -> MeasuredCost:
+    """{(rank, chunk): (F, B, W) seconds} as the schedule cost `profile_costs` measures."""
+    phases = (Phase.FORWARD, Phase.INPUT, Phase.WEIGHT)
+    return MeasuredCost({(r, c, p): t for (r, c), times in costs.items() for p, t in zip(phases, times, strict=True)})
 
 
 def run_configs(rank: int, world_size: int, configs: list[dict]) -> list[dict]:
@@ -373,6 +382,8 @@ def run_configs(rank: int, world_size: int, configs: list[dict]) -> list[dict]:
             topology=topology, schedule=cfg["schedule"], checkpoint=cfg["checkpoint"], seed=SEED,
             split_backward=cfg["split_backward"], virtual_stages=chunks,
         )  # fmt: skip
+        if cfg.get("costs"):
+            engine.replan(measured_cost(cfg["costs"]))
         global_batches = make_batches(**cfg["data"])
         batches = [replica_share(b, engine.replica, replicas) for b in global_batches]
         result = pipelined_run(engine, batches, LR)

@@ -13,7 +13,15 @@ import itertools
 import pytest
 
 from giantpipe.strategies.schedule import SCHEDULES, make_schedule
-from pipeline_harness import assert_transparent, close, config, reference, run_configs, spawn
+from pipeline_harness import (
+    assert_transparent,
+    close,
+    config,
+    measured_cost,
+    reference,
+    run_configs,
+    spawn,
+)
 
 LAYERS = 10  # the toy's
 MODES = ("never", "always", "except_last")
@@ -56,6 +64,16 @@ DEFERRED_BN = [
      "deferred_batch_norm": True},
     {**config(even(4), 4, "dualpipev", "never", virtual_stages=2, batchnorm=True), "deferred_batch_norm": True},
 ]
+# rebuilt for measured costs (strategy.schedule_costs=profiled): the giant net's zbv chunks
+# (each rank's second about twice its first), and a zb_h1 whose stages differ in F and W
+GIANT_ZBV_S = {(0, 0): (1.4e-3, 1.6e-3, 0.8e-3), (0, 1): (2.8e-3, 3.1e-3, 1.6e-3),
+               (1, 0): (1.3e-3, 1.6e-3, 0.8e-3), (1, 1): (2.6e-3, 2.8e-3, 1.5e-3)}  # fmt: skip
+UNEQUAL_S = {(0, 0): (4e-3, 4e-3, 1e-3), (1, 0): (1e-3, 4e-3, 3e-3)}
+PROFILED = [
+    config(even(4), 4, "zbv", "never", virtual_stages=2, costs=GIANT_ZBV_S),
+    config(even(4), 8, "zbv", "except_last", virtual_stages=2, costs=GIANT_ZBV_S),
+    config(even(2), 8, "zb_h1", "never", costs=UNEQUAL_S),
+]
 # replicas of V-shaped and looped chunks (world 4: 2 stages x 2 replicas)
 DP = [
     config(even(4), 4, "zbv", "never", replicas=2, virtual_stages=2),
@@ -71,7 +89,7 @@ def per_config(results: list) -> list[list[dict]]:
 @pytest.fixture(scope="module")
 def jobs():
     return {
-        2: per_config(spawn(run_configs, 2, GRIDS[2] + ZBV_MODES + DEFERRED_BN, join_timeout=300)),
+        2: per_config(spawn(run_configs, 2, GRIDS[2] + ZBV_MODES + DEFERRED_BN + PROFILED, join_timeout=300)),
         3: per_config(spawn(run_configs, 3, GRIDS[3], join_timeout=300)),
         4: per_config(spawn(run_configs, 4, GRIDS[4] + DP, join_timeout=300)),
     }
@@ -114,7 +132,8 @@ def test_v_shape_modes_agree_with_dropout_and_batchnorm(jobs):
 
 
 def test_deferred_batch_norm_keeps_mini_batch_statistics_through_chunks(jobs):
-    runs = jobs[2][len(GRIDS[2]) + len(ZBV_MODES) :]
+    start = len(GRIDS[2]) + len(ZBV_MODES)
+    runs = jobs[2][start : start + len(DEFERRED_BN)]
     buffers = [{n: b for r in per_rank for n, b in r["buffers"].items()} for per_rank in runs]
     stats = [n for n in buffers[0] if n.endswith(("running_mean", "running_var"))]
     assert stats, "no BatchNorm statistics compared"
@@ -124,3 +143,13 @@ def test_deferred_batch_norm_keeps_mini_batch_statistics_through_chunks(jobs):
             assert close(other[name], buffers[0][name]), f"{cfg['schedule']}: {name}"
         for name, w in other_weights.items():  # micro-batch statistics in the forward: the same
             assert close(w, weights[0][name]), f"{cfg['schedule']}: weight {name}"
+
+
+def test_schedules_rebuilt_for_measured_costs_equal_one_device(jobs):
+    """The rebuilt lists differ from the equal-cost ones and still give one device's numbers."""
+    for cfg in PROFILED:
+        n, v = len(cfg["balance"]) // cfg["virtual_stages"], cfg["virtual_stages"]
+        rebuilt = make_schedule(cfg["schedule"], n, cfg["micro_batches"], v, measured_cost(cfg["costs"]))
+        assert rebuilt != make_schedule(cfg["schedule"], n, cfg["micro_batches"], v), cfg["schedule"]
+    for cfg, per_rank in zip(PROFILED, jobs[2][-len(PROFILED) :], strict=True):
+        assert_transparent(cfg, per_rank)

@@ -232,6 +232,8 @@ class PipelineEngine:
         orders each rank's work for the real durations. Every rank must pass the same costs."""
         self.schedule_cost = cost
         self._plan_actions()
+        for chunk in self._chunks:  # the gradient receives are posted in backward order
+            chunk.backward_order = self._backward_orders[chunk.index]
 
     def _plan_actions(self) -> None:
         """This rank's training and forward-only actions. The whole schedule is checked

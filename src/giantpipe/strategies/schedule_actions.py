@@ -11,9 +11,10 @@ The model's layers are cut into K = N·V virtual stages (chunks); rank r holds V
     looped  (Megatron's interleaving): rank r holds virtual stages r, r+N, r+2N, ...
     vshape  (ZB-V, DualPipeV; V = 2):  rank r holds virtual stages r and 2N-1-r
 
-Costs in clocks (`COSTS`: one per F, B and W, two per BW) are the schedules' cost model:
-layers whose weight products cannot be deferred (fused LSTM kernels) keep them inside B, which
-the measured costs of `auto` (schedule_auto.py) see as a longer B and a shorter W.
+Costs in clocks (`COSTS`: one per F, B and W, two per BW) are the schedules' cost model, or
+measured seconds per rank, chunk and phase (`strategy.schedule_costs=profiled`): layers whose
+weight products cannot be deferred (fused LSTM kernels) keep them inside B, which measured
+costs (schedule_auto.py) see as a longer B and a shorter W.
 """
 
 from __future__ import annotations
