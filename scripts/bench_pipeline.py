@@ -437,6 +437,7 @@ def measure(spec: ModelSpec, stages: int, opts: Options, device, pictures: Path 
         cfg = runner.cfg
         if pictures and timelines and cfg.checkpoint == "never" and cfg.micro_batches == 4:
             stem = f"timeline_{spec.name}_N{cfg.stages}_{cfg.schedule}_V{cfg.virtual_stages}_M4"
+            stem += "_profiled" if cfg.costs == "profiled" else ""
             timeline_plot.plot(timelines, pictures / f"{stem}.png")
             timeline_plot.write_trace(timelines, pictures / f"{stem}.trace.json")
         measured = times.get(cfg.key, [])
