@@ -161,12 +161,14 @@ class Config:
     checkpoint: str
     virtual_stages: int = 1
     costs: str = "equal"  # strategy.schedule_costs: profiled rebuilds the lists at start-up
+    backward: str = "split"  # fused: every backward whole (the textbook 1F1B; --fused-backward)
 
     @property
     def key(self) -> str:
         return (f"{self.impl}/N{self.stages}/M{self.micro_batches}/{self.schedule}"
                 f"/V{self.virtual_stages}/{self.checkpoint}"
-                + ("/profiled" if self.costs == "profiled" else ""))  # fmt: skip
+                + ("/profiled" if self.costs == "profiled" else "")
+                + ("/fused" if self.backward == "fused" else ""))  # fmt: skip
 
 
 # the zero-bubble and interleaved schedules, without re-materialization: (name, V)
@@ -191,6 +193,9 @@ def configs_for(spec: ModelSpec, stages: int, micro: tuple[int, ...], quick: boo
     newer = [m for m in micro if m > 1] if quick else micro  # smoke runs: the new ones at M > 1
     out += [Config("giantpipe", 2, m, s, "never", v) for s, v in NEW_SCHEDULES for m in newer]
     out += [Config("giantpipe", 2, m, s, "never", v, "profiled") for s, v in PROFILED_SCHEDULES for m in newer]
+    # the textbook 1F1B (no backward split at fill and drain): what the zero-bubble paper's
+    # bubbles are measured against
+    out += [Config("giantpipe", 2, m, "1f1b", "never", backward="fused") for m in newer]
     if spec.peer_keys is not None:
         out += [Config("peer", 2, m, s, "never", 1) for s in SCHEDULES for m in micro]
         out += [Config("peer", 2, m, s, "never", v) for s, v in PEER_SCHEDULES if v > 1 for m in newer]
@@ -251,7 +256,8 @@ class Runner:
                 self.engine = PipelineEngine(
                     model, spec.loss, balance, micro_batches=cfg.micro_batches,
                     schedule=cfg.schedule, checkpoint=cfg.checkpoint, device=device, seed=SEED,
-                    split_backward=split_backward, virtual_stages=cfg.virtual_stages,
+                    split_backward=split_backward and cfg.backward == "split",
+                    virtual_stages=cfg.virtual_stages,
                 )  # fmt: skip
             except ValueError as err:  # a schedule not defined at this M (e.g. interleaved, M=1)
                 self.error, self.params = str(err).split("\n")[0], []

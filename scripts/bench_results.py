@@ -14,10 +14,11 @@ TARGETS = {"mlp": 1.75, "giant": 1.70}
 EFFICIENCY_TARGET, EFFICIENCY_MS = 1.80, (4, 8, 16)
 
 
-def label(schedule: str, virtual_stages: int = 1, costs: str = "equal") -> str:
-    """A schedule as the tables name it: zbv/V2, zb_h1 (V=1 is left out), zbv/V2 profiled."""
+def label(schedule: str, virtual_stages: int = 1, costs: str = "equal", backward: str = "split") -> str:
+    """A schedule as the tables name it: zbv/V2, zb_h1 (V=1 is left out), zbv/V2 profiled,
+    1f1b fused (every backward whole)."""
     name = schedule if virtual_stages == 1 else f"{schedule}/V{virtual_stages}"
-    return name if costs == "equal" else f"{name} {costs}"
+    return name + ("" if costs == "equal" else f" {costs}") + ("" if backward == "split" else f" {backward}")
 
 
 def theoretical_bubble(schedule: str, stages: int, micro_batches: int, chunks: int) -> float | None:
@@ -62,7 +63,7 @@ def collect(spec: ModelSpec, parts: list[dict]) -> tuple[list[dict], dict]:
             step = median(steps)
             v = cfg.get("virtual_stages", 1)
             runs.append({
-                "model": spec.name, **cfg, "label": label(cfg["schedule"], v, cfg.get("costs", "equal")), "step_s": step, "steps_s": steps,
+                "model": spec.name, **cfg, "label": label(cfg["schedule"], v, cfg.get("costs", "equal"), cfg.get("backward", "split")), "step_s": step, "steps_s": steps,
                 "baseline_s": base, "speedup": base / step if step else None,
                 "speedup_of_fastest": base_min / min(steps) if step else None,
                 "baseline_threads_s": threads,
@@ -123,6 +124,10 @@ def summarize(name: str, runs: list[dict]) -> dict:
         out["efficiency_target_met"] = all(
             e["efficiency"] >= EFFICIENCY_TARGET for e in efficiency if e["micro_batches"] in EFFICIENCY_MS
         )
+    bubbles = {r["label"]: r.get("bubble_measured") for r in n2
+               if r["micro_batches"] == 8 and r["checkpoint"] == "never"}  # fmt: skip
+    if all(bubbles.get(k) is not None for k in ("zb_h1", "1f1b", "1f1b fused")):
+        out["bubble_m8"] = {k: bubbles[k] for k in ("zb_h1", "1f1b", "1f1b fused")}
     k1 = next((r for r in mine if r["impl"] == "giantpipe" and r["stages"] == 1
                and r["micro_batches"] == 1 and r["schedule"] == "gpipe"), None)  # fmt: skip
     if k1:
@@ -313,6 +318,10 @@ def _summary_lines(name: str, model: dict, summary: dict) -> list[str]:
         cells = ", ".join(f"M={v['micro_batches']} {v['peer_over_giantpipe']:.2f} ({v['giantpipe']} vs {v['peer']})"
                           for v in summary["best_vs_peer_best"])  # fmt: skip
         lines.append(f"{name}: peer's best step / giantpipe's best step: {cells}")
+    if "bubble_m8" in summary:
+        b = summary["bubble_m8"]
+        lines.append(f"{name}: measured bubble at M=8: zb_h1 {b['zb_h1']:.0%}, 1f1b {b['1f1b']:.0%} (backward split at fill "
+                     f"and drain), textbook 1f1b {b['1f1b fused']:.0%} (every backward whole)")  # fmt: skip
     if "k1_engine_overhead" in summary:
         lines.append(
             f"{name}: the engine with 1 stage, M=1 costs {summary['k1_engine_overhead']:+.1%} "

@@ -15,7 +15,7 @@ RUN_FIELDS = {
     "model", "impl", "stages", "micro_batches", "schedule", "checkpoint", "step_s", "steps_s",
     "baseline_s", "speedup", "speedup_of_fastest", "ideal_speedup", "samples_per_s",
     "tokens_per_s", "baseline_threads_s", "speedup_vs_threads", "bubble_theoretical", "cpu_s",
-    "cpu_ratio", "error", "virtual_stages", "costs", "label",
+    "cpu_ratio", "error", "virtual_stages", "costs", "backward", "label",
 }  # fmt: skip
 
 
@@ -50,6 +50,8 @@ def test_quick_benchmark_writes_valid_json(tmp_path):
     assert all(0.0 <= r["bubble_measured"] <= 1.0 and len(r["compute_s"]) == 2 for r in ours)
     profiled = [r for r in ours if r["costs"] == "profiled"]  # zbv rebuilt for measured costs
     assert profiled and all(r["label"] == "zbv/V2 profiled" and r["step_s"] > 0 for r in profiled)
+    textbook = [r for r in ours if r["backward"] == "fused"]  # 1F1B with every backward whole
+    assert textbook and all(r["label"] == "1f1b fused" and r["step_s"] > 0 for r in textbook)
     peers = [r for r in runs if r["impl"] == "peer"]
     assert {r["model"] for r in peers} == {"mlp", "giant"}  # the seq model changes shape: no peer
     assert any(r["error"] for r in peers if r["schedule"] == "1f1b" and r["micro_batches"] == 1)
