@@ -23,16 +23,22 @@ def single_run(tmp_path_factory):
     return base / "run"
 
 
+def assert_same_losses(run_dir, reference_dir, what=""):
+    """Every logged training loss of `run_dir` equals `reference_dir`'s at the same step."""
+    expected, got = losses(reference_dir), losses(run_dir)
+    assert got and sorted(got) == sorted(expected), what
+    for step in got:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-5), (what, step)
+
+
 def test_two_stage_pipeline_logs_the_same_losses_as_one_device(tmp_path, single_run):
     run_dir = tmp_path / "pipe"
     args = TINY + PIPE2 + ["model.dropout=0", "strategy.micro_batches=4", "trainer.max_steps=20", "logger=csv",
                            "trainer.gradient_clip_val=0.05", f"hydra.run.dir={run_dir}"]
     proc = run_train(args, tmp_path)
     assert "partition of 4 layers into 2 stages" in proc.stdout
-    expected, got = losses(single_run), losses(run_dir)
-    assert len(got) == 20 and sorted(got) == sorted(expected)
-    for step in got:
-        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-5), step
+    assert len(losses(run_dir)) == 20
+    assert_same_losses(run_dir, single_run)
     summary = read_summary(run_dir)
     assert summary["choices"]["strategy"] == "pipeline" and summary["steps"] == 20
     assert summary["metrics"]["test/loss"] == pytest.approx(read_summary(single_run)["metrics"]["test/loss"], rel=1e-4)
@@ -57,9 +63,7 @@ def test_torchrun_launch_gives_the_same_losses(tmp_path, single_run):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    expected, got = losses(single_run), losses(run_dir)
-    for step in expected:
-        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-5), step
+    assert_same_losses(run_dir, single_run)
 
 
 def test_two_node_torchrun_on_localhost_gives_the_same_losses(tmp_path, single_run):
@@ -78,9 +82,7 @@ def test_two_node_torchrun_on_localhost_gives_the_same_losses(tmp_path, single_r
     nodes = [node(0), node(1)]
     outputs = [p.communicate(timeout=300) for p in nodes]
     assert [p.returncode for p in nodes] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
-    expected, got = losses(single_run), losses(run_dir)
-    for step in expected:
-        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-5), step
+    assert_same_losses(run_dir, single_run)
 
 
 def test_deferred_batch_norm_keeps_the_mini_batch_running_statistics(tmp_path):
@@ -124,10 +126,8 @@ def test_with_dropout_on_the_pipeline_draws_the_single_device_masks(tmp_path):
     run_train(common + [f"hydra.run.dir={tmp_path}/single"], tmp_path)
     run_train(common + PIPE2 + ["strategy.micro_batches=2", "strategy.schedule=1f1b", "strategy.checkpoint=always",
                                 f"hydra.run.dir={tmp_path}/pipe"], tmp_path)
-    expected, got = losses(tmp_path / "single"), losses(tmp_path / "pipe")
-    assert len(got) == 8
-    for step in got:
-        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-5), step
+    assert len(losses(tmp_path / "pipe")) == 8
+    assert_same_losses(tmp_path / "pipe", tmp_path / "single")
 
 
 def test_bf16_mixed_precision_pipeline_follows_one_device(tmp_path):
@@ -150,15 +150,11 @@ def test_every_new_schedule_logs_the_same_losses_as_one_device(tmp_path, single_
     run_train(["-m", f"strategy.schedule={','.join(schedules)}", "strategy.virtual_stages=2", *TINY, *PIPE2,
                "model.dropout=0", "strategy.micro_batches=4", "trainer.max_steps=20", "logger=csv",
                "callbacks=none", "trainer.gradient_clip_val=0.05", f"hydra.sweep.dir={sweep}"], tmp_path, timeout=900)
-    expected = losses(single_run)
     for job, name in enumerate(schedules):
         assert f"strategy.schedule={name}" in (sweep / str(job) / ".hydra" / "overrides.yaml").read_text()
         summary = read_summary(sweep / str(job))
         assert summary["steps"] == 20 and summary["choices"]["strategy"] == "pipeline", name
-        got = losses(sweep / str(job))
-        assert sorted(got) == sorted(expected), name
-        for step in got:
-            assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-5), (name, step)
+        assert_same_losses(sweep / str(job), single_run, name)
 
 
 def test_profiled_costs_rebuild_zbv_say_so_and_train_like_one_device(tmp_path, single_run):
@@ -169,10 +165,7 @@ def test_profiled_costs_rebuild_zbv_say_so_and_train_like_one_device(tmp_path, s
                                      "trainer.gradient_clip_val=0.05", f"hydra.run.dir={run_dir}"], tmp_path)
     assert "strategy.schedule_costs=profiled: zbv for F, B and W per micro-batch" in proc.stdout
     assert "stage 1 chunk 1: F " in proc.stdout and "predicted" in proc.stdout
-    expected, got = losses(single_run), losses(run_dir)  # profiling left no trace in training
-    assert sorted(got) == sorted(expected)
-    for step in got:
-        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-5), step
+    assert_same_losses(run_dir, single_run)  # profiling left no trace in training
 
 
 def test_auto_schedule_profiles_chooses_says_why_and_trains_like_one_device(tmp_path, single_run):
@@ -183,7 +176,4 @@ def test_auto_schedule_profiles_chooses_says_why_and_trains_like_one_device(tmp_
                      tmp_path)
     assert "strategy.schedule=auto: predicted from the profiled steps" in proc.stdout
     assert "zbv V=2" in proc.stdout and "chose " in proc.stdout
-    expected, got = losses(single_run), losses(run_dir)  # profiling left no trace in training
-    assert sorted(got) == sorted(expected)
-    for step in got:
-        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-5), step
+    assert_same_losses(run_dir, single_run)  # profiling left no trace in training
