@@ -176,7 +176,7 @@ NEW_SCHEDULES = (
     ("interleaved_1f1b", 2), ("zb_h1", 1), ("zb_h1", 2), ("zb_h2", 1), ("zbv", 2), ("dualpipev", 2),
 )  # fmt: skip
 # rebuilt for the F/B/W times profiled at start-up (strategy.schedule_costs=profiled): (name, V)
-PROFILED_SCHEDULES = (("zbv", 2),)
+PROFILED_SCHEDULES = (("zb_h1", 2), ("zbv", 2))
 # the peer's schedule for each (name, V) it has
 PEER_SCHEDULES = {
     ("gpipe", 1): "ScheduleGPipe", ("1f1b", 1): "Schedule1F1B",
