@@ -14,7 +14,7 @@ every rank the same lists.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from giantpipe.strategies.schedule_actions import Action, Phase, Schedule, virtual_stage
 from giantpipe.strategies.schedule_check import Cost, makespan, unit_cost
@@ -122,14 +122,18 @@ def list_schedule(
 
 
 def measured_schedule(policy: _Policy, num_ranks: int, micro_batches: int, chunks: int, cost: Cost):
-    """The list schedule for measured `cost`, kept where the simulation with that cost says
-    its step is shorter than the equal-cost lists' (greedy list scheduling is a heuristic:
-    for some costs the equal-cost order is better). It may hold a (micro-batch, chunk) more
-    than the policy's cap on a rank (see `list_schedule`): `peak_in_flight` tells."""
-    equal = list_schedule(policy, num_ranks, micro_batches, chunks)
-    measured = list_schedule(policy, num_ranks, micro_batches, chunks, cost)
-    faster = makespan(measured, policy.placement, cost) < makespan(equal, policy.placement, cost)
-    return measured if faster else equal
+    """The shortest, by the simulation with measured `cost`, of the equal-cost lists and the
+    lists built for that cost at the policy's cap and at one (micro-batch, chunk) more per
+    rank (greedy list scheduling is a heuristic: for some costs the equal-cost order is
+    better; with unequal chunks a slot of room lets a V's fast chunk run ahead). The rebuilt
+    lists may so hold one or two (micro-batch, chunk)s more on a rank: `peak_in_flight` tells."""
+    roomier = replace(policy, cap=lambda r, n, v: policy.cap(r, n, v) + 1)
+    options = [
+        list_schedule(policy, num_ranks, micro_batches, chunks),
+        list_schedule(policy, num_ranks, micro_batches, chunks, cost),
+        list_schedule(roomier, num_ranks, micro_batches, chunks, cost),
+    ]
+    return min(options, key=lambda s: makespan(s, policy.placement, cost))  # ties: the first
 
 
 def _ticks(cost: Cost, n: int, v: int) -> dict[tuple[int, int, Phase], int]:
