@@ -141,8 +141,8 @@ def check_schedule_costs(costs: str, schedule: str) -> None:
         raise ValueError(f"unknown strategy.schedule_costs {costs!r}: choose {words(SCHEDULE_COSTS)}")
     if costs == "profiled" and schedule != "auto" and schedule not in schedules.LIST_SCHEDULED:
         raise ValueError(
-            f"strategy.schedule_costs=profiled rebuilds {words(sorted(schedules.LIST_SCHEDULED))} "
-            f"for measured F/B/W times; {schedule} has a fixed order: choose one of those, or "
+            f"profiled costs rebuild only {words(sorted(schedules.LIST_SCHEDULED))} for measured "
+            f"F/B/W times; {schedule} has a fixed order: choose one of those, or "
             f"strategy.schedule_costs=equal"
         )
 
