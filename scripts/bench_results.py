@@ -62,8 +62,9 @@ def collect(spec: ModelSpec, parts: list[dict]) -> tuple[list[dict], dict]:
             steps = row.pop("steps_s")
             step = median(steps)
             v = cfg.get("virtual_stages", 1)
+            name = label(cfg["schedule"], v, cfg.get("costs", "equal"), cfg.get("backward", "split"))
             runs.append({
-                "model": spec.name, **cfg, "label": label(cfg["schedule"], v, cfg.get("costs", "equal"), cfg.get("backward", "split")), "step_s": step, "steps_s": steps,
+                "model": spec.name, **cfg, "label": name, "step_s": step, "steps_s": steps,
                 "baseline_s": base, "speedup": base / step if step else None,
                 "speedup_of_fastest": base_min / min(steps) if step else None,
                 "baseline_threads_s": threads,

@@ -33,7 +33,6 @@ from torch import nn
 from giantpipe.models.contract import Batch, Carry, LayeredModel, build_materialized, split_batch
 from giantpipe.strategies.batchnorm import DeferredBatchNorm
 from giantpipe.strategies.engine import PipelineEngine
-from giantpipe.strategies.schedule import Phase
 from giantpipe.strategies.schedule_auto import MeasuredCost
 from giantpipe.strategies.topology import Topology
 
@@ -359,12 +358,6 @@ def config(
     }  # fmt: skip
 
 
-def measured_cost(costs: dict) -> MeasuredCost:
-    """{(rank, chunk): (F, B, W) seconds} as the schedule cost `profile_costs` measures."""
-    phases = (Phase.FORWARD, Phase.INPUT, Phase.WEIGHT)
-    return MeasuredCost({(r, c, p): t for (r, c), times in costs.items() for p, t in zip(phases, times, strict=True)})
-
-
 def run_configs(rank: int, world_size: int, configs: list[dict]) -> list[dict]:
     """Worker: train each configuration for STEPS steps; report this stage's numbers."""
     results = []
@@ -383,7 +376,7 @@ def run_configs(rank: int, world_size: int, configs: list[dict]) -> list[dict]:
             split_backward=cfg["split_backward"], virtual_stages=chunks,
         )  # fmt: skip
         if cfg.get("costs"):
-            engine.replan(measured_cost(cfg["costs"]))
+            engine.replan(MeasuredCost.of(cfg["costs"]))
         global_batches = make_batches(**cfg["data"])
         batches = [replica_share(b, engine.replica, replicas) for b in global_batches]
         result = pipelined_run(engine, batches, LR)

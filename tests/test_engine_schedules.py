@@ -13,15 +13,16 @@ import itertools
 import pytest
 
 from giantpipe.strategies.schedule import SCHEDULES, make_schedule
+from giantpipe.strategies.schedule_auto import MeasuredCost
 from pipeline_harness import (
     assert_transparent,
     close,
     config,
-    measured_cost,
     reference,
     run_configs,
     spawn,
 )
+from test_schedule import GIANT_ZBV_S
 
 LAYERS = 10  # the toy's
 MODES = ("never", "always", "except_last")
@@ -65,9 +66,7 @@ DEFERRED_BN = [
     {**config(even(4), 4, "dualpipev", "never", virtual_stages=2, batchnorm=True), "deferred_batch_norm": True},
 ]
 # rebuilt for measured costs (strategy.schedule_costs=profiled): the giant net's zbv chunks
-# (each rank's second about twice its first), and a zb_h1 whose stages differ in F and W
-GIANT_ZBV_S = {(0, 0): (1.4e-3, 1.6e-3, 0.8e-3), (0, 1): (2.8e-3, 3.1e-3, 1.6e-3),
-               (1, 0): (1.3e-3, 1.6e-3, 0.8e-3), (1, 1): (2.6e-3, 2.8e-3, 1.5e-3)}  # fmt: skip
+# (test_schedule.py's), and a zb_h1 whose stages differ in F and W
 UNEQUAL_S = {(0, 0): (4e-3, 4e-3, 1e-3), (1, 0): (1e-3, 4e-3, 3e-3)}
 PROFILED = [
     config(even(4), 4, "zbv", "never", virtual_stages=2, costs=GIANT_ZBV_S),
@@ -149,7 +148,7 @@ def test_schedules_rebuilt_for_measured_costs_equal_one_device(jobs):
     """The rebuilt lists differ from the equal-cost ones and still give one device's numbers."""
     for cfg in PROFILED:
         n, v = len(cfg["balance"]) // cfg["virtual_stages"], cfg["virtual_stages"]
-        rebuilt = make_schedule(cfg["schedule"], n, cfg["micro_batches"], v, measured_cost(cfg["costs"]))
+        rebuilt = make_schedule(cfg["schedule"], n, cfg["micro_batches"], v, MeasuredCost.of(cfg["costs"]))
         assert rebuilt != make_schedule(cfg["schedule"], n, cfg["micro_batches"], v), cfg["schedule"]
     for cfg, per_rank in zip(PROFILED, jobs[2][-len(PROFILED) :], strict=True):
         assert_transparent(cfg, per_rank)

@@ -20,6 +20,7 @@ from giantpipe.strategies.schedule import (
     simulate,
     validate,
 )
+from giantpipe.strategies.schedule_auto import MeasuredCost
 
 SIZES = [(n, m) for n in range(1, 6) for m in range(1, 10)]
 
@@ -228,25 +229,17 @@ def test_dualpipev_runs_the_peers_order(num_stages):
             assert make_schedule("dualpipev", num_stages, m, 2)[rank] == theirs, (rank, m)
 
 
-# F, B, W ms per micro-batch of the giant net's zbv chunks (2 ranks), profiled on this machine:
-# each rank's chunk 1 costs about twice its chunk 0
-GIANT_ZBV_MS = {(0, 0): (1.42, 1.61, 0.79), (0, 1): (2.83, 3.10, 1.58),
-                (1, 0): (1.28, 1.59, 0.78), (1, 1): (2.59, 2.80, 1.50)}  # fmt: skip
-
-
-def measured(ms: dict) -> sched.Cost:
-    def cost(rank: int, action: Action) -> float:
-        f, b, w = ms[(rank, action.chunk)]
-        return {Phase.FORWARD: f, Phase.INPUT: b, Phase.WEIGHT: w, Phase.BACKWARD: b + w}[action.phase] / 1e3
-
-    return cost
+# F, B, W seconds per micro-batch of the giant net's zbv chunks (2 ranks), profiled on this
+# machine: each rank's chunk 1 costs about twice its chunk 0
+GIANT_ZBV_S = {(0, 0): (1.42e-3, 1.61e-3, 0.79e-3), (0, 1): (2.83e-3, 3.10e-3, 1.58e-3),
+               (1, 0): (1.28e-3, 1.59e-3, 0.78e-3), (1, 1): (2.59e-3, 2.80e-3, 1.50e-3)}  # fmt: skip
 
 
 @pytest.mark.parametrize(("name", "chunks"), [("zb_h1", 1), ("zb_h1", 2), ("zb_h2", 1), ("zbv", 2)])
 def test_equal_measured_costs_give_the_clock_lists(name, chunks):
     """In seconds or in clocks, equal costs list the same actions (the pictures hold); the
     measured choice, which may also take a slot more room, is never slower."""
-    same = measured({(r, c): (3.0, 3.0, 3.0) for r in range(3) for c in range(chunks)})
+    same = MeasuredCost.of({(r, c): (3.0, 3.0, 3.0) for r in range(3) for c in range(chunks)})
     placement = sched.SCHEDULES[name].placement
     for m in (1, 4, 7):
         clock = make_schedule(name, 3, m, chunks)
@@ -255,7 +248,7 @@ def test_equal_measured_costs_give_the_clock_lists(name, chunks):
 
 
 def test_measured_costs_reshape_zbv_and_shorten_its_step():
-    cost = measured(GIANT_ZBV_MS)
+    cost = MeasuredCost.of(GIANT_ZBV_S)
     for m in (4, 8, 16):
         equal, rebuilt = make_schedule("zbv", 2, m, 2), make_schedule("zbv", 2, m, 2, cost)
         validate(rebuilt, m, placement="vshape")
@@ -273,7 +266,7 @@ def test_any_measured_costs_give_a_valid_schedule_no_slower_than_the_clock_one(n
     for n in (2, 3, 4):
         for m in (1, 2, 5, 8):
             ms = {(r, c): tuple(rng.uniform(1, 12) for _ in range(3)) for r in range(n) for c in range(chunks)}
-            cost = measured(ms)
+            cost = MeasuredCost.of(ms)
             rebuilt = make_schedule(name, n, m, chunks, cost)
             validate(rebuilt, m, placement=placement)
             assert makespan(rebuilt, placement, cost) <= makespan(make_schedule(name, n, m, chunks), placement, cost)

@@ -122,7 +122,6 @@ class _Chunk:
     next: Link | LocalLink | None
     is_first: bool
     is_last: bool
-    backward_order: list[int] = field(default_factory=list)  # its backwards, in order
 
 
 @dataclass
@@ -168,7 +167,6 @@ class PipelineEngine:
         timeline: bool = False,
         split_backward: bool = True,
         virtual_stages: int = 1,
-        schedule_cost: Cost | None = None,
     ) -> None:
         distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if distributed else 0
@@ -204,7 +202,6 @@ class PipelineEngine:
         )  # fmt: skip
         self.module = place_layers(model, set(self.layer_indices), self.device, seed)
         self._split_backward = split_backward
-        self.schedule_cost = schedule_cost
         self._plan_actions()
         self._batchnorms = [
             m for i in self.layer_indices for m in model.layers[i].modules()
@@ -230,24 +227,21 @@ class PipelineEngine:
         """Rebuild the schedule's lists from measured costs per (rank, action)
         (`schedule_auto.profile_costs`): a list-scheduled schedule (zb_h1, zb_h2, zbv) then
         orders each rank's work for the real durations. Every rank must pass the same costs."""
-        self.schedule_cost = cost
-        self._plan_actions()
-        for chunk in self._chunks:  # the gradient receives are posted in backward order
-            chunk.backward_order = self._backward_orders[chunk.index]
+        self._plan_actions(cost)
 
-    def _plan_actions(self) -> None:
-        """This rank's training and forward-only actions. The whole schedule is checked
-        (every micro-batch once, neighbours in the same order, no deadlock) before any step."""
+    def _plan_actions(self, cost: Cost | None = None) -> None:
+        """This rank's training and forward-only actions (for `cost`, or one clock per F, B, W).
+        The whole schedule is checked (every micro-batch once, neighbours in the same order, no
+        deadlock) before any step."""
         n, m, v = self.num_stages, self.micro_batches, self.virtual_stages
-        split_backward = self._split_backward
-        train = make_schedule(self.schedule, n, m, v, self.schedule_cost)
-        if split_backward and self.schedule in ("gpipe", "1f1b"):
+        train = make_schedule(self.schedule, n, m, v, cost)
+        if self._split_backward and self.schedule in ("gpipe", "1f1b"):
             # Split backwards: the first and the last of the step, where the previous stage
             # waits for this one (pipeline fill and drain); in between, the slower of the two
             # stages sets the pace whether or not the weight products wait. The first stage's
             # input gradients go nowhere: its backward stays fused.
             train = [train[0], *(split_ends(actions) for actions in train[1:])]
-        elif not split_backward:
+        elif not self._split_backward:
             train = [[_fused(a) for a in actions if a.phase is not Phase.WEIGHT] for actions in train]
         validate(train, m, placement=self.placement)
         self._train_actions = train[self.stage]
@@ -270,7 +264,7 @@ class PipelineEngine:
             topology, self.stage, self.replica, self.virtual_stages, self.placement, self.device
         )
         self._chunks = [
-            _Chunk(c, k, self._chunk_ranges[c], prev, nxt, k == 0, k == last, self._backward_orders[c])
+            _Chunk(c, k, self._chunk_ranges[c], prev, nxt, k == 0, k == last)
             for c, (k, prev, nxt) in enumerate(links)
         ]
         # the links of a one-chunk rank, which pipelined decoding shares
@@ -457,7 +451,8 @@ class PipelineEngine:
         """Post the gradient receive of the chunk's next backwards whose forward is done, so
         the gradients travel while this rank computes (they arrive in backward order)."""
         assert chunk.next is not None
-        c, order = chunk.index, chunk.backward_order
+        c = chunk.index
+        order = self._backward_orders[c]
         while (
             step.grads_posted[c] < len(order)
             and step.grads_posted[c] - step.grads_taken[c] < self.GRADS_AHEAD

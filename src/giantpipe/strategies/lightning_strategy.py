@@ -159,10 +159,10 @@ class PipelineStrategy(DDPStrategy):
         except Exception as err:
             raise ValueError(f"strategy.schedule_costs=profiled could not profile a training step "
                              f"({err}); use strategy.schedule_costs=equal") from err  # fmt: skip
-        equal = (engine.schedule, self.cfg.stages, self.cfg.micro_batches, engine.virtual_stages)
         engine.replan(cost)
         if self.global_rank == 0:
-            print(schedule_auto.explain_costs(cost, *equal), flush=True)
+            print(schedule_auto.explain_costs(cost, engine.schedule, self.cfg.stages,
+                                              self.cfg.micro_batches, engine.virtual_stages), flush=True)  # fmt: skip
 
     def partition(self, task, engine: PipelineEngine):
         """The partition table: one row per virtual stage, with the ranks holding it."""

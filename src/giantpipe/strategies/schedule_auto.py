@@ -78,15 +78,10 @@ def predict(
         out.excluded = str(err)
         return out
     placement = SCHEDULES[schedule].placement
-
-    def cost(rank: int, action: Action) -> float:
-        p = profiles[rank]
-        seconds = {
-            Phase.FORWARD: p.forward_s, Phase.INPUT: p.input_s, Phase.WEIGHT: p.weight_s,
-            Phase.BACKWARD: p.input_s + p.weight_s,
-        }[action.phase]  # fmt: skip
-        return seconds / chunks
-
+    cost = MeasuredCost.of({
+        (r, c): (p.forward_s / chunks, p.input_s / chunks, p.weight_s / chunks)
+        for r, p in enumerate(profiles) for c in range(chunks)
+    })  # fmt: skip
     out.step_s = makespan(actions, placement, cost)
     busy = sum(cost(r, a) for r, row in enumerate(actions) for a in row)
     out.bubble = 1.0 - busy / (n * out.step_s) if out.step_s else 0.0
@@ -208,22 +203,20 @@ def profile_costs(engine, batch, steps: int = 3) -> MeasuredCost:
                          f"or zbv engine (they split every backward: W is timed apart)")  # fmt: skip
     measured = _profiled_steps(engine, batch, steps, timeline="time")
     n, v = engine.num_stages, engine.virtual_stages
-    table = torch.zeros(n, v, len(_TIMED) + 1, dtype=torch.float64)
-    for t in measured:
-        for e in t.events:
-            for j, kind in enumerate(_TIMED.values()):
-                if e.kind == kind:
-                    table[engine.stage, e.chunk, j] += e.duration
+    column = {kind: j for j, kind in enumerate(_TIMED.values())}
+    table = torch.zeros(n, v, len(_TIMED) + 1, dtype=torch.float64)  # + the micro-batch count
+    for e in (e for t in measured for e in t.events if e.kind in column):
+        table[engine.stage, e.chunk, column[e.kind]] += e.duration
     table[engine.stage, :, -1] = len(measured) * engine.micro_batches
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         on = table.cuda() if dist.get_backend() == "nccl" else table
         dist.all_reduce(on)
         table = on.cpu()
-    seconds = {  # at least a microsecond: a chunk without linear layers has next to no W
-        (r, c, phase): max(table[r, c, j].item() / table[r, c, -1].item(), 1e-6)
-        for r in range(n) for c in range(v) for j, phase in enumerate(_TIMED)
-    }  # fmt: skip
-    return MeasuredCost(seconds)
+    # at least a microsecond: a chunk without linear layers has next to no W
+    return MeasuredCost.of({
+        (r, c): tuple(max(t / table[r, c, -1].item(), 1e-6) for t in table[r, c, :-1].tolist())
+        for r in range(n) for c in range(v)
+    })  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -231,6 +224,11 @@ class MeasuredCost:
     """Seconds per (rank, chunk, F/B/W), as a schedule `Cost`: a fused BW costs B + W."""
 
     seconds: dict
+
+    @classmethod
+    def of(cls, times: dict) -> MeasuredCost:
+        """From {(rank, chunk): (F, B, W) seconds}."""
+        return cls({(r, c, p): t for (r, c), row in times.items() for p, t in zip(_TIMED, row, strict=True)})
 
     def __call__(self, rank: int, action: Action) -> float:
         if action.phase is Phase.BACKWARD:
