@@ -67,7 +67,9 @@ JSON (`--out`, default bench_pipeline.json):
            step, every thread, summed over ranks), baseline_cpu_s, cpu_ratio (cpu_s /
            baseline_cpu_s: the work the configuration adds, robust to a busy host),
            bubble_measured (idle / total stage-time in the instrumented step; see
-           strategies/timeline.py), bubble_theoretical (the schedule's clock simulation,
+           strategies/timeline.py), bubble_busiest (the idle share of the stage computing
+           most: the paper's (cost - work) / cost, the partition's imbalance left out),
+           bubble_theoretical (the schedule's clock simulation,
            schedule.bubble: (N-1)/(M+N-1) for gpipe and 1f1b),
            schedule_model_s ((M-1)*max_s(c_s/M) + sum_s(c_s/M) for the instrumented step's
            per-stage compute c_s: the step a schedule of whole, fused backward boxes allows
@@ -92,7 +94,8 @@ JSON (`--out`, default bench_pipeline.json):
            the same M, each over its own baseline rounds; step_ratio: their steps' ratio) and
            efficiency_target_met (>= 1.80 at M 4, 8, 16); for mlp and giant also
            target_best_n2_speedup (1.75 / 1.70), target_met and best_n2_speedup_of_fastest;
-           for models with tokens
+           bubble_m8 and bubble_busiest_m8 {zb_h1, 1f1b, 1f1b fused} (N=2, M=8: bubble_measured
+           and bubble_busiest of each); for models with tokens
            tokens_per_s {single (1 process, whole batch), by_micro_batches [{micro_batches,
            n1_tokens_per_s, n1_schedule, n1_over_single, n2_tokens_per_s, n2_schedule,
            n2_over_single}]} (the faster schedule at each M, no re-materialization)
@@ -397,6 +400,7 @@ def instrumented(runner: Runner, spec: ModelSpec, distributed: bool, steps: int 
     per_stage = list(zip(*compute, strict=True))
     return {
         "bubble_measured": median([tl.bubble_fraction(tls) for tls in gathered]),
+        "bubble_busiest": median([tl.bubble_fraction(tls, busiest=True) for tls in gathered]),
         "compute_s": [median(list(c)) for c in per_stage],
         "comm_s": [median(list(c)) for c in zip(*comm, strict=True)],
         "schedule_model_s": median(models),

@@ -48,6 +48,8 @@ def test_quick_benchmark_writes_valid_json(tmp_path):
     ours = [r for r in runs if r["impl"] == "giantpipe" and r["stages"] == 2]
     assert {r["checkpoint"] for r in ours} == {"never", "except_last", "always"}
     assert all(0.0 <= r["bubble_measured"] <= 1.0 and len(r["compute_s"]) == 2 for r in ours)
+    # the busiest stage idles no more than the stages do on average
+    assert all(0.0 <= r["bubble_busiest"] <= r["bubble_measured"] for r in ours)
     profiled = [r for r in ours if r["costs"] == "profiled"]  # rebuilt for measured costs
     assert {r["label"] for r in profiled} == {"zb_h1/V2 profiled", "zbv/V2 profiled"}
     assert all(r["step_s"] > 0 for r in profiled)

@@ -188,6 +188,14 @@ def test_measured_bubble_of_an_uneven_step():
     )
     assert tl.bubble_fraction([a, b]) == pytest.approx(0.65)
     assert tl.bubble_from_spans([2.0, 5.0], [(0.0, 10.0), (3.0, 8.0)]) == pytest.approx(0.65)
+    # the busiest stage (1: 5 s) idles 5 s of the 10 s span; stage 0's lighter load is left out
+    assert tl.bubble_fraction([a, b], busiest=True) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.37])
+def test_busiest_stage_bubble_equals_the_whole_one_on_equal_stages(shift):
+    timelines = synthetic_gpipe(shift)
+    assert tl.bubble_fraction(timelines, busiest=True) == pytest.approx(0.25)
 
 
 def test_logged_metrics_from_every_ranks_stats():
