@@ -190,6 +190,7 @@ def test_measured_bubble_of_an_uneven_step():
     assert tl.bubble_from_spans([2.0, 5.0], [(0.0, 10.0), (3.0, 8.0)]) == pytest.approx(0.65)
     # the busiest stage (1: 5 s) idles 5 s of the 10 s span; stage 0's lighter load is left out
     assert tl.bubble_fraction([a, b], busiest=True) == pytest.approx(0.5)
+    assert tl.bubble_from_spans([2.0, 5.0], [(0.0, 10.0), (3.0, 8.0)], busiest=True) == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize("shift", [0.0, 0.37])
@@ -207,6 +208,7 @@ def test_logged_metrics_from_every_ranks_stats():
     ]  # fmt: skip
     metrics = step_metrics(stats)
     assert metrics["pipeline/bubble"] == pytest.approx(0.25)
+    assert metrics["pipeline/bubble_busiest"] == pytest.approx(0.25)  # equal stages: the same
     assert metrics["pipeline/bubble_theory"] == pytest.approx(0.25)
     assert metrics["pipeline/step_s"] == pytest.approx(12.0)
     assert metrics["pipeline/stage1/comm_s"] == 1.5
@@ -255,6 +257,7 @@ def test_pipeline_metrics_callback_logs_and_draws_once_when_registered_twice(tmp
     assert all(float(r["train/samples_per_s"]) > 0 for r in logged)  # every step, every logger
     assert float(logged[-1]["pipeline/bubble_theory"]) == pytest.approx(1 / 5)  # M=4 by default
     assert 0.0 <= float(logged[-1]["pipeline/bubble"]) < 1.0
+    assert 0.0 <= float(logged[-1]["pipeline/bubble_busiest"]) <= float(logged[-1]["pipeline/bubble"])
     assert (run_dir / "pipeline" / "timeline.png").exists()
     trace = json.loads((run_dir / "pipeline" / "timeline.trace.json").read_text())
     assert {e["tid"] for e in trace["traceEvents"] if e["ph"] == "X"} == {0, 1}

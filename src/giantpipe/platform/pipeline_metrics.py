@@ -5,6 +5,7 @@ Under the pipeline strategy, `PipelineMetrics` turns on the engine's timeline re
 (so every configured logger gets them, at `trainer.log_every_n_steps`):
 
     pipeline/bubble                 measured: idle / total stage-time in the step
+    pipeline/bubble_busiest         the busiest stage's idle share: the bubble without imbalance
     pipeline/bubble_theory          the schedule's: (N-1)/(M+N-1) for gpipe and 1f1b
     pipeline/step_s                 the step's span, first to last compute over all stages
     pipeline/stage{s}/compute_s     forward + backward + weight (recompute included) of stage s
@@ -127,8 +128,10 @@ def step_metrics(stats: list[dict]) -> dict[str, float]:
     """The logged metrics from every rank's stats (see the module docstring)."""
     spans = [(s["span_start"], s["span_end"]) for s in stats]
     first = stats[0]
+    busy = [s["compute_s"] for s in stats]
     metrics = {
-        "pipeline/bubble": tl.bubble_from_spans([s["compute_s"] for s in stats], spans),
+        "pipeline/bubble": tl.bubble_from_spans(busy, spans),
+        "pipeline/bubble_busiest": tl.bubble_from_spans(busy, spans, busiest=True),
         "pipeline/bubble_theory": tl.theoretical_bubble(
             first["num_stages"], first["micro_batches"], first.get("schedule", "gpipe"),
             first.get("virtual_stages", 1),

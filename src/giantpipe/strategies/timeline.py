@@ -345,27 +345,28 @@ def theoretical_bubble(
     return bubble(actions, SCHEDULES[schedule].placement)
 
 
-def bubble_from_spans(busy_s: Sequence[float], spans: Sequence[tuple[float, float]]) -> float:
+def bubble_from_spans(
+    busy_s: Sequence[float], spans: Sequence[tuple[float, float]], *, busiest: bool = False
+) -> float:
     """Idle / total stage-time: each stage's `busy_s` compute within the common span from the
-    earliest start to the latest end of `spans` (one (start, end) per stage)."""
+    earliest start to the latest end of `spans` (one (start, end) per stage). `busiest`: the
+    idle share of the stage that computes most instead (the zero-bubble paper's
+    (cost - its work) / cost), which leaves out what the other stages idle because they have
+    less to do: the part of the step a schedule can win back, not the partition's imbalance."""
     if not spans:
         return 0.0
     total = max(end for _, end in spans) - min(start for start, _ in spans)
     if total <= 0:
         return 0.0
+    if busiest:
+        return max(0.0, 1.0 - max(busy_s) / total)
     return max(0.0, 1.0 - sum(busy_s) / (len(busy_s) * total))
 
 
 def bubble_fraction(timelines: Sequence[StepTimeline], *, busiest: bool = False) -> float:
-    """The measured bubble of one step from every stage's timeline (all replicas count).
-    `busiest`: the idle share of the stage that computes most instead (the zero-bubble paper's
-    (cost - its work) / cost), which leaves out what the other stages idle because they have
-    less to do: the part of the step a schedule can win back, not the partition's imbalance."""
+    """The measured bubble of one step from every stage's timeline (all replicas count);
+    `busiest`: the busiest stage's (`bubble_from_spans`)."""
     with_compute = [t for t in timelines if t.compute_span() is not None]
-    busy = [t.compute_s for t in with_compute]
-    spans = [t.compute_span() for t in with_compute]
-    if busiest and with_compute:
-        most = max(range(len(busy)), key=busy.__getitem__)
-        start, end = min(s for s, _ in spans), max(e for _, e in spans)
-        return bubble_from_spans([busy[most]], [(start, end)])
-    return bubble_from_spans(busy, spans)
+    return bubble_from_spans(
+        [t.compute_s for t in with_compute], [t.compute_span() for t in with_compute], busiest=busiest
+    )
