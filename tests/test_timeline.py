@@ -157,6 +157,7 @@ def synthetic_gpipe(shift: float = 0.0) -> list[StepTimeline]:
 def test_measured_bubble_of_a_synthetic_gpipe_step(shift):
     timelines = synthetic_gpipe(shift)
     assert tl.bubble_fraction(timelines) == pytest.approx(0.25)
+    assert tl.bubble_fraction(timelines, busiest=True) == pytest.approx(0.25)  # equal stages
     assert tl.theoretical_bubble(2, 3) == pytest.approx(0.25)
     assert [t.compute_s for t in timelines] == [9.0, 9.0]
     assert timelines[1].comm_s == 1.0
@@ -192,11 +193,6 @@ def test_measured_bubble_of_an_uneven_step():
     assert tl.bubble_fraction([a, b], busiest=True) == pytest.approx(0.5)
     assert tl.bubble_from_spans([2.0, 5.0], [(0.0, 10.0), (3.0, 8.0)], busiest=True) == pytest.approx(0.5)
 
-
-@pytest.mark.parametrize("shift", [0.0, 0.37])
-def test_busiest_stage_bubble_equals_the_whole_one_on_equal_stages(shift):
-    timelines = synthetic_gpipe(shift)
-    assert tl.bubble_fraction(timelines, busiest=True) == pytest.approx(0.25)
 
 
 def test_logged_metrics_from_every_ranks_stats():
