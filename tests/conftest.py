@@ -5,8 +5,11 @@ from __future__ import annotations
 import csv
 import json
 import os
+import select
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -59,10 +62,54 @@ def offline_env(tmp_path_factory):
     yield
 
 
-def run_train(args: list[str], cwd: Path, timeout: int = 240, check: bool = True) -> subprocess.CompletedProcess:
-    """Run `giantpipe-train` in a subprocess (the real entry point) with its outputs under `cwd`."""
+class TrainServer:
+    """The client of this pytest worker's `train_server.py` (started at the first run)."""
+
+    def __init__(self):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "train_server.py")], env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert "ready" in self.answer(timeout=300), "the train server did not start"
+
+    def answer(self, timeout: float) -> dict:
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            raise subprocess.TimeoutExpired("train_server", timeout)
+        return json.loads(line)
+
+    def run(self, args: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
+        with tempfile.TemporaryDirectory() as tmp:
+            out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
+            request = {"args": args, "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err)}
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+            pid = self.answer(timeout=60)["pid"]
+            try:
+                returncode = self.answer(timeout)["returncode"]
+            except subprocess.TimeoutExpired:
+                os.kill(pid, signal.SIGKILL)  # its workers die with it (platform/launch.py)
+                self.answer(timeout=60)
+                raise
+            return subprocess.CompletedProcess(TRAIN + args, returncode, out.read_text(), err.read_text())
+
+
+_server: TrainServer | None = None
+
+
+def run_train(args: list[str], cwd: Path, timeout: int = 240, check: bool = True,
+              fresh_interpreter: bool = False) -> subprocess.CompletedProcess:
+    """Run `giantpipe-train` in a subprocess with its outputs under `cwd`: forked from this
+    worker's train server (imports done once, tests/train_server.py), or with
+    `fresh_interpreter=True` the real `python -m giantpipe.platform.train` from scratch."""
+    global _server
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(TRAIN + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if fresh_interpreter:
+        proc = subprocess.run(TRAIN + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    else:
+        if _server is None or _server.proc.poll() is not None:
+            _server = TrainServer()
+        proc = _server.run(args, cwd, env, timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"giantpipe-train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc

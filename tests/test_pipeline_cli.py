@@ -35,7 +35,7 @@ def test_two_stage_pipeline_logs_the_same_losses_as_one_device(tmp_path, single_
     run_dir = tmp_path / "pipe"
     args = TINY + PIPE2 + ["model.dropout=0", "strategy.micro_batches=4", "trainer.max_steps=20", "logger=csv",
                            "trainer.gradient_clip_val=0.05", f"hydra.run.dir={run_dir}"]
-    proc = run_train(args, tmp_path)
+    proc = run_train(args, tmp_path, fresh_interpreter=True)  # the real entry point, as a user starts it
     assert "partition of 4 layers into 2 stages" in proc.stdout
     assert len(losses(run_dir)) == 20
     assert_same_losses(run_dir, single_run)

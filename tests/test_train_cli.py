@@ -28,7 +28,7 @@ def test_bad_key_choice_and_value_fail_with_one_line_naming_the_fix(tmp_path):
 
 def test_tiny_run_trains_validates_tests_and_summarizes(tmp_path):
     run_dir = tmp_path / "run"
-    run_train(TINY + [f"hydra.run.dir={run_dir}"], tmp_path)
+    run_train(TINY + [f"hydra.run.dir={run_dir}"], tmp_path, fresh_interpreter=True)  # the real entry point
     summary = read_summary(run_dir)
     assert summary["choices"]["model"] == "giant_net" and summary["choices"]["strategy"] == "single"
     assert summary["steps"] == 6

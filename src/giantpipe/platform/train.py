@@ -103,9 +103,7 @@ def job_info() -> dict:
 
 def run_job(cfg: DictConfig) -> dict:
     """Run in this process (one device, or already launched by torchrun/SLURM), or spawn workers."""
-    from giantpipe.platform.build import build_task
     from giantpipe.platform.launch import launched_externally, spawn, start_worker_server
-    from giantpipe.platform.plan import check_budget
 
     world = cfg.trainer.devices * cfg.trainer.num_nodes
     job = job_info()
@@ -116,7 +114,10 @@ def run_job(cfg: DictConfig) -> dict:
             f"trainer.num_nodes={cfg.trainer.num_nodes}: multi-node runs are started on every node by torchrun or "
             "SLURM (see 'Running on a cluster' in the README)"
         )
-    start_worker_server(cfg.model.family)  # imports for the workers while the data is prepared
+    start_worker_server(cfg.model.family)  # imports for the workers while this process imports too
+    from giantpipe.platform.build import build_task
+    from giantpipe.platform.plan import check_budget
+
     OmegaConf.resolve(cfg)  # workers have no HydraConfig to resolve ${hydra:...} with
     built = build_task(cfg)  # fail on bad data before starting processes, and fill the data cache once
     check_budget(cfg, built)  # strategy.memory_budget_mb: a plan over it stops here (platform/plan.py)
