@@ -5,14 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import os
-import select
-import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
+
+import cli_server
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = [sys.executable, "-m", "giantpipe.platform.train"]
@@ -62,54 +61,25 @@ def offline_env(tmp_path_factory):
     yield
 
 
-class TrainServer:
-    """The client of this pytest worker's `train_server.py` (started at the first run)."""
-
-    def __init__(self):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "train_server.py")], env=env,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        assert "ready" in self.answer(timeout=300), "the train server did not start"
-
-    def answer(self, timeout: float) -> dict:
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        line = self.proc.stdout.readline() if ready else ""
-        if not line:
-            raise subprocess.TimeoutExpired("train_server", timeout)
-        return json.loads(line)
-
-    def run(self, args: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
-        with tempfile.TemporaryDirectory() as tmp:
-            out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
-            request = {"args": args, "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err)}
-            self.proc.stdin.write(json.dumps(request) + "\n")
-            self.proc.stdin.flush()
-            pid = self.answer(timeout=60)["pid"]
-            try:
-                returncode = self.answer(timeout)["returncode"]
-            except subprocess.TimeoutExpired:
-                os.kill(pid, signal.SIGKILL)  # its workers die with it (platform/launch.py)
-                self.answer(timeout=60)
-                raise
-            return subprocess.CompletedProcess(TRAIN + args, returncode, out.read_text(), err.read_text())
-
-
-_server: TrainServer | None = None
+def run_cli(command: str, args: list[str], cwd: Path, timeout: int = 240, check: bool = True,
+            input: str | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m giantpipe.platform.<command> ARGS` in `cwd` (train, evaluate, export, plan),
+    forked from this worker's CLI server (imports done once, tests/cli_server.py)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = cli_server.run(f"giantpipe.platform.{command}", args, cwd, env, timeout, input=input)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{command} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
 
 
 def run_train(args: list[str], cwd: Path, timeout: int = 240, check: bool = True,
               fresh_interpreter: bool = False) -> subprocess.CompletedProcess:
-    """Run `giantpipe-train` in a subprocess with its outputs under `cwd`: forked from this
-    worker's train server (imports done once, tests/train_server.py), or with
+    """`giantpipe-train ARGS` with its outputs under `cwd`, through the CLI server; with
     `fresh_interpreter=True` the real `python -m giantpipe.platform.train` from scratch."""
-    global _server
+    if not fresh_interpreter:
+        return run_cli("train", args, cwd, timeout, check)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    if fresh_interpreter:
-        proc = subprocess.run(TRAIN + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    else:
-        if _server is None or _server.proc.poll() is not None:
-            _server = TrainServer()
-        proc = _server.run(args, cwd, env, timeout)
+    proc = subprocess.run(TRAIN + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"giantpipe-train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc

@@ -11,16 +11,16 @@ from pathlib import Path
 
 import torch
 
-from conftest import TRAIN
+import cli_server
+from cli_server import ServedRun
 
 
-def launch(args: list[str], cwd: Path, fault: str | None = None, fault_log: Path | None = None) -> subprocess.Popen:
+def launch(args: list[str], cwd: Path, fault: str | None = None, fault_log: Path | None = None) -> ServedRun:
     """giantpipe-train in its own session (so every process it starts can be found), with a fault."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     if fault:
         env.update(GIANTPIPE_FAULT=fault, GIANTPIPE_FAULT_LOG=str(fault_log))
-    return subprocess.Popen(TRAIN + args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    return cli_server.start("giantpipe.platform.train", args, cwd, env, new_session=True)
 
 
 def session_alive(pid: int) -> bool:
@@ -48,7 +48,7 @@ def live_members(session: int) -> list[str]:
     return [line for line in ps.splitlines() if line.split()[1] == str(session) and not line.split()[2].startswith("Z")]
 
 
-def finish(proc: subprocess.Popen, timeout: float = 900) -> tuple[str, str]:
+def finish(proc: ServedRun, timeout: float = 900) -> tuple[str, str]:
     """Wait for the run; whatever happens, nothing of its session outlives the test."""
     try:
         return proc.communicate(timeout=timeout)
@@ -57,7 +57,7 @@ def finish(proc: subprocess.Popen, timeout: float = 900) -> tuple[str, str]:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def wait_for(path: Path, proc: subprocess.Popen) -> None:
+def wait_for(path: Path, proc: ServedRun) -> None:
     """Until `path` exists (the run's progress, not a clock); fail if the run ends first."""
     while not path.exists():
         if proc.poll() is not None:

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import PIPE2, TINY, run_train
+from conftest import PIPE2, TINY, run_cli, run_train
 
 ARGS = TINY + ["trainer.max_steps=5", "trainer.val_check_interval=2", "logger=csv", "run_test=false"]
 PIPE = PIPE2 + ["strategy.micro_batches=2"]
@@ -63,8 +61,7 @@ def test_a_corrupt_shard_fails_export_and_resume_before_training_naming_shard_an
     flip_bytes(last.parent / shard)
     named = [shard, "of stage 1 is corrupt"]
 
-    export = subprocess.run([sys.executable, "-m", "giantpipe.platform.export", str(last)],
-                            capture_output=True, text=True, timeout=120)
+    export = run_cli("export", [str(last)], tmp_path, timeout=120, check=False)
     assert export.returncode == 2 and all(n in export.stderr for n in named), export.stderr
     assert not (run_dir / "checkpoints" / "last.consolidated.ckpt").exists()
 

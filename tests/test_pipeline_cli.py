@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import PIPE2, TINY, losses, read_summary, run_train, shard_files
+from conftest import PIPE2, TINY, losses, read_summary, run_cli, run_train, shard_files
 from giantpipe.platform.launch import free_port
 
 
@@ -46,12 +46,10 @@ def test_two_stage_pipeline_logs_the_same_losses_as_one_device(tmp_path, single_
     # one shard per stage, consolidated by giantpipe-export, evaluated on one device
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     assert all((run_dir / "checkpoints" / f).exists() for f in shard_files(ckpt)) and len(shard_files(ckpt)) == 2
-    subprocess.run([sys.executable, "-m", "giantpipe.platform.export", str(ckpt)],
-                   check=True, capture_output=True, timeout=120)
+    run_cli("export", [str(ckpt)], tmp_path, timeout=120)
     merged = run_dir / "checkpoints" / "last.consolidated.ckpt"
     evaluated = tmp_path / "eval.json"
-    subprocess.run([sys.executable, "-m", "giantpipe.platform.evaluate", str(merged), "--out", str(evaluated)],
-                   check=True, capture_output=True, timeout=120, cwd=tmp_path)
+    run_cli("evaluate", [str(merged), "--out", str(evaluated)], tmp_path, timeout=120)
     assert json.loads(evaluated.read_text())["test/loss"] == pytest.approx(summary["metrics"]["test/loss"], rel=1e-5)
 
 
@@ -92,8 +90,7 @@ def test_deferred_batch_norm_keeps_the_mini_batch_running_statistics(tmp_path):
     run_train(tiny + conv + [f"hydra.run.dir={tmp_path}/single"], tmp_path)
     run_train(tiny + conv + PIPE2 + ["strategy.micro_batches=4", "strategy.deferred_batch_norm=true",
                                      f"hydra.run.dir={tmp_path}/pipe"], tmp_path)
-    subprocess.run([sys.executable, "-m", "giantpipe.platform.export", f"{tmp_path}/pipe/checkpoints/last.ckpt"],
-                   check=True, capture_output=True, timeout=120)
+    run_cli("export", [f"{tmp_path}/pipe/checkpoints/last.ckpt"], tmp_path, timeout=120)
     import torch
 
     single = torch.load(f"{tmp_path}/single/checkpoints/last.ckpt", weights_only=False)["state_dict"]

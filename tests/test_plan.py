@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import itertools
 import json
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from conftest import TINY, run_train
+from conftest import TINY, run_cli, run_train
 from giantpipe.models.giant_net import GiantNet
 from giantpipe.models.losses import TokenCrossEntropy
 from giantpipe.strategies.memory_model import (
@@ -120,8 +118,7 @@ def test_profile_in_the_training_precision():
 
 
 def plan_cli(args, tmp_path):
-    return subprocess.run([sys.executable, "-m", "giantpipe.platform.plan", *args], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=180)
+    return run_cli("plan", args, tmp_path, timeout=180, check=False)
 
 
 def test_plan_json_per_stage_and_the_fix_when_it_does_not_fit(tmp_path):

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
 
-from conftest import read_summary, run_train
+from conftest import read_summary, run_cli, run_train
 from giantpipe.platform.config import ConfigError
 from giantpipe.platform.data.speech_synth import HELD_OUT_VOICES, TRAIN_VOICES, synthesize
 from giantpipe.platform.preflight import check, compose_train
@@ -30,7 +28,6 @@ TINY_LAS = [
     "lr_schedule.warmup_steps=1", "logger=csv",
 ]
 PIPE2 = ["strategy=pipeline", "strategy.stages=2", "trainer.devices=2", "strategy.micro_batches=2"]
-EVAL = [sys.executable, "-m", "giantpipe.platform.evaluate"]
 
 
 def losses(run_dir) -> dict[int, float]:
@@ -152,17 +149,17 @@ def test_local_audio_files_train_and_a_folder_is_transcribed(tmp_path):
     assert "speech train: 16 utterances, skipped 2 (silent 1, unreadable 1)" in proc.stdout + proc.stderr
     assert read_summary(run_dir)["steps"] == 3
 
-    out = subprocess.run(EVAL + [str(run_dir / "checkpoints" / "last.ckpt"), "--input", str(test.parent),
-                                 "--refs", str(test), "--out", str(tmp_path / "wer.json")],
-                         capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    out = run_cli("evaluate", [str(run_dir / "checkpoints" / "last.ckpt"), "--input", str(test.parent),
+                               "--refs", str(test), "--out", str(tmp_path / "wer.json")], tmp_path, timeout=180,
+                  check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     names = [line.split("\t")[0] for line in out.stdout.splitlines()]
     assert names == sorted(["broken.wav", "silent.wav"] + [f"utt{i}.wav" for i in range(4)])
     assert "skipping unreadable" in out.stderr and "WER" in out.stderr
     assert json.loads((tmp_path / "wer.json").read_text())["files"] == 6
 
-    split = subprocess.run(EVAL + [str(run_dir / "checkpoints" / "last.ckpt"), "--split", "test"],
-                           capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    split = run_cli("evaluate", [str(run_dir / "checkpoints" / "last.ckpt"), "--split", "test"], tmp_path,
+                    timeout=180, check=False)
     assert split.returncode == 0, split.stderr[-3000:]
     assert "test/wer" in json.loads(split.stdout)
 

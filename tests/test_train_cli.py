@@ -2,10 +2,8 @@
 
 import csv
 import json
-import subprocess
-import sys
 
-from conftest import TINY, read_summary, run_train
+from conftest import TINY, read_summary, run_cli, run_train
 from offline_wandb import read_run
 
 
@@ -43,9 +41,8 @@ def test_tiny_run_trains_validates_tests_and_summarizes(tmp_path):
     assert peaks == sorted(peaks) and 300 < peaks[-1] == summary["metrics"]["memory/peak_mb"] < 4000
     # giantpipe-eval on the final checkpoint reproduces the run's own test metrics
     out = tmp_path / "eval.json"
-    evaluate = [sys.executable, "-m", "giantpipe.platform.evaluate", str(run_dir / "checkpoints" / "last.ckpt"),
-                "--split", "test", "--out", str(out)]
-    subprocess.run(evaluate, check=True, capture_output=True, cwd=tmp_path, timeout=120)
+    run_cli("evaluate", [str(run_dir / "checkpoints" / "last.ckpt"), "--split", "test", "--out", str(out)],
+            tmp_path, timeout=120)
     metrics = json.loads(out.read_text())
     assert abs(metrics["test/loss"] - summary["metrics"]["test/loss"]) < 1e-5
 

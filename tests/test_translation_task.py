@@ -6,13 +6,11 @@ from __future__ import annotations
 import csv
 import json
 import re
-import subprocess
-import sys
 
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import TINY_GNMT, read_summary, run_train
+from conftest import TINY_GNMT, read_summary, run_cli, run_train
 from giantpipe.platform.config import ConfigError
 from giantpipe.platform.data.buckets import EvalBucketSampler
 from giantpipe.platform.data.translation_module import TranslationDataModule
@@ -20,7 +18,6 @@ from giantpipe.platform.data.verbalization_corpus import generate_pairs
 from giantpipe.platform.preflight import check, compose_train
 
 # A GNMT and corpus small enough to train, validate and decode in seconds.
-EVAL = [sys.executable, "-m", "giantpipe.platform.evaluate"]
 
 
 def test_gnmt_configs_compose_and_pick_translation_data():
@@ -107,9 +104,8 @@ def test_local_files_train_and_translate_from_stdin(tmp_path):
     refs = tmp_path / "refs.de"
     refs.write_text("".join(de + "\n" for _, de in pairs))
     ckpt = run_dir / "checkpoints" / "last.ckpt"
-    proc = subprocess.run(EVAL + [str(ckpt), "--input", "-", "--refs", str(refs), "model.decode.beam_size=1"],
-                          input="".join(en + "\n" for en, _ in pairs), capture_output=True, text=True,
-                          cwd=tmp_path, timeout=120, check=True)
+    proc = run_cli("evaluate", [str(ckpt), "--input", "-", "--refs", str(refs), "model.decode.beam_size=1"],
+                   tmp_path, timeout=120, input="".join(en + "\n" for en, _ in pairs))
     assert len(proc.stdout.splitlines()) == 5
     assert "BLEU" in proc.stderr
 
@@ -130,8 +126,8 @@ def test_two_stage_pipeline_reports_bleu_like_one_device(tmp_path, single_ce):
     for key in ("val/bleu", "test/bleu", "test/loss", "val/loss"):
         assert runs["pipe"][key] == pytest.approx(runs["single"][key], rel=1e-4, abs=1e-4), key
     out = tmp_path / "eval.json"
-    subprocess.run(EVAL + [str(tmp_path / "pipe" / "checkpoints" / "last.ckpt"), "--split", "test",
-                           "--out", str(out)], check=True, capture_output=True, cwd=tmp_path, timeout=120)
+    run_cli("evaluate", [str(tmp_path / "pipe" / "checkpoints" / "last.ckpt"), "--split", "test", "--out", str(out)],
+            tmp_path, timeout=120)
     assert json.loads(out.read_text())["test/bleu"] == pytest.approx(runs["pipe"]["test/bleu"], abs=1e-4)
 
 
