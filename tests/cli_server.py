@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -151,15 +152,26 @@ class Server:
         self.proc = subprocess.Popen([sys.executable, __file__], env=env, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True)
         self.current: ServedRun | None = None
+        self._received = b""  # read from the answers, unbuffered: select sees what is left
         assert "ready" in self.answer(timeout=300), "the CLI server did not start"
 
     def has_answer(self, timeout: float | None) -> bool:
-        return bool(select.select([self.proc.stdout], [], [], timeout)[0])
+        """Whether a whole answer line has arrived within `timeout` seconds (None: no limit)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while b"\n" not in self._received:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not select.select([self.proc.stdout], [], [], left)[0]:
+                return False
+            chunk = os.read(self.proc.stdout.fileno(), 65536)
+            if not chunk:
+                raise RuntimeError(f"the CLI server ended (exit {self.proc.wait()})")
+            self._received += chunk
+        return True
 
     def answer(self, timeout: float | None) -> dict:
-        line = self.proc.stdout.readline() if self.has_answer(timeout) else ""
-        if not line:
+        if not self.has_answer(timeout):
             raise subprocess.TimeoutExpired("cli_server", timeout)
+        line, _, self._received = self._received.partition(b"\n")
         return json.loads(line)
 
     def send(self, request: dict) -> None:
