@@ -50,8 +50,10 @@ def run_child(request: dict) -> int:
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
-    for fd, path, flags in ((0, request["stdin"] or os.devnull, os.O_RDONLY), (1, request["stdout"], os.O_WRONLY | os.O_CREAT),
-                            (2, request["stderr"], os.O_WRONLY | os.O_CREAT)):  # fmt: skip
+    write = os.O_WRONLY | os.O_CREAT
+    streams = ((0, request["stdin"] or os.devnull, os.O_RDONLY), (1, request["stdout"], write),
+               (2, request["stderr"], write))
+    for fd, path, flags in streams:
         target = os.open(path, flags, 0o644)
         os.dup2(target, fd)
         os.close(target)
@@ -59,7 +61,8 @@ def run_child(request: dict) -> int:
     sys.argv = [request["module"], *request["args"]]  # runpy puts the module's file first
     code = 0
     # the module is preloaded here, unlike under `python -m`: runpy's warning about it is ours
-    warnings.filterwarnings("ignore", message=".*found in sys.modules after import of package", category=RuntimeWarning)
+    warnings.filterwarnings("ignore", message=".*found in sys.modules after import of package",
+                            category=RuntimeWarning)
     try:
         runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
     except SystemExit as stop:
@@ -88,6 +91,7 @@ def serve() -> None:
     answers = os.fdopen(os.dup(1), "w")
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
+    os.close(devnull)
     os.dup2(2, 1)  # nothing of ours goes to the answers by accident
     print(json.dumps({"ready": os.getpid()}), file=answers, flush=True)
     for line in requests:
@@ -111,6 +115,7 @@ class ServedRun:
     def __init__(self, server: Server, module: str, args: list[str], cwd: Path, env: dict,
                  new_session: bool, stdin: str | None):
         self.server, self.args, self.returncode = server, [sys.executable, "-m", module, *args], None
+        self._captured: tuple[str, str] | None = None
         self._outputs = tempfile.TemporaryDirectory()
         self._out, self._err = Path(self._outputs.name) / "stdout", Path(self._outputs.name) / "stderr"
         stdin_path = None
@@ -134,10 +139,12 @@ class ServedRun:
         return self.returncode
 
     def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        """The run's stdout and stderr once it has ended (the same again on a second call)."""
         self.wait(timeout)
-        out, err = self._out.read_text(), self._err.read_text()
-        self._outputs.cleanup()
-        return out, err
+        if self._captured is None:
+            self._captured = self._out.read_text(), self._err.read_text()
+            self._outputs.cleanup()
+        return self._captured
 
     def kill(self) -> None:
         if self.returncode is None:

@@ -22,6 +22,10 @@ def test_bad_key_choice_and_value_fail_with_one_line_naming_the_fix(tmp_path):
         assert all(w in proc.stderr for w in words), proc.stderr
         assert "Traceback" not in proc.stderr and "lightning" not in proc.stderr.lower()
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    # the suite's served runs (tests/cli_server.py) behave as a fresh interpreter does
+    fresh = run_train(["model.nme=3"], tmp_path, check=False, fresh_interpreter=True)
+    served = run_train(["model.nme=3"], tmp_path, check=False)
+    assert (served.returncode, served.stdout, served.stderr) == (fresh.returncode, fresh.stdout, fresh.stderr)
 
 
 def test_tiny_run_trains_validates_tests_and_summarizes(tmp_path):
