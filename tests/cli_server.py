@@ -6,8 +6,8 @@ forks a fresh process per run, which runs the command's module as `__main__` (ru
 `python -m giantpipe.platform.train ARGS` does) with its own working directory, environment,
 stdin, stdout and stderr files, exit status and, if asked, session. The server starts no thread
 and touches no tensor, like the fork server the launcher's workers come from
-(platform/launch.py). One test of the entry point itself still starts a fresh interpreter
-(`run_train(..., fresh_interpreter=True)` in conftest.py).
+(platform/launch.py). The tests of the entry point itself still start a fresh interpreter
+(`run_cli(..., fresh_interpreter=True)` in conftest.py).
 
 Protocol: one JSON request per line on stdin ({"module", "args", "cwd", "env", "stdin",
 "stdout", "stderr", "new_session"}); the server answers {"pid": ...} at the fork and
@@ -34,6 +34,12 @@ PRELOAD = (
     "giantpipe.platform.tasks.speech", "giantpipe.platform.data.text",
     "giantpipe.platform.data.translation_module", "giantpipe.platform.data.speech_module",
 )  # fmt: skip
+
+
+def run_env(**extra: str) -> dict:
+    """The environment of a test's run: this process's, one thread per process (two workers
+    share two cores), output unbuffered, and `extra`."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
 
 
 # --- the server's side ----------------------------------------------------------------------
@@ -155,8 +161,7 @@ class Server:
     """This pytest worker's server process (started at the first run, ended with the worker)."""
 
     def __init__(self):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen([sys.executable, __file__], env=env, stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, __file__], env=run_env(), stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True)
         self.current: ServedRun | None = None
         self._received = b""  # read from the answers, unbuffered: select sees what is left
@@ -197,20 +202,21 @@ class Server:
 _server: Server | None = None
 
 
-def start(module: str, args: list[str], cwd: Path, env: dict, new_session: bool = False,
+def start(module: str, args: list[str], cwd: Path, env: dict | None = None, new_session: bool = False,
           stdin: str | None = None) -> ServedRun:
-    """Start `python -m MODULE ARGS` in `cwd` with `env`, forked from this worker's server."""
+    """Start `python -m MODULE ARGS` in `cwd` with `env` (default `run_env()`), forked from
+    this worker's server."""
     global _server
     if _server is None or _server.proc.poll() is not None:
         _server = Server()
-    return _server.start(module, args, cwd, env, new_session, stdin)
+    return _server.start(module, args, cwd, env or run_env(), new_session, stdin)
 
 
-def run(module: str, args: list[str], cwd: Path, env: dict, timeout: float,
+def run(module: str, args: list[str], cwd: Path, timeout: float,
         input: str | None = None) -> subprocess.CompletedProcess:
     """`subprocess.run([python, "-m", module, *args], input=input, capture_output=True,
-    text=True, timeout=timeout)`, forked."""
-    served = start(module, args, cwd, env, stdin=input)
+    text=True, timeout=timeout, env=run_env())`, forked."""
+    served = start(module, args, cwd, stdin=input)
     try:
         out, err = served.communicate(timeout)
     except subprocess.TimeoutExpired:

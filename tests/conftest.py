@@ -14,7 +14,6 @@ import pytest
 import cli_server
 
 REPO = Path(__file__).resolve().parents[1]
-TRAIN = [sys.executable, "-m", "giantpipe.platform.train"]
 
 # Small enough to train in seconds on 2 CPU cores.
 TINY = [
@@ -62,11 +61,16 @@ def offline_env(tmp_path_factory):
 
 
 def run_cli(command: str, args: list[str], cwd: Path, timeout: int = 240, check: bool = True,
-            input: str | None = None) -> subprocess.CompletedProcess:
-    """Run `python -m giantpipe.platform.<command> ARGS` in `cwd` (train, evaluate, export, plan),
-    forked from this worker's CLI server (imports done once, tests/cli_server.py)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = cli_server.run(f"giantpipe.platform.{command}", args, cwd, env, timeout, input=input)
+            input: str | None = None, fresh_interpreter: bool = False) -> subprocess.CompletedProcess:
+    """Run `python -m giantpipe.platform.<command> ARGS` in `cwd` (train, evaluate, export, plan):
+    forked from this worker's CLI server (imports done once, tests/cli_server.py), or with
+    `fresh_interpreter=True` in a fresh interpreter, as a user starts it."""
+    module = f"giantpipe.platform.{command}"
+    if fresh_interpreter:
+        proc = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=cli_server.run_env(), input=input,
+                              capture_output=True, text=True, timeout=timeout)
+    else:
+        proc = cli_server.run(module, args, cwd, timeout, input=input)
     if check and proc.returncode != 0:
         raise AssertionError(f"{command} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
@@ -74,15 +78,8 @@ def run_cli(command: str, args: list[str], cwd: Path, timeout: int = 240, check:
 
 def run_train(args: list[str], cwd: Path, timeout: int = 240, check: bool = True,
               fresh_interpreter: bool = False) -> subprocess.CompletedProcess:
-    """`giantpipe-train ARGS` with its outputs under `cwd`, through the CLI server; with
-    `fresh_interpreter=True` the real `python -m giantpipe.platform.train` from scratch."""
-    if not fresh_interpreter:
-        return run_cli("train", args, cwd, timeout, check)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(TRAIN + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"giantpipe-train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
+    """`giantpipe-train ARGS` with its outputs under `cwd` (`run_cli`)."""
+    return run_cli("train", args, cwd, timeout, check, fresh_interpreter=fresh_interpreter)
 
 
 def read_summary(run_dir: Path) -> dict:

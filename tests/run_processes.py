@@ -17,10 +17,8 @@ from cli_server import ServedRun
 
 def launch(args: list[str], cwd: Path, fault: str | None = None, fault_log: Path | None = None) -> ServedRun:
     """giantpipe-train in its own session (so every process it starts can be found), with a fault."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    if fault:
-        env.update(GIANTPIPE_FAULT=fault, GIANTPIPE_FAULT_LOG=str(fault_log))
-    return cli_server.start("giantpipe.platform.train", args, cwd, env, new_session=True)
+    faults = {"GIANTPIPE_FAULT": fault, "GIANTPIPE_FAULT_LOG": str(fault_log)} if fault else {}
+    return cli_server.start("giantpipe.platform.train", args, cwd, cli_server.run_env(**faults), new_session=True)
 
 
 def session_alive(pid: int) -> bool:

@@ -194,7 +194,6 @@ def test_measured_bubble_of_an_uneven_step():
     assert tl.bubble_from_spans([2.0, 5.0], [(0.0, 10.0), (3.0, 8.0)], busiest=True) == pytest.approx(0.5)
 
 
-
 def test_logged_metrics_from_every_ranks_stats():
     stats = [
         {"stage": 0, "replica": 0, "compute_s": 9.0, "comm_s": 0.5, "span_start": 100.0,

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import atexit
 import ctypes
-import multiprocessing
 import multiprocessing.forkserver
 import os
 import signal
