@@ -1,10 +1,12 @@
-"""How long `giantpipe-train` takes to reject a bad command line: this tree against a baseline.
+"""How long `giantpipe-train` takes from start to exit: this tree against a baseline.
 
     python scripts/bench_config_latency.py                      # baseline: git ref main, 5 runs each
     python scripts/bench_config_latency.py --baseline-ref v0.1 --runs 7 --cases misspelt_key
+    python scripts/bench_config_latency.py --cases tiny_2_stage_run --out startup.json
 
-For each case (a misspelt key, a value Lightning would reject, a stage count the model cannot
-hold) both trees run `python -m giantpipe.platform.train <args>` in a fresh process, alternating
+For each case (by default the bad command lines: a misspelt key, a value Lightning would reject,
+a stage count the model cannot hold; on request a tiny 2-stage run, 6 steps, where start-up is
+most of the time) both trees run `python -m giantpipe.platform.train <args>` in a fresh process, alternating
 baseline / this tree within each round (so load drifts hit both alike), and the wall time from
 start to exit is taken. The baseline is the ref's files (`git archive`, nothing checked out),
 imported through PYTHONPATH exactly as this tree is. Timing on a loaded machine is not
@@ -38,6 +40,13 @@ CASES = {
     "bad_trainer_value": ["trainer.max_steps=-5"],
     "too_many_stages": ["strategy=pipeline", "strategy.stages=8", "trainer.devices=8"],
 }
+REJECTIONS = list(CASES)
+CASES["tiny_2_stage_run"] = [
+    "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_ff=64", "model.max_len=32",
+    "data.seq_len=32", "data.batch_size=8", "data.max_bytes=300000", "trainer.max_steps=6",
+    "trainer.limit_val_batches=2", "trainer.limit_test_batches=2", "trainer.enable_progress_bar=false",
+    "strategy=pipeline", "strategy.stages=2", "trainer.devices=2",
+]  # fmt: skip
 
 
 def export_ref(ref: str, into: Path) -> Path:
@@ -66,7 +75,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline-ref", default="main")
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(CASES))
+    parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=REJECTIONS)
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "bench_config_latency.json")
     args = parser.parse_args()
     meta = {"started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
