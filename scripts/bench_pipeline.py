@@ -76,7 +76,9 @@ JSON (`--out`, default bench_pipeline.json):
            with zero engine overhead), schedule_efficiency (schedule_model_s / the
            instrumented step's own span, median over its steps; 1.0 = the engine adds
            nothing to what that schedule implies; above 1 where the split backward beats it),
-           compute_s / comm_s (per stage, instrumented step), peak_step_mb (per stage: peak
+           compute_s / comm_s (per stage, instrumented step), forward_s / backward_s /
+           weight_s (per stage, instrumented step: compute_s by kind; backward_s is the
+           input-gradient half where the backward is split, recomputation included), peak_step_mb (per stage: peak
            memory the instrumented step added above its start, gradient buffers already
            allocated, so activations + recomputation + communication buffers; CPU: glibc heap
            bytes in use sampled after every action and recompute, CUDA: max_memory_allocated),
@@ -92,7 +94,11 @@ JSON (`--out`, default bench_pipeline.json):
            schedule at that M); efficiency_by_m [{micro_batches, schedule, efficiency,
            step_ratio}] (the fastest N=2 configuration's speedup over the 1-stage engine's at
            the same M, each over its own baseline rounds; step_ratio: their steps' ratio) and
-           efficiency_target_met (>= 1.80 at M 4, 8, 16); for mlp and giant also
+           efficiency_target_met (>= 1.80 at M 4, 8, 16); threads_bound [{micro_batches,
+           rank_s, shares {forward, backward, weight}, schedule, predicted_step_s,
+           predicted_bubble, bound_vs_threads}] (about the most a 2-stage schedule could
+           reach against the 2-thread process with balanced stages and all but compute free:
+           bench_results.threads_bound) and threads_target_reachable (>= 1.0 at some M); for mlp and giant also
            target_best_n2_speedup (1.75 / 1.70), target_met and best_n2_speedup_of_fastest;
            bubble_m8 and bubble_busiest_m8 {zb_h1, 1f1b, 1f1b fused} (N=2, M=8: bubble_measured
            and bubble_busiest of each); for models with tokens
@@ -373,7 +379,8 @@ def timed_rounds(
 
 
 def instrumented(runner: Runner, spec: ModelSpec, distributed: bool, steps: int = 3) -> dict:
-    """`steps` steps like the timed rounds' with the timeline on (medians over them): bubble,
+    """`steps` steps like the timed rounds' (at least one on each of their batches) with the
+    timeline on (medians over them): bubble,
     per-stage compute and communication, the schedule's model of the step against the step's
     own span; then one step with the memory probe and gradients already allocated: the peak
     memory a step adds, activations (+ recomputation, communication buffers)."""
@@ -382,8 +389,9 @@ def instrumented(runner: Runner, spec: ModelSpec, distributed: bool, steps: int 
         return {}
     engine.timeline = "time"  # no memory probe in the timed steps: it slows a fragmented heap
     gathered = []
-    for _ in range(steps):  # gradients start as None, as in the timed rounds
-        runner.step(spec.batches[0])
+    batches = spec.batches * -(-steps // len(spec.batches))  # every batch the timed rounds see
+    for batch in batches:  # gradients start as None, as in the timed rounds
+        runner.step(batch)
         gathered.append(tl.gather(engine.last_timeline) if distributed else [engine.last_timeline])
     engine.timeline = True  # then one step for its peak memory
     runner.step(spec.batches[0], keep_grads=True)
@@ -394,6 +402,10 @@ def instrumented(runner: Runner, spec: ModelSpec, distributed: bool, steps: int 
     stages = [sorted(tls, key=lambda t: t.stage) for tls in gathered]
     compute = [[t.compute_s for t in tls] for tls in stages]
     comm = [[t.comm_s for t in tls] for tls in stages]
+    by_kind = {  # per stage, median over the steps: the boxes' sizes for the cost model
+        f"{kind}_s": [median([tls[s].total((kind,)) for tls in stages]) for s in range(len(stages[0]))]
+        for kind in tl.COMPUTE_KINDS
+    }
     models = [schedule_model(c, engine.micro_batches) for c in compute]
     spans = [max(t.step_s for t in tl.aligned(tls)) for tls in gathered]
     peaks = [t.peak_step_bytes for t in sorted(with_memory, key=lambda t: t.stage)]
@@ -403,6 +415,7 @@ def instrumented(runner: Runner, spec: ModelSpec, distributed: bool, steps: int 
         "bubble_busiest": median([tl.bubble_fraction(tls, busiest=True) for tls in gathered]),
         "compute_s": [median(list(c)) for c in per_stage],
         "comm_s": [median(list(c)) for c in zip(*comm, strict=True)],
+        **by_kind,
         "schedule_model_s": median(models),
         "schedule_efficiency": median([m / span for m, span in zip(models, spans, strict=True)]),
         "peak_step_mb": [None if peak is None else peak / 2**20 for peak in peaks],

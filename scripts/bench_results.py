@@ -7,6 +7,7 @@ import statistics
 
 from bench_models import MODES, ModelSpec
 from giantpipe.strategies import schedule as sched
+from giantpipe.strategies.schedule_auto import StageProfile, choose
 
 SCHEDULES = ("gpipe", "1f1b")
 # issue 12's targets: MLP and giant net best N=2 speedup, pipeline efficiency over M 4..16
@@ -82,6 +83,37 @@ def collect(spec: ModelSpec, parts: list[dict]) -> tuple[list[dict], dict]:
     return runs, baselines
 
 
+def threads_bound(runs: list[dict]) -> list[dict]:
+    """Per M: about the most a 2-stage schedule of giantpipe's could reach against one process
+    with 2 threads on this host, were the stages balanced and everything but compute free.
+    The 2-stage zb_h1 run at that M (every backward split) gives the compute each rank does
+    in a step, its step time less its measured bubble (two processes' contention and the
+    smaller micro-batch products included), and the shares of F, B and W (what W can take;
+    what stays in B, like fused LSTM weights, cannot fill a bubble); each rank takes half,
+    and the fastest candidate schedule the cost model (schedule_auto) predicts for those
+    boxes sets the step, against that run's 2-thread rounds. Well below 1.0 at every M, the
+    2-thread target is out of reach on this host for these schedules."""
+    out = []
+    for m in sorted({r["micro_batches"] for r in runs}):
+        split = next((r for r in runs if r["impl"] == "giantpipe" and r["stages"] == 2
+                      and r["label"] == "zb_h1" and r["micro_batches"] == m
+                      and r["checkpoint"] == "never" and r.get("weight_s")
+                      and r.get("baseline_threads_s")), None)  # fmt: skip
+        if split is None:
+            continue
+        kinds = [sum(split[f"{kind}_s"]) for kind in ("forward", "backward", "weight")]
+        shares = [k / sum(kinds) for k in kinds]
+        rank_s = split["step_s"] * (1.0 - split["bubble_measured"])
+        box = StageProfile(*(rank_s * share / m for share in shares), activation_mb=None)
+        best, _ = choose([box, box], m)
+        out.append({"micro_batches": m, "rank_s": rank_s,
+                    "shares": dict(zip(("forward", "backward", "weight"), shares, strict=True)),
+                    "schedule": best.label, "predicted_step_s": best.step_s,
+                    "predicted_bubble": best.bubble,
+                    "bound_vs_threads": split["baseline_threads_s"] / best.step_s})  # fmt: skip
+    return out
+
+
 def summarize(name: str, runs: list[dict]) -> dict:
     mine = [r for r in runs if r["model"] == name and r["step_s"]]
     n2 = [r for r in mine if r["impl"] == "giantpipe" and r["stages"] == 2]
@@ -118,6 +150,10 @@ def summarize(name: str, runs: list[dict]) -> dict:
         out["best_n2_speedup_vs_threads"] = {
             k: top[k] for k in ("speedup_vs_threads", "label", "micro_batches", "checkpoint")
         }
+        bound = threads_bound(mine)
+        if bound:
+            out["threads_bound"] = bound
+            out["threads_target_reachable"] = max(b["bound_vs_threads"] for b in bound) >= 1.0
     if vs:
         out["best_vs_peer_best"] = best_against_peer(mine)
     efficiency = efficiency_by_m(mine)
@@ -312,6 +348,11 @@ def _summary_lines(name: str, model: dict, summary: dict) -> list[str]:
             line += (f"; two independent 1-thread processes reach {ceiling:.2f}x one process,"
                      f" {ceiling * model['baseline_threads_s'] / model['baseline_s']:.2f}x the 2-thread one")  # fmt: skip
         lines.append(line)
+    if "threads_bound" in summary:
+        cells = ", ".join(f"M={b['micro_batches']} {b['bound_vs_threads']:.2f}x ({b['schedule']}, bubble {b['predicted_bubble']:.0%})"
+                          for b in summary["threads_bound"])  # fmt: skip
+        lines.append(f"{name}: the most a 2-stage pipeline could reach against the 2-thread process "
+                     f"(balanced stages, all but compute free): {cells}")  # fmt: skip
     if "efficiency_by_m" in summary:
         cells = ", ".join(f"M={e['micro_batches']} {e['efficiency']:.2f} ({e['schedule']})"
                           for e in summary["efficiency_by_m"])  # fmt: skip

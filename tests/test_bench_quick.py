@@ -75,6 +75,13 @@ def test_quick_benchmark_writes_valid_json(tmp_path):
     for name in ("mlp", "gnmt"):
         assert "k1_engine_overhead" in result["summary"][name]
         assert result["summary"][name]["best_n2_speedup_vs_threads"]["speedup_vs_threads"] > 0
+    for name in ("mlp", "gnmt"):  # the most any schedule could do against the 2-thread process
+        bound = result["summary"][name]["threads_bound"]
+        assert [b["micro_batches"] for b in bound] == [4]  # the quick run has zb_h1 at M=4 only
+        # no schedule beats each rank computing its half without a break
+        assert all(b["predicted_step_s"] >= b["rank_s"] > 0 and b["bound_vs_threads"] > 0 for b in bound)
+        assert sum(bound[0]["shares"].values()) == pytest.approx(1.0)
+    assert "the most a 2-stage pipeline could reach" in proc.stdout
     # GNMT (#5): single vs 2-stage tokens/s at each M
     gnmt = result["summary"]["gnmt"]["tokens_per_s"]
     assert gnmt["single"] > 0

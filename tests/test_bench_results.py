@@ -1,0 +1,51 @@
+"""The pipeline benchmark's bound against the 2-thread process, on hand-computed boxes."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "scripts"))
+from bench_results import threads_bound  # noqa: E402
+
+
+def _zb_h1_run(m: int, bubble: float, weight_s: float) -> dict:
+    """A 2-stage zb_h1 row at M=m: 0.9 s a step, F, B, W = 1 : 2 - W : W per stage."""
+    return {
+        "impl": "giantpipe", "stages": 2, "label": "zb_h1", "micro_batches": m,
+        "checkpoint": "never", "step_s": 0.9, "bubble_measured": bubble,
+        "baseline_threads_s": 0.6, "forward_s": [0.1, 0.1],
+        "backward_s": [0.2 - weight_s, 0.2 - weight_s], "weight_s": [weight_s, weight_s],
+    }  # fmt: skip
+
+
+def test_one_micro_batch_runs_the_stages_one_after_the_other():
+    # each rank computes 0.9 s x (1 - 0.5) = 0.45 s; with one micro-batch and nothing for W the
+    # stages cannot overlap: 0.9 s a step, against 0.6 s for the 2-thread process
+    (bound,) = threads_bound([_zb_h1_run(1, 0.5, 0.0)])
+    assert bound["rank_s"] == pytest.approx(0.45)
+    assert bound["predicted_step_s"] == pytest.approx(0.9)
+    assert bound["predicted_bubble"] == pytest.approx(0.5)
+    assert bound["bound_vs_threads"] == pytest.approx(0.6 / 0.9)
+
+
+def test_more_micro_batches_pick_the_schedule_with_the_least_bubble():
+    # M=2, no W: interleaved 1F1B with two chunks a rank idles 1/5 of the step (schedule.py's
+    # clocks), the least of the candidates; each rank computes 0.9 s x 0.7 = 0.63 s
+    (bound,) = threads_bound([_zb_h1_run(2, 0.3, 0.0)])
+    assert bound["schedule"] == "interleaved_1f1b V=2"
+    assert bound["predicted_bubble"] == pytest.approx(0.2)
+    assert bound["predicted_step_s"] == pytest.approx(0.63 / 0.8)
+    assert bound["bound_vs_threads"] == pytest.approx(0.6 * 0.8 / 0.63)
+    # weight products that W may take fill the bubble: the bound rises
+    (with_w,) = threads_bound([_zb_h1_run(2, 0.3, 0.1)])
+    assert with_w["shares"]["weight"] == pytest.approx(1 / 3)
+    assert with_w["bound_vs_threads"] > bound["bound_vs_threads"]
+
+
+def test_no_bound_without_a_split_run_and_the_2_thread_rounds():
+    assert threads_bound([{**_zb_h1_run(2, 0.3, 0.0), "label": "1f1b"}]) == []
+    assert threads_bound([{**_zb_h1_run(2, 0.3, 0.0), "baseline_threads_s": None}]) == []
