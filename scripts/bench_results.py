@@ -86,31 +86,34 @@ def collect(spec: ModelSpec, parts: list[dict]) -> tuple[list[dict], dict]:
 def threads_bound(runs: list[dict]) -> list[dict]:
     """Per M: about the most a 2-stage schedule of giantpipe's could reach against one process
     with 2 threads on this host, were the stages balanced and everything but compute free.
-    The 2-stage zb_h1 run at that M (every backward split) gives the compute each rank does
-    in a step, its step time less its measured bubble (two processes' contention and the
-    smaller micro-batch products included), and the shares of F, B and W (what W can take;
-    what stays in B, like fused LSTM weights, cannot fill a bubble); each rank takes half,
-    and the fastest candidate schedule the cost model (schedule_auto) predicts for those
-    boxes sets the step, against that run's 2-thread rounds. Well below 1.0 at every M, the
-    2-thread target is out of reach on this host for these schedules."""
+    Each rank computes half of what the fastest 2-stage configuration at that M computes (its
+    step less its measured bubble: two processes' contention and the smaller micro-batch
+    products stay in), in the shares of F, B and W the zb_h1 run measured (every backward
+    split: what W can take; what stays in B, like fused LSTM weights, cannot fill a bubble);
+    the fastest candidate schedule the cost model (schedule_auto) predicts for those boxes
+    sets the step, against the 2-thread rounds. The gap between it and the measured best is
+    what imbalance, messages and the engine cost; below 1.0 at every M, the 2-thread target
+    is out of reach on this host for these schedules."""
     out = []
     for m in sorted({r["micro_batches"] for r in runs}):
+        fastest = _fastest(runs, "giantpipe", 2, m)
         split = next((r for r in runs if r["impl"] == "giantpipe" and r["stages"] == 2
                       and r["label"] == "zb_h1" and r["micro_batches"] == m
-                      and r["checkpoint"] == "never" and r.get("weight_s")
-                      and r.get("baseline_threads_s")), None)  # fmt: skip
-        if split is None:
+                      and r["checkpoint"] == "never" and r.get("weight_s")), None)  # fmt: skip
+        if not (fastest and split and fastest.get("bubble_measured") is not None
+                and fastest.get("baseline_threads_s")):  # fmt: skip
             continue
         kinds = [sum(split[f"{kind}_s"]) for kind in ("forward", "backward", "weight")]
         shares = [k / sum(kinds) for k in kinds]
-        rank_s = split["step_s"] * (1.0 - split["bubble_measured"])
+        rank_s = fastest["step_s"] * (1.0 - fastest["bubble_measured"])
         box = StageProfile(*(rank_s * share / m for share in shares), activation_mb=None)
         best, _ = choose([box, box], m)
-        out.append({"micro_batches": m, "rank_s": rank_s,
+        out.append({"micro_batches": m, "measured": fastest["label"],
+                    "measured_vs_threads": fastest["speedup_vs_threads"], "rank_s": rank_s,
                     "shares": dict(zip(("forward", "backward", "weight"), shares, strict=True)),
                     "schedule": best.label, "predicted_step_s": best.step_s,
                     "predicted_bubble": best.bubble,
-                    "bound_vs_threads": split["baseline_threads_s"] / best.step_s})  # fmt: skip
+                    "bound_vs_threads": fastest["baseline_threads_s"] / best.step_s})  # fmt: skip
     return out
 
 
@@ -349,8 +352,8 @@ def _summary_lines(name: str, model: dict, summary: dict) -> list[str]:
                      f" {ceiling * model['baseline_threads_s'] / model['baseline_s']:.2f}x the 2-thread one")  # fmt: skip
         lines.append(line)
     if "threads_bound" in summary:
-        cells = ", ".join(f"M={b['micro_batches']} {b['bound_vs_threads']:.2f}x ({b['schedule']}, bubble {b['predicted_bubble']:.0%})"
-                          for b in summary["threads_bound"])  # fmt: skip
+        cells = ", ".join(f"M={b['micro_batches']} {b['bound_vs_threads']:.2f}x ({b['schedule']}, bubble {b['predicted_bubble']:.0%};"
+                          f" measured {b['measured_vs_threads']:.2f}x, {b['measured']})" for b in summary["threads_bound"])  # fmt: skip
         lines.append(f"{name}: the most a 2-stage pipeline could reach against the 2-thread process "
                      f"(balanced stages, all but compute free): {cells}")  # fmt: skip
     if "efficiency_by_m" in summary:

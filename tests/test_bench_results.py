@@ -17,7 +17,7 @@ def _zb_h1_run(m: int, bubble: float, weight_s: float) -> dict:
     return {
         "impl": "giantpipe", "stages": 2, "label": "zb_h1", "micro_batches": m,
         "checkpoint": "never", "step_s": 0.9, "bubble_measured": bubble,
-        "baseline_threads_s": 0.6, "forward_s": [0.1, 0.1],
+        "baseline_threads_s": 0.6, "speedup_vs_threads": 0.6 / 0.9, "forward_s": [0.1, 0.1],
         "backward_s": [0.2 - weight_s, 0.2 - weight_s], "weight_s": [weight_s, weight_s],
     }  # fmt: skip
 
@@ -44,6 +44,16 @@ def test_more_micro_batches_pick_the_schedule_with_the_least_bubble():
     (with_w,) = threads_bound([_zb_h1_run(2, 0.3, 0.1)])
     assert with_w["shares"]["weight"] == pytest.approx(1 / 3)
     assert with_w["bound_vs_threads"] > bound["bound_vs_threads"]
+
+
+def test_the_fastest_configuration_sets_the_compute_and_zb_h1_the_shares():
+    # a 1f1b run at 0.8 s with 25% bubble computes 0.6 s a rank: the bound starts from it
+    faster = {**_zb_h1_run(2, 0.25, 0.0), "label": "1f1b", "step_s": 0.8, "weight_s": [0.0, 0.0],
+              "backward_s": [0.3, 0.3], "speedup_vs_threads": 0.75}  # fmt: skip
+    (bound,) = threads_bound([_zb_h1_run(2, 0.3, 0.1), faster])
+    assert bound["measured"] == "1f1b" and bound["measured_vs_threads"] == 0.75
+    assert bound["rank_s"] == pytest.approx(0.6)
+    assert bound["shares"]["weight"] == pytest.approx(1 / 3)  # zb_h1's, not the fused run's 0
 
 
 def test_no_bound_without_a_split_run_and_the_2_thread_rounds():
