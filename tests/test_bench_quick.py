@@ -82,6 +82,13 @@ def test_quick_benchmark_writes_valid_json(tmp_path):
         assert all(b["predicted_step_s"] >= b["rank_s"] > 0 and b["bound_vs_threads"] > 0 for b in bound)
         assert sum(bound[0]["shares"].values()) == pytest.approx(1.0)
     assert "the most a 2-stage pipeline could reach" in proc.stdout
+    for name in result["models"]:  # the fastest 3 timed again, in fresh rounds
+        again = [r for r in runs if r["model"] == name and "confirm_steps_s" in r]
+        assert len(again) == 3 and all(r["impl"] == "giantpipe" and r["stages"] == 2 for r in again)
+        assert all(len(r["confirm_steps_s"]) == result["meta"]["reps"] and r["confirm_speedup"] > 0 for r in again)
+        best = result["summary"][name]["confirmed_best"]
+        assert best["speedup"] == max(r["confirm_speedup"] for r in again) and best["contenders"] == 3
+    assert "timed again in fresh rounds" in proc.stdout
     # GNMT (#5): single vs 2-stage tokens/s at each M
     gnmt = result["summary"]["gnmt"]["tokens_per_s"]
     assert gnmt["single"] > 0

@@ -1,15 +1,17 @@
-"""The pipeline benchmark's bound against the 2-thread process, on hand-computed boxes."""
+"""The pipeline benchmark's summaries on hand-computed rows: the bound against the 2-thread
+process, and the best confirmed in fresh rounds."""
 
 from __future__ import annotations
 
 import sys
+from types import SimpleNamespace
 
 import pytest
 
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "scripts"))
-from bench_results import threads_bound  # noqa: E402
+from bench_results import collect, summarize, threads_bound  # noqa: E402
 
 
 def _zb_h1_run(m: int, bubble: float, weight_s: float) -> dict:
@@ -59,3 +61,34 @@ def test_the_fastest_configuration_sets_the_compute_and_zb_h1_the_shares():
 def test_no_bound_without_a_split_run_and_the_2_thread_rounds():
     assert threads_bound([{**_zb_h1_run(2, 0.3, 0.0), "label": "1f1b"}]) == []
     assert threads_bound([{**_zb_h1_run(2, 0.3, 0.0), "baseline_threads_s": None}]) == []
+
+
+def _row(schedule: str, m: int, steps: list[float], again: list[float] | None = None) -> dict:
+    cfg = {"impl": "giantpipe", "stages": 2, "micro_batches": m, "schedule": schedule,
+           "checkpoint": "never", "virtual_stages": 1, "costs": "equal", "backward": "split"}  # fmt: skip
+    return {"cfg": cfg, "steps_s": steps, "cpu_s": 1.0, "error": None,
+            **({"confirm_steps_s": again} if again else {})}  # fmt: skip
+
+
+def test_the_confirmed_best_is_the_fastest_of_the_fresh_rounds_not_the_grids():
+    # the grid ranks gpipe first (0.50 s) but its fresh rounds run 0.62 s; 1f1b's 0.55 s; the
+    # fresh rounds' baselines: 1.0 s with 1 thread, 0.6 s with 2
+    part = {
+        "baseline_steps_s": [0.9, 0.9, 0.9], "baseline_cpu_s": 0.9,
+        "baseline_threads_steps_s": [0.5, 0.5, 0.5], "baseline_pair_steps_s": [1.0, 1.0, 1.0],
+        "confirm_baseline_steps_s": [1.1, 1.0, 0.9], "confirm_baseline_threads_steps_s": [0.6, 0.6, 0.7],
+        "rows": [_row("gpipe", 4, [0.5, 0.5, 0.6], [0.62, 0.61, 0.7]),
+                 _row("1f1b", 4, [0.52, 0.52, 0.5], [0.55, 0.56, 0.5]),
+                 _row("zb_h1", 2, [0.8, 0.8, 0.8])],
+    }  # fmt: skip
+    runs, _ = collect(SimpleNamespace(name="mlp", mean_tokens=None, samples=8), [part])
+    assert "confirm_step_s" not in runs[2]  # not among the contenders
+    assert runs[1]["confirm_step_s"] == 0.55 and runs[1]["confirm_speedup"] == pytest.approx(1.0 / 0.55)
+    summary = summarize("mlp", runs)
+    assert summary["best_n2_speedup"]["label"] == "gpipe"  # the grid's: 0.9 / 0.5
+    confirmed = summary["confirmed_best"]
+    assert (confirmed["label"], confirmed["micro_batches"], confirmed["contenders"]) == ("1f1b", 4, 2)
+    assert confirmed["speedup"] == pytest.approx(1.0 / 0.55)
+    assert confirmed["speedup_vs_threads"] == pytest.approx(0.6 / 0.55)
+    assert confirmed["grid_speedup"] == pytest.approx(0.9 / 0.52)
+    assert confirmed["target_met"] is True  # 1.82 >= 1.75
