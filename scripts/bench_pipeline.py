@@ -340,7 +340,8 @@ def _sync(device: torch.device) -> None:
 
 
 def timed_rounds(
-    runners: list[Runner], baseline, spec: ModelSpec, reps: int, device, distributed: bool
+    runners: list[Runner], baseline, spec: ModelSpec, reps: int, device, distributed: bool,
+    pair: bool = True,
 ):
     """Interleaved rounds: the baseline, then every runner, `reps` times (after one warm-up).
     Returns {"baseline" or key: [(seconds, cpu seconds), ...]}: with `distributed`, a step's
@@ -350,10 +351,13 @@ def timed_rounds(
     ("baseline_threads": one process using every core the pipeline uses; the other ranks wait
     in a barrier meanwhile), and every rank times the baseline at once, one thread each
     ("baseline_pair": independent processes with no pipeline between them, the most any
-    scheme of that many single-threaded processes can reach on this host)."""
+    scheme of that many single-threaded processes can reach on this host; left out with
+    `pair=False`, for rounds that only time a few configurations again)."""
     live = [r for r in runners if r.error is None]
     threads = dist.get_world_size() if distributed and device.type == "cpu" else 0
-    plain = ["baseline", *(["baseline_threads", "baseline_pair"] if threads else [])]
+    plain = ["baseline"]
+    if threads:
+        plain += ["baseline_threads", "baseline_pair"] if pair else ["baseline_threads"]
     times: dict[str, list] = {**{k: [] for k in plain}, **{r.cfg.key: [] for r in live}}
     rank = dist.get_rank() if distributed else 0
     for rnd in range(reps + 1):
@@ -386,12 +390,17 @@ def timed_rounds(
     return times
 
 
+def seconds(times: dict, key: str) -> list[float]:
+    """The step times `timed_rounds` took for `key`, without their CPU times."""
+    return [t for t, _ in times.get(key, [])]
+
+
 def contenders(runners: list[Runner], times: dict, count: int = CONFIRM) -> list[Runner]:
     """giantpipe's `count` fastest configurations by median step: timed again in fresh rounds,
     so that the best a run reports is not only the one whose rounds ran luckiest. Every rank
     picks the same ones: a configuration's step time is the slowest rank's, gathered."""
     timed = [r for r in runners if r.cfg.impl == "giantpipe" and times.get(r.cfg.key)]
-    timed.sort(key=lambda r: (median([s for s, _ in times[r.cfg.key]]), r.cfg.key))
+    timed.sort(key=lambda r: (median(seconds(times, r.cfg.key)), r.cfg.key))
     return timed[:count]
 
 
@@ -472,7 +481,7 @@ def measure(spec: ModelSpec, stages: int, opts: Options, device, pictures: Path 
     times = timed_rounds(runners, baseline, spec, opts.reps, device, distributed)
     # the grid's best is the luckiest of many noisy medians: time the contenders again
     again = contenders(runners, times) if stages > 1 else []
-    confirm = timed_rounds(again, baseline, spec, opts.reps, device, distributed) if again else {}
+    confirm = timed_rounds(again, baseline, spec, opts.reps, device, distributed, pair=False) if again else {}
     rows = []
     for runner in runners:
         extra = instrumented(runner, spec, distributed) if runner.error is None else {}
@@ -483,25 +492,23 @@ def measure(spec: ModelSpec, stages: int, opts: Options, device, pictures: Path 
             stem += "_profiled" if cfg.costs == "profiled" else ""
             timeline_plot.plot(timelines, pictures / f"{stem}.png")
             timeline_plot.write_trace(timelines, pictures / f"{stem}.trace.json")
-        measured = times.get(cfg.key, [])
         rows.append(
             {
                 "cfg": asdict(cfg),
-                "steps_s": [t for t, _ in measured],
-                "cpu_s": median([c for _, c in measured]),
-                **({"confirm_steps_s": [s for s, _ in confirm[cfg.key]]} if cfg.key in confirm else {}),
+                "steps_s": seconds(times, cfg.key),
+                "cpu_s": median([c for _, c in times.get(cfg.key, [])]),
+                **({"confirm_steps_s": seconds(confirm, cfg.key)} if cfg.key in confirm else {}),
                 "error": runner.error,
                 **extra,
             }
         )
-    base = times["baseline"]
     return {
-        "baseline_steps_s": [t for t, _ in base],
-        "baseline_cpu_s": median([c for _, c in base]),
-        "baseline_threads_steps_s": [t for t, _ in times.get("baseline_threads", [])],
-        "baseline_pair_steps_s": [t for t, _ in times.get("baseline_pair", [])],
-        "confirm_baseline_steps_s": [t for t, _ in confirm.get("baseline", [])],
-        "confirm_baseline_threads_steps_s": [t for t, _ in confirm.get("baseline_threads", [])],
+        "baseline_steps_s": seconds(times, "baseline"),
+        "baseline_cpu_s": median([c for _, c in times["baseline"]]),
+        "baseline_threads_steps_s": seconds(times, "baseline_threads"),
+        "baseline_pair_steps_s": seconds(times, "baseline_pair"),
+        "confirm_baseline_steps_s": seconds(confirm, "baseline"),
+        "confirm_baseline_threads_steps_s": seconds(confirm, "baseline_threads"),
         "rows": rows,
     }
 
